@@ -1,0 +1,5 @@
+"""Allow ``python -m nanomsg``."""
+
+from nanomsg.cli import main
+
+raise SystemExit(main())

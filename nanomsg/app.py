@@ -1,0 +1,118 @@
+"""The composition root: builds storage, relay, hub, the WebSocket server and the HTTP side-port
+from a Config, starts them in order and stops them in reverse. Nothing else wires parts together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from nanomsg.auth import Verifier
+from nanomsg.clock import Clock, SystemClock
+from nanomsg.config import Config
+from nanomsg.fanout import Hub
+from nanomsg.http_api import build_http_app
+from nanomsg.relay.base import Relay, RelayHandlers
+from nanomsg.relay.memory import MemoryRelay
+from nanomsg.relay.redis import RedisRelay
+from nanomsg.store.base import Store
+from nanomsg.store.factory import store_from_url
+from nanomsg.ws_server import WsServer
+
+log = logging.getLogger(__name__)
+
+
+def build_verifier(config: Config, clock: Clock) -> Verifier:
+    pem = Path(config.jwt_public_key).read_bytes() if config.jwt_public_key else b""
+    return Verifier.from_material(
+        clock=clock,
+        secret=config.jwt_secret,
+        public_key_pem=pem,
+        audience=config.jwt_audience,
+        issuer=config.jwt_issuer,
+        leeway=config.jwt_leeway,
+    )
+
+
+class App:
+    """One nanomsg process."""
+
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.verifier = build_verifier(config, self.clock)
+        self.store: Store = store_from_url(config.database_url, pg_pool_size=config.pg_pool_size)
+        self.hub = Hub(self.store)
+        handlers = RelayHandlers(
+            message=self.hub.deliver, room_changed=self.hub.room_changed, resync=self.hub.resync
+        )
+        self.relay: Relay = (
+            RedisRelay(config.redis_url, handlers, prefix=config.redis_prefix)
+            if config.redis_url
+            else MemoryRelay(handlers)
+        )
+        self.hub.attach(self.relay)
+        self.ws = WsServer(
+            config=config, hub=self.hub, store=self.store, verifier=self.verifier, clock=self.clock
+        )
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    async def readiness(self) -> dict[str, bool]:
+        return {"storage": await self.store.ping(), "broker": self.relay.healthy()}
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.relay.start()
+        await self.ws.start(self.config.host, self.config.port)
+        http_app = build_http_app(
+            store=self.store,
+            verifier=self.verifier,
+            clock=self.clock,
+            config=self.config,
+            notify_room_changed=self.relay.room_changed,
+            readiness=self.readiness,
+        )
+        self._runner = web.AppRunner(http_app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.config.host, self.config.http_port)
+        await self._site.start()
+        log.info(
+            "nanomsg listening: ws://%s:%d/chat, http://%s:%d",
+            self.config.host,
+            self.ws_port,
+            self.config.host,
+            self.http_port,
+        )
+
+    @property
+    def ws_port(self) -> int:
+        return self.ws.port
+
+    @property
+    def http_port(self) -> int:
+        assert self._runner is not None
+        for address in self._runner.addresses:
+            return int(address[1])
+        raise RuntimeError("HTTP side-port not started")
+
+    async def stop(self) -> None:
+        await self.ws.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.hub.close()
+        await self.relay.close()
+        await self.store.close()
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    """Run until ``stop`` is set, then shut down cleanly."""
+    app = App(config)
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        await app.stop()

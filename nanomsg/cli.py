@@ -1,0 +1,175 @@
+"""Command line: ``nanomsg serve | migrate | token``. Every setting is a flag and a variable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+from nanomsg.app import App
+from nanomsg.auth import mint
+from nanomsg.clock import SystemClock, utc_datetime
+from nanomsg.config import Config, ConfigError, duration, add_options, from_namespace
+from nanomsg.store.base import NewRoom, StoreUnavailable
+
+DEV_ENTITY = "00000000-0000-4000-8000-00000000d3e7"
+DEV_USERS = ("00000000-0000-4000-8000-0000000000a1", "00000000-0000-4000-8000-0000000000b2")
+
+
+def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanomsg", description="nanomsg chat server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the WebSocket server and the HTTP side-port")
+    add_options(serve, environ)
+    migrate = sub.add_parser("migrate", help="apply pending database migrations and exit")
+    add_options(migrate, environ)
+    token = sub.add_parser("token", help="mint an HS256 token for testing")
+    add_options(token, environ)
+    token.add_argument("--user", required=True, help="userUUID claim")
+    token.add_argument("--entity", required=True, help="entityUUID claim")
+    token.add_argument("--level", type=int, default=100, help="levelOnEntity claim")
+    token.add_argument("--ttl", type=duration, default=3600.0, help="lifetime: 3600, 30m, 1h")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser(dict(os.environ)).parse_args(argv)
+        config = from_namespace(args)
+        if args.command == "token":
+            return _token(config, args)
+        if args.command == "migrate":
+            config.validate(need_key=False)
+            return _run(_migrate(config))
+        if config.dev and not config.jwt_secret:
+            config = replace(config, jwt_secret=secrets.token_urlsafe(32))
+        config.validate()
+    except ConfigError as exc:
+        print(f"nanomsg: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return _run(_serve(config))
+
+
+def _run(coro: object) -> int:
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        runner = asyncio.run
+    try:
+        return int(runner(coro))  # type: ignore[arg-type]
+    except StoreUnavailable as exc:
+        print(f"nanomsg: storage unavailable: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"nanomsg: {exc}", file=sys.stderr)
+        return 1
+
+
+def _token(config: Config, args: argparse.Namespace) -> int:
+    if not config.jwt_secret:
+        raise ConfigError("no signing secret: set NANOMSG_JWT_SECRET (or --jwt-secret)")
+    print(
+        mint(
+            secret=config.jwt_secret,
+            user=args.user,
+            entity=args.entity,
+            level=args.level,
+            now=SystemClock().wall(),
+            ttl=args.ttl,
+            audience=config.jwt_audience,
+            issuer=config.jwt_issuer,
+        )
+    )
+    return 0
+
+
+async def _migrate(config: Config) -> int:
+    from nanomsg.store.factory import store_from_url
+
+    store = store_from_url(config.database_url, pg_pool_size=1)
+    await store.open()
+    await store.close()
+    print("nanomsg: migrations applied")
+    return 0
+
+
+async def _serve(config: Config) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    app = App(config)
+    await app.start()
+    try:
+        if config.dev:
+            await _dev_banner(app, config)
+        await stop.wait()
+    finally:
+        await app.stop()
+    return 0
+
+
+async def _dev_banner(app: App, config: Config) -> None:
+    """Print ready tokens, a room to select and a wscat line, for trying the server by hand."""
+    clock = app.clock
+    rooms = await app.store.rooms_visible_to(DEV_USERS[0], DEV_ENTITY, 100, 1, 0)
+    if rooms:
+        room = rooms[0]
+    else:
+        room = await app.store.create_room(
+            NewRoom(
+                name="dev-lobby",
+                level_admin=100,
+                type="group",
+                entity_owner=DEV_ENTITY,
+                max_entity_rules=100,
+                creator_user=DEV_USERS[0],
+                creator_level=100,
+                now=utc_datetime(clock.wall()),
+            )
+        )
+    tokens = [
+        mint(
+            secret=config.jwt_secret,
+            user=user,
+            entity=DEV_ENTITY,
+            level=100,
+            now=clock.wall(),
+            ttl=86400,
+            audience=config.jwt_audience,
+            issuer=config.jwt_issuer,
+        )
+        for user in DEV_USERS
+    ]
+    url = f"ws://{config.host}:{app.ws_port}/chat"
+    print(
+        "\n".join(
+            [
+                "nanomsg dev mode: a fresh signing secret for this run only.",
+                f"  NANOMSG_JWT_SECRET={config.jwt_secret}",
+                f"  room {room.id} ({room.name}) is open to both users below",
+                f"  token A: {tokens[0]}",
+                f"  token B: {tokens[1]}",
+                f"  try:  npx wscat -c {url}",
+                f'  then: {{"type":"token","content":"{tokens[0]}"}}',
+                f'        {{"type":"select_room","room_id":{room.id}}}',
+                '        {"type":"message","content":"hello"}',
+                f"  HTTP: curl -H 'Authorization: Bearer <token>' "
+                f"http://{config.host}:{app.http_port}/rooms",
+            ]
+        ),
+        flush=True,
+    )

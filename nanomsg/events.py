@@ -1,0 +1,193 @@
+"""Typed events: client commands (decoded once by the codec), results fed back to the session,
+and the effects the session asks its I/O shell to carry out. All frozen and slotted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from nanomsg.models import Message, RoomAccess
+from nanomsg.store.base import HistoryQuery, NewMessage
+
+# -- client commands ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    token: object  # verified by auth.Verifier, which rejects anything but a non-empty string
+
+
+@dataclass(frozen=True, slots=True)
+class SelectRoom:
+    room_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    content: str
+    client_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class GetPastMessages:
+    limit: int
+    before: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """A JSON object whose ``type`` is missing, not a string, or not a command we know."""
+
+
+@dataclass(frozen=True, slots=True)
+class BadArgs:
+    """A known command with a field of the wrong type or range."""
+
+    command: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TooLarge:
+    """A message whose content is longer than the configured limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class BadJson:
+    """Not JSON, JSON that is not an object, or a binary frame that is not UTF-8."""
+
+
+Command = (
+    Token | SelectRoom | SendMessage | GetPastMessages | Quit | Unknown | BadArgs | TooLarge | BadJson
+)
+
+# -- results of effects, fed back into the session --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RoomLoaded:
+    room_id: int
+    access: RoomAccess | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageStored:
+    message: Message
+    created: bool  # False: an idempotent resend of a stored client_id
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryLoaded:
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMissing:
+    """The store said the room is gone while we acted on it."""
+
+    room_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StorageFailed:
+    pass
+
+
+Result = RoomLoaded | MessageStored | HistoryLoaded | RoomMissing | StorageFailed
+
+
+class Timer(Enum):
+    AUTH = "auth"  # no valid token yet
+    EXPIRY = "expiry"  # the token's exp (plus leeway) has passed
+    REFRESH = "refresh"  # the grace after EXPIRED has run out
+
+
+# -- effects, carried out by the shell in order ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    payload: bytes  # one JSON text frame
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    """Call the session's ``timer_fired`` at wall time ``at`` (replacing an armed one)."""
+
+    timer: Timer
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Disarm:
+    timer: Timer
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRoom:
+    room_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreMessage:
+    new: NewMessage
+
+
+@dataclass(frozen=True, slots=True)
+class LoadHistory:
+    query: HistoryQuery
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Start receiving the room's live messages, the first one expected after ``last_seq``."""
+
+    room_id: int
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    room_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """A stored message: deliver it locally and relay it to the other processes."""
+
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class SetReceiving:
+    """Whether live room messages are written to this connection (not while EXPIRED)."""
+
+    on: bool
+
+
+Effect = (
+    Send
+    | Close
+    | Arm
+    | Disarm
+    | LoadRoom
+    | StoreMessage
+    | LoadHistory
+    | Join
+    | Leave
+    | Publish
+    | SetReceiving
+)
+AWAITING = (LoadRoom, StoreMessage, LoadHistory)  # effects whose result the session waits for

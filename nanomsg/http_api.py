@@ -1,0 +1,644 @@
+"""The HTTP side-port for partner backends: rooms, members, invitations and history.
+
+Built by ``build_http_app`` from injected collaborators (no global state). Every answer, errors
+included, is the original's JSON envelope ``{"meta": {"code", "message"[, "reason"]},
+"content"}``; ``/openapi.json`` is the one exception, served bare so tools can read it.
+
+Deliberately *not* kept from the original (protocol-baseline.md section 3/4): method override,
+multipart bodies, unenveloped 401s, database details in reasons, 500s on bad ids, a body required
+on DELETE, and ``/rooms/all`` listing every room. Access follows one rule, from
+``permissions.evaluate``: 404 for a room the caller may not read (whether or not it exists),
+403 when the caller may read it but lacks the right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
+from http import HTTPStatus
+from typing import Any, NoReturn
+
+import orjson
+from aiohttp import web
+
+from nanomsg.auth import AuthError, Verifier, is_uuid
+from nanomsg.clock import Clock, utc_datetime
+from nanomsg.config import Config
+from nanomsg.models import ROOM_TYPES, RULE_KINDS, Principal, Room
+from nanomsg.openapi import (
+    HISTORY_LIMIT_DEFAULT,
+    LEVEL_ADMIN_MAX,
+    MAX_BODY_BYTES,
+    MAX_ENTITY_RULES_DEFAULT,
+    MAX_ENTITY_RULES_MAX,
+    MAX_ENTITY_RULES_MIN,
+    MAX_ID,
+    NAME_MAX_LEN,
+    PAGE_LIMIT_MAX,
+    ROOMS_LIMIT_DEFAULT,
+    RULE_LEVEL_MAX,
+    build_openapi,
+)
+from nanomsg.permissions import Access, evaluate, is_valid_flags
+from nanomsg.store.base import (
+    HistoryQuery,
+    NewRoom,
+    RoomGone,
+    Store,
+    StoreUnavailable,
+    TooManyRules,
+)
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+AuthedHandler = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
+NotifyRoomChanged = Callable[[int], Awaitable[None]]
+Readiness = Callable[[], Awaitable[dict[str, bool]]]
+
+READINESS_TIMEOUT = 5.0
+CORS_ALLOW_HEADERS = "Authorization, Content-Type"
+CORS_MAX_AGE = "86400"
+_SHOWN_NAME_MAX = 40  # longest client-supplied field name echoed back in a reason
+
+
+# -- envelope and errors -------------------------------------------------------------------------
+
+
+class HttpError(Exception):
+    """An answer other than success: its status and a short reason safe to show the caller."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def bad_request(reason: str) -> HttpError:
+    return HttpError(400, reason)
+
+
+def envelope(
+    status: int,
+    content: Any = None,
+    *,
+    reason: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """The original's envelope; ``content`` defaults to ``{}``; errors carry ``meta.reason``."""
+    meta: dict[str, Any] = {"code": status, "message": HTTPStatus(status).phrase}
+    if reason is not None:
+        meta["reason"] = reason
+    body = orjson.dumps({"meta": meta, "content": {} if content is None else content})
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+def _shown(name: str) -> str:
+    """A client-supplied name, cut short enough to echo back in a reason."""
+    return name if len(name) <= _SHOWN_NAME_MAX else name[:_SHOWN_NAME_MAX] + "..."
+
+
+_AIOHTTP_REASONS = {
+    404: "no such endpoint",
+    405: "method not allowed",
+    413: f"body larger than {MAX_BODY_BYTES} bytes",
+}
+
+
+def _cors(response: web.StreamResponse) -> None:
+    response.headers["Access-Control-Allow-Origin"] = "*"
+    response.headers["Vary"] = "Origin"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers.setdefault("Cache-Control", "no-store")
+
+
+def _preflight(request: web.Request) -> web.Response:
+    """204 for a CORS preflight on a known path, listing the path's methods; no token needed."""
+    exc = request.match_info.http_exception
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        methods = sorted(exc.allowed_methods | {"OPTIONS"})
+    else:
+        methods = ["OPTIONS"]
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": ", ".join(methods),
+            "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+            "Access-Control-Max-Age": CORS_MAX_AGE,
+        },
+    )
+
+
+@web.middleware
+async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer preflights, turn every failure into an envelope, and add the CORS headers.
+
+    Unexpected exceptions are logged with their traceback and answered 500 without details.
+    """
+    try:
+        if request.method == "OPTIONS" and not isinstance(
+            request.match_info.http_exception, web.HTTPNotFound
+        ):
+            response: web.StreamResponse = _preflight(request)
+        else:
+            response = await handler(request)
+    except HttpError as exc:
+        response = envelope(exc.status, reason=exc.reason)
+    except web.HTTPException as exc:  # routing (404, 405) and body size (413)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        reason = _AIOHTTP_REASONS.get(exc.status, HTTPStatus(exc.status).phrase.lower())
+        response = envelope(exc.status, reason=reason, headers=allow)
+    except StoreUnavailable:
+        log.warning("storage unavailable during %s %s", request.method, request.path)
+        response = envelope(503, reason="storage unavailable")
+    except RoomGone:
+        response = envelope(404, reason="no such room")
+    except TooManyRules:
+        response = envelope(403, reason="TOO_MANY_RULES")
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        response = envelope(500, reason="internal error")
+    _cors(response)
+    return response
+
+
+# -- input validation ----------------------------------------------------------------------------
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object: 415 unless JSON, 413 if too big, 400 if malformed."""
+    if request.content_type != "application/json":
+        raise HttpError(415, "Content-Type must be application/json")
+    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise bad_request("invalid JSON") from None
+    if not isinstance(data, dict):
+        raise bad_request("body must be a JSON object")
+    return data
+
+
+class JsonBody:
+    """A JSON object checked field by field; unknown fields are refused up front."""
+
+    def __init__(self, data: dict[str, Any], allowed: Collection[str]) -> None:
+        unknown = sorted(key for key in data if key not in allowed)
+        if unknown:
+            raise bad_request(f"unknown field '{_shown(unknown[0])}'")
+        self.data = data
+
+    def _get(self, name: str, required: bool) -> Any:
+        if name not in self.data:
+            if required:
+                raise bad_request(f"field '{name}' is required")
+            return None
+        return self.data[name]
+
+    def text(
+        self,
+        name: str,
+        *,
+        default: str | None = None,
+        max_len: int = 1000,
+        choices: Collection[str] | None = None,
+    ) -> str:
+        """A string field; required when ``default`` is None."""
+        value = self._get(name, default is None)
+        if value is None and default is not None:
+            return default
+        if not isinstance(value, str):
+            raise bad_request(f"field '{name}' must be a string")
+        if choices is not None and value not in choices:
+            raise bad_request(f"field '{name}' must be one of: {', '.join(choices)}")
+        if not value.strip():
+            raise bad_request(f"field '{name}' must not be empty")
+        if len(value) > max_len:
+            raise bad_request(f"field '{name}' must be at most {max_len} characters")
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise bad_request(f"field '{name}' must not contain control characters")
+        return value
+
+    def integer(self, name: str, *, lo: int, hi: int, default: int | None = None) -> int:
+        """An integer field in [lo, hi] (a bool or a float is not an integer)."""
+        value = self._get(name, default is None)
+        if value is None and default is not None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad_request(f"field '{name}' must be an integer")
+        if not lo <= value <= hi:
+            raise bad_request(f"field '{name}' must be between {lo} and {hi}")
+        return value
+
+    def boolean(self, name: str, *, default: bool | None = None) -> bool:
+        value = self._get(name, default is None)
+        if value is None and default is not None:
+            return default
+        if not isinstance(value, bool):
+            raise bad_request(f"field '{name}' must be a boolean")
+        return value
+
+    def one_uuid(self, *names: str) -> str:
+        """Exactly one of ``names`` (aliases of one field), holding a UUID."""
+        given = [name for name in names if name in self.data]
+        if len(given) != 1:
+            raise bad_request(f"exactly one of {', '.join(names)} is required")
+        value = self.data[given[0]]
+        if not is_uuid(value):
+            raise bad_request(f"field '{given[0]}' must be a UUID")
+        assert isinstance(value, str)
+        return value
+
+
+def _parse_uint(text: str, max_digits: int = 19) -> int | None:
+    """A non-negative decimal integer written plainly (no sign, spaces or underscores)."""
+    if not text or len(text) > max_digits or not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)
+
+
+class QueryArgs:
+    """The query string, checked: unknown or repeated parameters are refused."""
+
+    def __init__(self, request: web.Request, allowed: Collection[str]) -> None:
+        query = request.rel_url.query
+        for key in query:
+            if key not in allowed:
+                raise bad_request(f"unknown query parameter '{_shown(key)}'")
+            if len(query.getall(key)) > 1:
+                raise bad_request(f"query parameter '{key}' given more than once")
+        self.values: dict[str, str] = {key: query[key] for key in query}
+
+    def has(self, name: str) -> bool:
+        return name in self.values
+
+    def integer(self, name: str, *, lo: int, hi: int, default: int | None = None) -> int | None:
+        if name not in self.values:
+            return default
+        value = _parse_uint(self.values[name])
+        if value is None or not lo <= value <= hi:
+            raise bad_request(f"query parameter '{name}' must be an integer from {lo} to {hi}")
+        return value
+
+    def flag(self, name: str) -> bool | None:
+        if name not in self.values:
+            return None
+        text = self.values[name]
+        if text not in ("true", "false"):
+            raise bad_request(f"query parameter '{name}' must be true or false")
+        return text == "true"
+
+    def choice(self, name: str, choices: Collection[str]) -> str | None:
+        if name not in self.values:
+            return None
+        if self.values[name] not in choices:
+            raise bad_request(f"query parameter '{name}' must be one of: {', '.join(choices)}")
+        return self.values[name]
+
+    def instant(self, name: str, *, end_of_day: bool) -> datetime | None:
+        """An ISO date (a whole UTC day: its first or, with ``end_of_day``, its last instant)
+        or an ISO datetime (UTC when it names no zone)."""
+        if name not in self.values:
+            return None
+        text = self.values[name]
+        try:
+            if len(text) == 10:
+                day = date.fromisoformat(text)
+                return datetime.combine(day, time.max if end_of_day else time.min, tzinfo=UTC)
+            moment = datetime.fromisoformat(text)
+            if moment.tzinfo is None:
+                return moment.replace(tzinfo=UTC)
+            return moment.astimezone(UTC)
+        except (ValueError, OverflowError):
+            raise bad_request(f"query parameter '{name}' must be an ISO date or datetime") from None
+
+    def page(self, default_limit: int) -> tuple[int, int]:
+        """``limit`` (1 to PAGE_LIMIT_MAX) and ``offset`` (0 or more)."""
+        limit = self.integer("limit", lo=1, hi=PAGE_LIMIT_MAX, default=default_limit)
+        offset = self.integer("offset", lo=0, hi=MAX_ID, default=0)
+        assert limit is not None and offset is not None
+        return limit, offset
+
+
+def path_room_id(request: web.Request) -> int:
+    """The ``{id}`` path segment: a positive integer, else 400."""
+    value = _parse_uint(request.match_info["id"], max_digits=100)
+    if value is None or value < 1:
+        raise bad_request("room id must be a positive integer")
+    if value > MAX_ID:
+        raise HttpError(404, "no such room")
+    return value
+
+
+def path_uuid(request: web.Request, name: str) -> str:
+    value = request.match_info[name]
+    if not is_uuid(value):
+        raise bad_request(f"{name} must be a UUID")
+    return value
+
+
+def _no_such_room() -> NoReturn:
+    raise HttpError(404, "no such room")
+
+
+# -- the application -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    """A room the caller may read, and what the caller may do in it."""
+
+    room: Room
+    access: Access
+
+
+class HttpApi:
+    """The handlers, sharing the injected store, verifier, clock and callbacks."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        verifier: Verifier,
+        clock: Clock,
+        config: Config,
+        notify_room_changed: NotifyRoomChanged,
+        readiness: Readiness,
+    ) -> None:
+        self.store = store
+        self.verifier = verifier
+        self.clock = clock
+        self.config = config
+        self.notify_room_changed = notify_room_changed
+        self.readiness = readiness
+        self.spec = orjson.dumps(build_openapi(room_create_level=config.room_create_level))
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def authed(self, handler: AuthedHandler) -> Handler:
+        """Wrap ``handler`` so it runs only with a verified bearer token."""
+
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            return await handler(request, self.authenticate(request))
+
+        return wrapped
+
+    def authenticate(self, request: web.Request) -> Principal:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HttpError(401, "missing bearer token")
+        try:
+            return self.verifier.verify(token.strip())
+        except AuthError as exc:
+            raise HttpError(401, str(exc)) from None
+
+    def now(self) -> datetime:
+        return utc_datetime(self.clock.wall())
+
+    async def room_for(self, principal: Principal, room_id: int, *, admin: bool) -> Granted:
+        """The room if the caller may read it (else 404) and, with ``admin``, administer it
+        (else 403)."""
+        found = await self.store.room_access(room_id)
+        if found is None:
+            _no_such_room()
+        access = evaluate(principal, found.room, found.rules)
+        if not access.read:
+            _no_such_room()
+        if admin and not access.admin:
+            raise HttpError(403, "admin permission required")
+        return Granted(room=found.room, access=access)
+
+    async def changed(self, room_id: int) -> None:
+        """Tell every process to re-check live connections of the room.
+
+        The change is already stored, so a failing notification is logged, not reported as a
+        failure of the request.
+        """
+        try:
+            await self.notify_room_changed(room_id)
+        except Exception:
+            log.exception("notify_room_changed(%d) failed", room_id)
+
+    # -- public -----------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        return envelope(200, {"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        try:
+            async with asyncio.timeout(READINESS_TIMEOUT):
+                checks = await self.readiness()
+        except Exception:
+            log.exception("readiness check failed")
+            return envelope(503, reason="readiness check failed")
+        ready = all(checks.values())
+        return envelope(200 if ready else 503, checks, reason=None if ready else "not ready")
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self.spec, content_type="application/json")
+
+    # -- authenticated ----------------------------------------------------------------------
+
+    async def test_token(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        QueryArgs(request, ())
+        return envelope(200, principal.claims)
+
+    async def create_room(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        QueryArgs(request, ())
+        body = JsonBody(
+            await read_json_object(request), ("name", "level_admin", "type", "max_entity_rules")
+        )
+        name = body.text("name", max_len=NAME_MAX_LEN)
+        level_admin = body.integer("level_admin", lo=0, hi=LEVEL_ADMIN_MAX)
+        room_type = body.text("type", default="group", choices=ROOM_TYPES)
+        max_rules = body.integer(
+            "max_entity_rules",
+            lo=MAX_ENTITY_RULES_MIN,
+            hi=MAX_ENTITY_RULES_MAX,
+            default=MAX_ENTITY_RULES_DEFAULT,
+        )
+        if principal.level < self.config.room_create_level:
+            raise HttpError(
+                403, f"levelOnEntity {self.config.room_create_level} needed to create rooms"
+            )
+        room = await self.store.create_room(
+            NewRoom(
+                name=name,
+                level_admin=level_admin,
+                type=room_type,
+                entity_owner=principal.entity,
+                max_entity_rules=max_rules,
+                creator_user=principal.user,
+                creator_level=principal.level,
+                now=self.now(),
+            )
+        )
+        return envelope(200, {"room": room.to_json()})
+
+    async def list_rules(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        query = QueryArgs(request, ("accepted", "limit", "offset"))
+        accepted = query.flag("accepted")
+        limit, offset = query.page(ROOMS_LIMIT_DEFAULT)
+        pairs = await self.store.rules_of(principal.user, principal.entity, accepted, limit, offset)
+        content = [
+            {**rule.to_json(), "room": room.to_json()}
+            for rule, room in pairs
+            # An entity rule above the caller's level is not the caller's (as for invitations).
+            if rule.kind == "user" or rule.level <= principal.level
+        ]
+        return envelope(200, content)
+
+    async def list_rooms(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        limit, offset = QueryArgs(request, ("limit", "offset")).page(ROOMS_LIMIT_DEFAULT)
+        rooms = await self.store.rooms_visible_to(
+            principal.user, principal.entity, principal.level, limit, offset
+        )
+        return envelope(200, [room.to_json() for room in rooms])
+
+    async def get_room(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        QueryArgs(request, ())
+        granted = await self.room_for(principal, path_room_id(request), admin=False)
+        return envelope(200, {"room": granted.room.to_json(), "access": granted.access.flags})
+
+    async def delete_room(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        QueryArgs(request, ())
+        room_id = (await self.room_for(principal, path_room_id(request), admin=True)).room.id
+        if not await self.store.delete_room(room_id, self.now()):
+            _no_such_room()
+        await self.changed(room_id)
+        return envelope(200)
+
+    async def put_member(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        QueryArgs(request, ())
+        room_id = path_room_id(request)
+        body = JsonBody(
+            await read_json_object(request),
+            ("entity_UUID", "userUUID", "kind", "permissions", "level", "invite"),
+        )
+        subject = body.one_uuid("entity_UUID", "userUUID")
+        kind = body.text("kind", default="user", choices=RULE_KINDS)
+        permissions = body.text("permissions", max_len=4)
+        if not is_valid_flags(permissions):
+            raise bad_request("field 'permissions' must use only r, w, b, a, each at most once")
+        level = body.integer("level", lo=0, hi=RULE_LEVEL_MAX, default=0)
+        invite = body.boolean("invite", default=False)
+        await self.room_for(principal, room_id, admin=True)
+        rule, created = await self.store.put_rule(
+            room_id, subject, kind, permissions, level, not invite, self.now()
+        )
+        await self.changed(room_id)
+        return envelope(201 if created else 200, rule.to_json())
+
+    async def delete_member(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        kind = QueryArgs(request, ("kind",)).choice("kind", RULE_KINDS)
+        room_id = path_room_id(request)
+        subject = path_uuid(request, "uuid")
+        await self.room_for(principal, room_id, admin=True)
+        if not await self.store.delete_rule(room_id, subject, kind):
+            raise HttpError(404, "no such member")
+        await self.changed(room_id)
+        return envelope(200)
+
+    async def put_invitation(
+        self, request: web.Request, principal: Principal
+    ) -> web.StreamResponse:
+        """Accept or decline the caller's own rule; open without read access (a pending rule
+        grants nothing), but a caller with no such rule gets 404 like any outsider."""
+        QueryArgs(request, ())
+        room_id = path_room_id(request)
+        body = JsonBody(await read_json_object(request), ("accepted", "use_parent_entity"))
+        accepted = body.boolean("accepted")
+        use_entity = body.boolean("use_parent_entity", default=False)
+        kind, subject = ("entity", principal.entity) if use_entity else ("user", principal.user)
+        found = await self.store.room_access(room_id)
+        if found is None:
+            _no_such_room()
+        rule = next((r for r in found.rules if r.kind == kind and r.subject == subject), None)
+        if rule is None or (kind == "entity" and rule.level > principal.level):
+            raise HttpError(404, "no such invitation")
+        if "b" in rule.permissions:
+            # Only accepted rules count, so declining a ban would lift it.
+            raise HttpError(403, "a ban cannot be accepted or declined")
+        updated = await self.store.set_accepted(room_id, subject, kind, accepted, self.now())
+        if updated is None:
+            raise HttpError(404, "no such invitation")
+        await self.changed(room_id)
+        return envelope(200, updated.to_json())
+
+    async def messages(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        room_id = path_room_id(request)
+        query = QueryArgs(request, ("dateFrom", "dateTo", "before", "after", "limit"))
+        date_from = query.instant("dateFrom", end_of_day=False)
+        date_to = query.instant("dateTo", end_of_day=True)
+        before = query.integer("before", lo=0, hi=MAX_ID)
+        after = query.integer("after", lo=0, hi=MAX_ID)
+        limit = query.integer("limit", lo=1, hi=PAGE_LIMIT_MAX, default=HISTORY_LIMIT_DEFAULT)
+        assert limit is not None
+        if (date_from or date_to) and (before is not None or after is not None):
+            raise bad_request("use either dateFrom/dateTo or before/after, not both")
+        if date_from and date_to and date_from > date_to:
+            raise bad_request("dateFrom is after dateTo")
+        await self.room_for(principal, room_id, admin=False)
+        # A date window or ``after`` reads forwards from its start; otherwise the latest ones.
+        newest = after is None and date_from is None
+        found = await self.store.history(
+            HistoryQuery(
+                room_id=room_id,
+                limit=limit,
+                before=before,
+                after=after,
+                date_from=date_from,
+                date_to=date_to,
+                newest=newest,
+            )
+        )
+        return envelope(200, [message.to_json() for message in found])
+
+    # -- routes -----------------------------------------------------------------------------
+
+    def routes(self) -> list[web.RouteDef]:
+        """Every route; ``/rooms/all`` comes before ``/rooms/{id}`` so it is not taken for an
+        id."""
+        a = self.authed
+        return [
+            web.route("GET", "/healthz", self.healthz),
+            web.route("GET", "/readyz", self.readyz),
+            web.route("GET", "/openapi.json", self.openapi),
+            web.route("GET", "/test/token", a(self.test_token)),
+            web.route("POST", "/rooms", a(self.create_room)),
+            web.route("GET", "/rooms", a(self.list_rules)),
+            web.route("GET", "/rooms/all", a(self.list_rooms)),
+            web.route("GET", "/rooms/{id}", a(self.get_room)),
+            web.route("DELETE", "/rooms/{id}", a(self.delete_room)),
+            web.route("PUT", "/rooms/{id}/members", a(self.put_member)),
+            web.route("DELETE", "/rooms/{id}/members/{uuid}", a(self.delete_member)),
+            web.route("PUT", "/rooms/{id}/invitation", a(self.put_invitation)),
+            web.route("GET", "/rooms/{id}/messages", a(self.messages)),
+        ]
+
+
+def build_http_app(
+    *,
+    store: Store,
+    verifier: Verifier,
+    clock: Clock,
+    config: Config,
+    notify_room_changed: NotifyRoomChanged,
+    readiness: Readiness,
+) -> web.Application:
+    """The side-port application; the caller owns the store and runs the app."""
+    api = HttpApi(
+        store=store,
+        verifier=verifier,
+        clock=clock,
+        config=config,
+        notify_room_changed=notify_room_changed,
+        readiness=readiness,
+    )
+    app = web.Application(middlewares=[envelope_middleware], client_max_size=MAX_BODY_BYTES)
+    app.add_routes(api.routes())
+    return app

@@ -1,0 +1,469 @@
+"""The HTTP side-port's contract: its input limits and its OpenAPI 3.1 document.
+
+The limits live here, next to the document that publishes them, and ``http_api`` validates with
+the same constants, so the document cannot drift from what the server enforces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_ID = 2**63 - 1
+NAME_MAX_LEN = 100
+LEVEL_ADMIN_MAX = 1000
+MAX_ENTITY_RULES_MIN = 2
+MAX_ENTITY_RULES_MAX = 1000
+MAX_ENTITY_RULES_DEFAULT = 100
+RULE_LEVEL_MAX = 1_000_000
+PAGE_LIMIT_MAX = 500
+ROOMS_LIMIT_DEFAULT = 100
+HISTORY_LIMIT_DEFAULT = 50
+
+_JSON = "application/json"
+_UUID: dict[str, Any] = {"type": "string", "format": "uuid"}
+_STAMP: dict[str, Any] = {"type": "string", "format": "date-time"}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _envelope(content: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["meta", "content"],
+        "properties": {"meta": _ref("Meta"), "content": content},
+    }
+
+
+def _ok(description: str, content: dict[str, Any], status: str = "200") -> dict[str, Any]:
+    return {
+        status: {"description": description, "content": {_JSON: {"schema": _envelope(content)}}}
+    }
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(code): {"$ref": f"#/components/responses/E{code}"} for code in codes}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {_JSON: {"schema": schema}}}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+_ROOM_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+    "description": "Room id (a positive integer; anything else is 400).",
+}
+_LIMIT_ROOMS = _query(
+    "limit",
+    {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT_MAX, "default": ROOMS_LIMIT_DEFAULT},
+    "Page size.",
+)
+_OFFSET = _query("offset", {"type": "integer", "minimum": 0, "default": 0}, "Rows to skip.")
+
+_EMPTY: dict[str, Any] = {"type": "object", "maxProperties": 0}
+
+_ERROR_TEXT = {
+    400: "Invalid input: bad id, bad field, unknown field or query parameter, invalid JSON.",
+    401: "Missing or invalid bearer token; meta.reason says why (e.g. `token expired`).",
+    403: "The caller may read the room but lacks the right (or, for POST /rooms, the level); "
+    "meta.reason `TOO_MANY_RULES` when the room holds max_entity_rules rules.",
+    404: "No such room, or a room the caller may not read (indistinguishable on purpose).",
+    413: f"Body larger than {MAX_BODY_BYTES} bytes.",
+    415: "Body is not application/json (multipart is never accepted).",
+    503: "Storage unavailable.",
+}
+
+
+def _schemas() -> dict[str, Any]:
+    return {
+        "Meta": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "integer", "description": "The HTTP status."},
+                "message": {"type": "string", "description": "The HTTP reason phrase."},
+                "reason": {"type": "string", "description": "Why, on errors only."},
+            },
+        },
+        "Error": _envelope(_EMPTY),
+        "Room": {
+            "type": "object",
+            "required": [
+                "id",
+                "uuid",
+                "name",
+                "level_admin",
+                "type",
+                "entity_owner",
+                "max_entity_rules",
+                "last_seq",
+                "createdAt",
+                "updatedAt",
+            ],
+            "properties": {
+                "id": {"type": "integer"},
+                "uuid": _UUID,
+                "name": {"type": "string"},
+                "level_admin": {"type": "integer"},
+                "type": {"enum": ["group", "user2user"]},
+                "entity_owner": _UUID,
+                "max_entity_rules": {"type": "integer"},
+                "last_seq": {"type": "integer", "description": "Seq of the room's last message."},
+                "createdAt": _STAMP,
+                "updatedAt": _STAMP,
+            },
+        },
+        "Rule": {
+            "type": "object",
+            "required": [
+                "room_id",
+                "entity_UUID",
+                "kind",
+                "level",
+                "permissions",
+                "accepted",
+                "createdAt",
+                "updatedAt",
+            ],
+            "properties": {
+                "room_id": {"type": "integer"},
+                "entity_UUID": {**_UUID, "description": "userUUID (kind user) or entityUUID."},
+                "kind": {"enum": ["user", "entity"]},
+                "level": {"type": "integer"},
+                "permissions": {"type": "string", "pattern": "^[rwba]{0,4}$"},
+                "accepted": {"type": "boolean"},
+                "createdAt": _STAMP,
+                "updatedAt": _STAMP,
+            },
+        },
+        "RuleWithRoom": {
+            "allOf": [_ref("Rule"), {"type": "object", "properties": {"room": _ref("Room")}}]
+        },
+        "Message": {
+            "type": "object",
+            "required": ["content", "emitter", "id", "room_id", "seq", "entity", "created_at"],
+            "properties": {
+                "content": {"type": "string"},
+                "emitter": _UUID,
+                "id": {"type": "integer"},
+                "room_id": {"type": "integer"},
+                "seq": {"type": "integer"},
+                "entity": _UUID,
+                "created_at": _STAMP,
+                "createdAt": _STAMP,
+                "updatedAt": _STAMP,
+                "client_id": {"type": "string"},
+            },
+        },
+        "NewRoom": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name", "level_admin"],
+            "properties": {
+                "name": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": NAME_MAX_LEN,
+                    "description": "Not blank; no control characters.",
+                },
+                "level_admin": {"type": "integer", "minimum": 0, "maximum": LEVEL_ADMIN_MAX},
+                "type": {"enum": ["group", "user2user"], "default": "group"},
+                "max_entity_rules": {
+                    "type": "integer",
+                    "minimum": MAX_ENTITY_RULES_MIN,
+                    "maximum": MAX_ENTITY_RULES_MAX,
+                    "default": MAX_ENTITY_RULES_DEFAULT,
+                    "description": "Counts every rule, the creator's automatic ones included.",
+                },
+            },
+        },
+        "PutMember": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["permissions"],
+            "description": "Exactly one of entity_UUID and userUUID (an alias).",
+            "oneOf": [{"required": ["entity_UUID"]}, {"required": ["userUUID"]}],
+            "properties": {
+                "entity_UUID": _UUID,
+                "userUUID": _UUID,
+                "kind": {"enum": ["user", "entity"], "default": "user"},
+                "permissions": {
+                    "type": "string",
+                    "pattern": "^(?!.*(.).*\\1)[rwba]{1,4}$",
+                    "description": "Flags r (read), w (write), a (admin, implies r and w), "
+                    "b (banned, denies all), each at most once.",
+                },
+                "level": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": RULE_LEVEL_MAX,
+                    "default": 0,
+                    "description": "For entity rules: the lowest levelOnEntity admitted.",
+                },
+                "invite": {
+                    "type": "boolean",
+                    "default": False,
+                    "description": "true: a pending invitation (grants nothing until accepted).",
+                },
+            },
+        },
+        "Invitation": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["accepted"],
+            "properties": {
+                "accepted": {"type": "boolean"},
+                "use_parent_entity": {
+                    "type": "boolean",
+                    "default": False,
+                    "description": "Answer for the caller's entity rule (at or below the "
+                    "caller's level) instead of the caller's user rule.",
+                },
+            },
+        },
+    }
+
+
+def _paths(room_create_level: int) -> dict[str, Any]:
+    room_content = {
+        "type": "object",
+        "required": ["room"],
+        "properties": {"room": _ref("Room")},
+    }
+    return {
+        "/healthz": {
+            "get": {
+                "summary": "Liveness",
+                "security": [],
+                "responses": _ok(
+                    "Alive.", {"type": "object", "properties": {"status": {"const": "ok"}}}
+                ),
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness of storage and broker",
+                "security": [],
+                "responses": {
+                    **_ok(
+                        "Every dependency is ready.",
+                        {"type": "object", "additionalProperties": {"type": "boolean"}},
+                    ),
+                    "503": {
+                        "description": "Some dependency is not ready; content says which.",
+                        "content": {_JSON: {"schema": _envelope({"type": "object"})}},
+                    },
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document (served without the envelope)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1 document.",
+                        "content": {_JSON: {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+        "/test/token": {
+            "get": {
+                "summary": "The caller's verified token claims",
+                "responses": {
+                    **_ok("Claims.", {"type": "object"}),
+                    **_errors(400, 401),
+                },
+            }
+        },
+        "/rooms": {
+            "post": {
+                "summary": "Create a room owned by the caller's entity",
+                "description": f"Needs levelOnEntity >= {room_create_level}. Also creates an "
+                "accepted `rwa` user rule for the creator and, for group rooms, an accepted `rw` "
+                "entity rule at level 100 for the owning entity. Answers 200, as the original.",
+                "requestBody": _body(_ref("NewRoom")),
+                "responses": {
+                    **_ok("Created.", room_content),
+                    **_errors(400, 401, 403, 413, 415, 503),
+                },
+            },
+            "get": {
+                "summary": "The caller's rules (user rules, and entity rules at or below the "
+                "caller's level), each with its room",
+                "parameters": [
+                    _query("accepted", {"enum": ["true", "false"]}, "Filter on acceptance."),
+                    _LIMIT_ROOMS,
+                    _OFFSET,
+                ],
+                "responses": {
+                    **_ok("Rules.", {"type": "array", "items": _ref("RuleWithRoom")}),
+                    **_errors(400, 401, 503),
+                },
+            },
+        },
+        "/rooms/all": {
+            "get": {
+                "summary": "Rooms the caller can see: owned by its entity or admitting it",
+                "parameters": [_LIMIT_ROOMS, _OFFSET],
+                "responses": {
+                    **_ok("Rooms, by id.", {"type": "array", "items": _ref("Room")}),
+                    **_errors(400, 401, 503),
+                },
+            }
+        },
+        "/rooms/{id}": {
+            "parameters": [_ROOM_ID],
+            "get": {
+                "summary": "A room the caller may read, with the caller's flags",
+                "responses": {
+                    **_ok(
+                        "The room.",
+                        {
+                            "type": "object",
+                            "required": ["room", "access"],
+                            "properties": {
+                                "room": _ref("Room"),
+                                "access": {"type": "string", "pattern": "^r?w?a?$"},
+                            },
+                        },
+                    ),
+                    **_errors(400, 401, 404, 503),
+                },
+            },
+            "delete": {
+                "summary": "Soft-delete a room (admins); history is kept but the room is gone",
+                "responses": {
+                    **_ok("Deleted.", _EMPTY),
+                    **_errors(400, 401, 403, 404, 503),
+                },
+            },
+        },
+        "/rooms/{id}/members": {
+            "parameters": [_ROOM_ID],
+            "put": {
+                "summary": "Create or update a rule (admins)",
+                "requestBody": _body(_ref("PutMember")),
+                "responses": {
+                    **_ok("Rule updated.", _ref("Rule")),
+                    **_ok("Rule created.", _ref("Rule"), status="201"),
+                    **_errors(400, 401, 403, 404, 413, 415, 503),
+                },
+            },
+        },
+        "/rooms/{id}/members/{uuid}": {
+            "parameters": [
+                _ROOM_ID,
+                {"name": "uuid", "in": "path", "required": True, "schema": _UUID},
+            ],
+            "delete": {
+                "summary": "Delete a subject's rules (admins); no body needed",
+                "parameters": [
+                    _query(
+                        "kind",
+                        {"enum": ["user", "entity"]},
+                        "Only the rule of this kind; default: every rule of the subject.",
+                    )
+                ],
+                "responses": {
+                    **_ok("Deleted.", _EMPTY),
+                    **_errors(400, 401, 403, 404, 503),
+                },
+            },
+        },
+        "/rooms/{id}/invitation": {
+            "parameters": [_ROOM_ID],
+            "put": {
+                "summary": "Accept or decline the caller's own rule",
+                "description": "Open to invitees without read access. 404 when the caller has "
+                "no such rule; 403 for a ban rule, which its subject cannot change.",
+                "requestBody": _body(_ref("Invitation")),
+                "responses": {
+                    **_ok("The updated rule.", _ref("Rule")),
+                    **_errors(400, 401, 403, 404, 413, 415, 503),
+                },
+            },
+        },
+        "/rooms/{id}/messages": {
+            "parameters": [_ROOM_ID],
+            "get": {
+                "summary": "History of a room the caller may read, oldest first",
+                "description": "Either a date window (dateFrom/dateTo: the oldest `limit` "
+                "messages in it) or seq cursors (after: the oldest `limit` after it; before, "
+                "or nothing: the latest `limit` before it), not both.",
+                "parameters": [
+                    _query(
+                        "dateFrom",
+                        {"type": "string"},
+                        "ISO date (from 00:00 UTC that day) or datetime (UTC if no zone).",
+                    ),
+                    _query(
+                        "dateTo",
+                        {"type": "string"},
+                        "ISO date (to the end of that UTC day) or datetime; inclusive.",
+                    ),
+                    _query("before", {"type": "integer", "minimum": 0}, "Exclusive seq bound."),
+                    _query("after", {"type": "integer", "minimum": 0}, "Exclusive seq bound."),
+                    _query(
+                        "limit",
+                        {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": PAGE_LIMIT_MAX,
+                            "default": HISTORY_LIMIT_DEFAULT,
+                        },
+                        "Page size.",
+                    ),
+                ],
+                "responses": {
+                    **_ok("Messages, oldest first.", {"type": "array", "items": _ref("Message")}),
+                    **_errors(400, 401, 404, 503),
+                },
+            },
+        },
+    }
+
+
+def build_openapi(*, room_create_level: int) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the HTTP side-port, as served on ``/openapi.json``."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "nanomsg HTTP API",
+            "version": "1.0.0",
+            "description": "Side-port for partner backends. Every answer except this document "
+            "is an envelope `{meta: {code, message, reason?}, content}`. Unknown body fields "
+            "and unknown query parameters are refused with 400. No method override.",
+        },
+        "security": [{"bearer": []}],
+        "paths": _paths(room_create_level),
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+            "schemas": _schemas(),
+            "responses": {
+                f"E{code}": {
+                    "description": text,
+                    "content": {_JSON: {"schema": _ref("Error")}},
+                }
+                for code, text in _ERROR_TEXT.items()
+            },
+        },
+    }

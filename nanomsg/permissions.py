@@ -1,0 +1,70 @@
+"""Pure permission evaluation: (principal, room, rules) -> the flags the principal holds.
+
+Rules (protocol.md, "Permissions"):
+- owner-entity admins (entity is the room's owner and level >= level_admin) hold every flag and
+  cannot be banned;
+- otherwise the flags are the union of the *accepted* rules that apply: the ``user`` rule for the
+  user, and ``entity`` rules for the user's entity whose level <= the user's level;
+- ``a`` implies ``r`` and ``w``; a ``b`` on any applying rule denies everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from nanomsg.models import Principal, Room, Rule
+
+VALID_FLAGS = frozenset("rwba")
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What a principal may do in one room, and why (for logs and HTTP reasons)."""
+
+    read: bool
+    write: bool
+    admin: bool
+    reason: str
+
+    @property
+    def flags(self) -> str:
+        return ("r" if self.read else "") + ("w" if self.write else "") + ("a" if self.admin else "")
+
+
+NONE = Access(read=False, write=False, admin=False, reason="no rule admits the caller")
+
+
+def is_valid_flags(flags: str) -> bool:
+    """True when ``flags`` uses only r, w, b, a, each at most once."""
+    return set(flags) <= VALID_FLAGS and len(set(flags)) == len(flags)
+
+
+def rule_applies(principal: Principal, rule: Rule) -> bool:
+    """Whether ``rule`` speaks about this principal (accepted or not)."""
+    if rule.kind == "user":
+        return rule.subject == principal.user
+    return rule.subject == principal.entity and rule.level <= principal.level
+
+
+def evaluate(principal: Principal, room: Room | None, rules: Iterable[Rule]) -> Access:
+    """The principal's access to ``room``; a missing or deleted room grants nothing."""
+    if room is None or room.deleted_at is not None:
+        return Access(read=False, write=False, admin=False, reason="no such room")
+    if principal.entity == room.entity_owner and principal.level >= room.level_admin:
+        return Access(read=True, write=True, admin=True, reason="owner-entity admin")
+    flags: set[str] = set()
+    for rule in rules:
+        if rule.accepted and rule_applies(principal, rule):
+            flags.update(rule.permissions)
+    if "b" in flags:
+        return Access(read=False, write=False, admin=False, reason="banned")
+    if not flags:
+        return NONE
+    admin = "a" in flags
+    return Access(
+        read=admin or "r" in flags,
+        write=admin or "w" in flags,
+        admin=admin,
+        reason="rules " + "".join(sorted(flags)),
+    )

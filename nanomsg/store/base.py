@@ -1,0 +1,142 @@
+"""The storage contract every backend implements, and its errors.
+
+Both backends must behave identically; the integration suite runs the same tests on each.
+Timestamps are given by the caller (from the injected clock) rather than taken from the database,
+so both backends produce the same values and tests can control them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from nanomsg.models import Message, Room, RoomAccess, Rule
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached or failed; the operation had no effect."""
+
+
+class RoomGone(Exception):
+    """The room does not exist or was deleted."""
+
+
+class TooManyRules(Exception):
+    """Adding a rule would pass the room's ``max_entity_rules``."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewRoom:
+    name: str
+    level_admin: int
+    type: str
+    entity_owner: str
+    max_entity_rules: int
+    creator_user: str
+    creator_level: int
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    room_id: int
+    emitter: str
+    entity: str
+    content: str
+    client_id: str | None
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    """Which stored messages of a room to read.
+
+    ``before``/``after`` are exclusive seq bounds; ``date_from``/``date_to`` are inclusive
+    instants. ``newest`` picks the latest ``limit`` matches (still returned oldest first);
+    otherwise the oldest ``limit`` matches are returned.
+    """
+
+    room_id: int
+    limit: int
+    before: int | None = None
+    after: int | None = None
+    date_from: datetime | None = None
+    date_to: datetime | None = None
+    newest: bool = True
+
+
+class Store(Protocol):
+    """Rooms, rules and messages. Every method raises StoreUnavailable when the database is down."""
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations (under a lock: nodes may start together)."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> bool:
+        """True when the database answers a trivial query now."""
+
+    # -- rooms -------------------------------------------------------------------------------
+    async def create_room(self, new: NewRoom) -> Room:
+        """Insert the room and its creator rules in one transaction.
+
+        Rules created: an accepted ``user`` rule ``rwa`` for ``creator_user`` at
+        ``creator_level``; for ``group`` rooms also an accepted ``entity`` rule ``rw`` at level
+        100 for ``entity_owner``.
+        """
+
+    async def room_access(self, room_id: int) -> RoomAccess | None:
+        """The live (not deleted) room with all its rules, in one query; None if absent."""
+
+    async def delete_room(self, room_id: int, now: datetime) -> bool:
+        """Soft-delete (history kept); False if it was absent or already deleted."""
+
+    async def rooms_visible_to(
+        self, user: str, entity: str, level: int, limit: int, offset: int
+    ) -> list[Room]:
+        """Live rooms owned by ``entity`` or with an accepted rule admitting the caller
+        (user rule for ``user``; entity rule for ``entity`` with rule.level <= level),
+        ordered by id."""
+
+    # -- rules -------------------------------------------------------------------------------
+    async def rules_of(
+        self, user: str, entity: str, accepted: bool | None, limit: int, offset: int
+    ) -> list[tuple[Rule, Room]]:
+        """The caller's rules (user rules for ``user``, entity rules for ``entity``) in live
+        rooms, each with its room, ordered by room id then kind; ``accepted`` filters."""
+
+    async def put_rule(
+        self,
+        room_id: int,
+        subject: str,
+        kind: str,
+        permissions: str,
+        level: int,
+        accepted: bool,
+        now: datetime,
+    ) -> tuple[Rule, bool]:
+        """Create or update the rule (room_id, kind, subject); True when created.
+
+        Raises TooManyRules when creating would pass the room's max_entity_rules, RoomGone when
+        the room is absent or deleted. The count check and insert are one transaction.
+        """
+
+    async def delete_rule(self, room_id: int, subject: str, kind: str | None) -> bool:
+        """Delete the rule(s) for subject (of ``kind``, or of any kind); False if none."""
+
+    async def set_accepted(
+        self, room_id: int, subject: str, kind: str, accepted: bool, now: datetime
+    ) -> Rule | None:
+        """Accept or decline one rule; None if there is no such rule in a live room."""
+
+    # -- messages ----------------------------------------------------------------------------
+    async def append_message(self, new: NewMessage) -> tuple[Message, bool]:
+        """Store a message with the room's next seq (no gaps) in one transaction.
+
+        With a ``client_id`` already stored for the same (room, emitter), returns that message
+        and False and stores nothing. Raises RoomGone for an absent or deleted room.
+        """
+
+    async def history(self, query: HistoryQuery) -> list[Message]:
+        """Messages of the room matching the query, oldest first (deleted rooms included)."""

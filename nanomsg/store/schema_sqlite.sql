@@ -1,0 +1,60 @@
+-- nanomsg SQLite schema: the same versions as the canonical PostgreSQL schema.sql.
+--
+-- Differences from PostgreSQL, all forced by SQLite's type system:
+--   * timestamps are INTEGER microseconds since the Unix epoch (UTC): they sort correctly,
+--     compare cheaply and round-trip exactly to aware UTC datetimes (PostgreSQL's timestamptz
+--     has the same microsecond precision, so both backends return identical values);
+--   * booleans are INTEGER 0/1; UUIDs are TEXT.
+-- Pending `-- migration: <version> <name>` sections are applied together in one BEGIN IMMEDIATE
+-- transaction, so two processes opening a fresh file cannot both migrate it.
+
+-- migration: 1 initial
+CREATE TABLE rooms (
+    -- AUTOINCREMENT: ids are never reused, like a PostgreSQL bigserial.
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    uuid             TEXT NOT NULL UNIQUE,
+    name             TEXT NOT NULL,
+    level_admin      INTEGER NOT NULL,
+    type             TEXT NOT NULL CHECK (type IN ('group', 'user2user')),
+    entity_owner     TEXT NOT NULL,
+    max_entity_rules INTEGER NOT NULL,
+    -- Last message seq handed out; bumped inside the sender's write transaction.
+    last_seq         INTEGER NOT NULL DEFAULT 0,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL,
+    -- Soft delete: history stays readable after a room is closed.
+    deleted_at       INTEGER NULL
+);
+
+CREATE INDEX rooms_entity_owner_idx ON rooms (entity_owner) WHERE deleted_at IS NULL;
+
+CREATE TABLE room_rules (
+    room_id     INTEGER NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+    kind        TEXT NOT NULL CHECK (kind IN ('user', 'entity')),
+    subject     TEXT NOT NULL,
+    permissions TEXT NOT NULL,
+    level       INTEGER NOT NULL,
+    accepted    INTEGER NOT NULL CHECK (accepted IN (0, 1)),
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    PRIMARY KEY (room_id, kind, subject)
+);
+
+CREATE INDEX room_rules_subject_idx ON room_rules (subject);
+
+CREATE TABLE messages (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    room_id    INTEGER NOT NULL REFERENCES rooms (id),
+    seq        INTEGER NOT NULL,
+    emitter    TEXT NOT NULL,
+    entity     TEXT NOT NULL,
+    content    TEXT NOT NULL,
+    client_id  TEXT NULL,
+    created_at INTEGER NOT NULL,
+    UNIQUE (room_id, seq)
+);
+
+CREATE UNIQUE INDEX messages_client_id_idx
+    ON messages (room_id, emitter, client_id) WHERE client_id IS NOT NULL;
+
+CREATE INDEX messages_room_created_idx ON messages (room_id, created_at);

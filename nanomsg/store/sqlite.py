@@ -1,0 +1,567 @@
+"""SQLite backend: one aiosqlite connection, WAL, for single-node and development deployments.
+
+SQLite serialises writers anyway, so one connection guarded by an asyncio lock is enough; the
+lock also keeps one coroutine's open transaction invisible to the others sharing the
+connection. Timestamps are stored as integer microseconds since the epoch (see
+schema_sqlite.sql) and returned as aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiosqlite
+
+from nanomsg.models import ROOM_TYPES, RULE_KINDS, Message, Room, RoomAccess, Rule
+from nanomsg.store.base import (
+    HistoryQuery,
+    NewMessage,
+    NewRoom,
+    RoomGone,
+    StoreUnavailable,
+    TooManyRules,
+)
+from nanomsg.store.migrate import load_migrations, sqlite_schema_path
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+_ROOM_COLS = (
+    "r.id, r.uuid, r.name, r.level_admin, r.type, r.entity_owner, r.max_entity_rules, "
+    "r.last_seq, r.created_at, r.updated_at, r.deleted_at"
+)
+_ROOM_WIDTH = 11
+_RULE_COLS = (
+    "rr.room_id, rr.subject, rr.kind, rr.permissions, rr.level, rr.accepted, "
+    "rr.created_at, rr.updated_at"
+)
+_MSG_COLS = "m.id, m.room_id, m.seq, m.emitter, m.entity, m.content, m.created_at, m.client_id"
+
+Row = Sequence[Any]
+
+
+def utc(dt: datetime) -> datetime:
+    """The same instant in UTC; naive datetimes are a caller bug (their zone is unknown)."""
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise ValueError(f"timestamps must be timezone-aware, got {dt!r}")
+    return dt.astimezone(UTC)
+
+
+def to_micros(dt: datetime) -> int:
+    """Microseconds since the epoch for an aware datetime."""
+    return (utc(dt) - _EPOCH) // _MICROSECOND
+
+
+def from_micros(value: int) -> datetime:
+    """The aware UTC datetime for stored microseconds (exact inverse of ``to_micros``)."""
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def _room(row: Row) -> Room:
+    return Room(
+        id=int(row[0]),
+        uuid=str(row[1]),
+        name=str(row[2]),
+        level_admin=int(row[3]),
+        type=str(row[4]),
+        entity_owner=str(row[5]),
+        max_entity_rules=int(row[6]),
+        last_seq=int(row[7]),
+        created_at=from_micros(row[8]),
+        updated_at=from_micros(row[9]),
+        deleted_at=None if row[10] is None else from_micros(row[10]),
+    )
+
+
+def _rule(row: Row) -> Rule:
+    return Rule(
+        room_id=int(row[0]),
+        subject=str(row[1]),
+        kind=str(row[2]),
+        permissions=str(row[3]),
+        level=int(row[4]),
+        accepted=bool(row[5]),
+        created_at=from_micros(row[6]),
+        updated_at=from_micros(row[7]),
+    )
+
+
+def _message(row: Row) -> Message:
+    return Message(
+        id=int(row[0]),
+        room_id=int(row[1]),
+        seq=int(row[2]),
+        emitter=str(row[3]),
+        entity=str(row[4]),
+        content=str(row[5]),
+        created_at=from_micros(row[6]),
+        client_id=None if row[7] is None else str(row[7]),
+    )
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Errors meaning "the database file cannot be used now" rather than a bug in a query."""
+    if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.DataError):
+        return False
+    return isinstance(exc, sqlite3.DatabaseError | OSError)
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a migration into single statements (sqlite3 runs one per call).
+
+    ``executescript`` cannot be used because it commits the open transaction first, which
+    would let two processes migrate the same file at once.
+    """
+    statements: list[str] = []
+    pending = ""
+    for line in sql.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    if any(ln.strip() and not ln.strip().startswith("--") for ln in pending.splitlines()):
+        raise ValueError(f"incomplete SQL statement at the end of a migration: {pending!r}")
+    return statements
+
+
+def _check_page(limit: int, offset: int = 0) -> None:
+    if limit < 0 or offset < 0:
+        raise ValueError(f"limit and offset must be >= 0, got {limit}, {offset}")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in RULE_KINDS:
+        raise ValueError(f"rule kind must be one of {RULE_KINDS}, got {kind!r}")
+
+
+class SqliteStore:
+    """The Store protocol on one SQLite file (or ``:memory:``)."""
+
+    def __init__(self, path: str, *, busy_timeout_ms: int = 5000) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open the file (WAL, foreign keys, busy timeout) and apply pending migrations."""
+        if self._db is not None:
+            return
+        db = aiosqlite.connect(self._path, isolation_level=None)
+        try:
+            await db
+        except Exception as exc:
+            await _worker_finished(db)
+            if _unavailable(exc):
+                raise StoreUnavailable(
+                    f"cannot open SQLite database {self._path!r}: {exc}"
+                ) from exc
+            raise
+        try:
+            await db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            await db.execute("PRAGMA foreign_keys = ON")
+            await self._enable_wal(db)
+            await self._migrate(db)
+        except BaseException as exc:
+            await db.close()
+            if isinstance(exc, Exception) and _unavailable(exc):
+                raise StoreUnavailable(
+                    f"cannot prepare SQLite database {self._path!r}: {exc}"
+                ) from exc
+            raise
+        self._db = db
+
+    async def _enable_wal(self, db: aiosqlite.Connection) -> None:
+        """Switch to WAL (readers never block the writer), retrying within busy_timeout.
+
+        Changing the journal mode needs an exclusive lock and SQLite reports "database is
+        locked" at once, without calling the busy handler, while another connection holds the
+        file (e.g. another process opening it at the same moment), so retry here.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_timeout_ms / 1000
+        while True:
+            try:
+                await db.execute_fetchall("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(0.01)
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        """Apply pending versions in one BEGIN IMMEDIATE transaction.
+
+        BEGIN IMMEDIATE takes the write lock before reading schema_migrations, so a second
+        process opening the same file waits (busy_timeout) and then sees the versions applied.
+        """
+        migrations = load_migrations(sqlite_schema_path())
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+            )
+            rows = await db.execute_fetchall("SELECT version FROM schema_migrations")
+            applied = {int(row[0]) for row in rows}
+            for migration in migrations:
+                if migration.version in applied:
+                    continue
+                for statement in split_statements(migration.sql):
+                    await db.execute(statement)
+                # Metadata only, so the database's own clock is fine here.
+                await db.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at)"
+                    " VALUES (?, ?, CAST(strftime('%s', 'now') AS INTEGER) * 1000000)",
+                    (migration.version, migration.name),
+                )
+            await db.execute("COMMIT")
+        except BaseException:
+            await _rollback_quietly(db)
+            raise
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            async with self._lock:
+                await db.close()
+
+    async def ping(self) -> bool:
+        """True when the connection answers ``SELECT 1``."""
+        try:
+            async with self._read() as db:
+                await db.execute_fetchall("SELECT 1")
+        except StoreUnavailable:
+            return False
+        return True
+
+    def _require(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreUnavailable(f"SQLite store {self._path!r} is not open")
+        return self._db
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Exclusive use of the connection for single-statement reads (autocommit)."""
+        db = self._require()
+        async with self._lock:
+            try:
+                yield db
+            except Exception as exc:
+                if _unavailable(exc):
+                    raise StoreUnavailable(f"SQLite error on {self._path!r}: {exc}") from exc
+                raise
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A BEGIN IMMEDIATE transaction, committed on success and rolled back on any error."""
+        async with self._read() as db:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                await db.execute("COMMIT")
+            except BaseException:
+                await _rollback_quietly(db)
+                raise
+
+    # -- rooms -------------------------------------------------------------------------------
+    async def create_room(self, new: NewRoom) -> Room:
+        """Insert the room and its creator rules in one transaction."""
+        if new.type not in ROOM_TYPES:
+            raise ValueError(f"room type must be one of {ROOM_TYPES}, got {new.type!r}")
+        created = utc(new.now)
+        now = to_micros(created)
+        room_uuid = str(uuid.uuid4())
+        async with self._write() as db:
+            rows = await db.execute_fetchall(
+                "INSERT INTO rooms (uuid, name, level_admin, type, entity_owner,"
+                " max_entity_rules, last_seq, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?) RETURNING id",
+                (
+                    room_uuid,
+                    new.name,
+                    new.level_admin,
+                    new.type,
+                    new.entity_owner,
+                    new.max_entity_rules,
+                    now,
+                    now,
+                ),
+            )
+            room_id = int(next(iter(rows))[0])
+            rules = [(room_id, "user", new.creator_user, "rwa", new.creator_level, 1, now, now)]
+            if new.type == "group":
+                rules.append((room_id, "entity", new.entity_owner, "rw", 100, 1, now, now))
+            await db.executemany(
+                "INSERT INTO room_rules (room_id, kind, subject, permissions, level, accepted,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rules,
+            )
+        return Room(
+            id=room_id,
+            uuid=room_uuid,
+            name=new.name,
+            level_admin=new.level_admin,
+            type=new.type,
+            entity_owner=new.entity_owner,
+            max_entity_rules=new.max_entity_rules,
+            last_seq=0,
+            created_at=created,
+            updated_at=created,
+        )
+
+    async def room_access(self, room_id: int) -> RoomAccess | None:
+        """The live room and all its rules in one LEFT JOIN query."""
+        async with self._read() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {_ROOM_COLS}, {_RULE_COLS} FROM rooms r"
+                    " LEFT JOIN room_rules rr ON rr.room_id = r.id"
+                    " WHERE r.id = ? AND r.deleted_at IS NULL ORDER BY rr.kind, rr.subject",
+                    (room_id,),
+                )
+            )
+        if not rows:
+            return None
+        rules = tuple(_rule(row[_ROOM_WIDTH:]) for row in rows if row[_ROOM_WIDTH] is not None)
+        return RoomAccess(room=_room(rows[0]), rules=rules)
+
+    async def delete_room(self, room_id: int, now: datetime) -> bool:
+        """Soft-delete: set deleted_at; messages and rules stay."""
+        stamp = to_micros(now)
+        async with (
+            self._write() as db,
+            db.execute(
+                "UPDATE rooms SET deleted_at = ?, updated_at = ?"
+                " WHERE id = ? AND deleted_at IS NULL",
+                (stamp, stamp, room_id),
+            ) as cursor,
+        ):
+            return cursor.rowcount == 1
+
+    async def rooms_visible_to(
+        self, user: str, entity: str, level: int, limit: int, offset: int
+    ) -> list[Room]:
+        """Live rooms owned by ``entity`` or admitting the caller through an accepted rule."""
+        _check_page(limit, offset)
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT {_ROOM_COLS} FROM rooms r WHERE r.deleted_at IS NULL AND r.id IN ("
+                " SELECT id FROM rooms WHERE entity_owner = ? AND deleted_at IS NULL"
+                " UNION SELECT room_id FROM room_rules"
+                "  WHERE subject = ? AND kind = 'user' AND accepted = 1"
+                " UNION SELECT room_id FROM room_rules"
+                "  WHERE subject = ? AND kind = 'entity' AND accepted = 1 AND level <= ?"
+                ") ORDER BY r.id LIMIT ? OFFSET ?",
+                (entity, user, entity, level, limit, offset),
+            )
+        return [_room(row) for row in rows]
+
+    # -- rules -------------------------------------------------------------------------------
+    async def rules_of(
+        self, user: str, entity: str, accepted: bool | None, limit: int, offset: int
+    ) -> list[tuple[Rule, Room]]:
+        """The caller's user and entity rules in live rooms, by room id then kind."""
+        _check_page(limit, offset)
+        sql = (
+            f"SELECT {_RULE_COLS}, {_ROOM_COLS} FROM room_rules rr"
+            " JOIN rooms r ON r.id = rr.room_id WHERE r.deleted_at IS NULL"
+            " AND ((rr.kind = 'user' AND rr.subject = ?)"
+            "  OR (rr.kind = 'entity' AND rr.subject = ?))"
+        )
+        params: list[Any] = [user, entity]
+        if accepted is not None:
+            sql += " AND rr.accepted = ?"
+            params.append(int(accepted))
+        sql += " ORDER BY rr.room_id, rr.kind, rr.subject LIMIT ? OFFSET ?"
+        params += [limit, offset]
+        async with self._read() as db:
+            rows = await db.execute_fetchall(sql, params)
+        return [(_rule(row[:8]), _room(row[8:])) for row in rows]
+
+    async def put_rule(
+        self,
+        room_id: int,
+        subject: str,
+        kind: str,
+        permissions: str,
+        level: int,
+        accepted: bool,
+        now: datetime,
+    ) -> tuple[Rule, bool]:
+        """Create or update one rule; the limit check and insert share a write transaction."""
+        _check_kind(kind)
+        now = utc(now)
+        stamp = to_micros(now)
+        async with self._write() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT r.max_entity_rules,"
+                    " (SELECT count(*) FROM room_rules WHERE room_id = r.id),"
+                    " (SELECT created_at FROM room_rules"
+                    "   WHERE room_id = r.id AND kind = ? AND subject = ?)"
+                    " FROM rooms r WHERE r.id = ? AND r.deleted_at IS NULL",
+                    (kind, subject, room_id),
+                )
+            )
+            if not rows:
+                raise RoomGone(room_id)
+            max_rules, count, existing_created = rows[0]
+            if existing_created is not None:
+                await db.execute(
+                    "UPDATE room_rules SET permissions = ?, level = ?, accepted = ?,"
+                    " updated_at = ? WHERE room_id = ? AND kind = ? AND subject = ?",
+                    (permissions, level, int(accepted), stamp, room_id, kind, subject),
+                )
+                created_at, created = from_micros(existing_created), False
+            else:
+                if count >= max_rules:
+                    raise TooManyRules(f"room {room_id} already holds {count} of {max_rules} rules")
+                await db.execute(
+                    "INSERT INTO room_rules (room_id, kind, subject, permissions, level,"
+                    " accepted, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (room_id, kind, subject, permissions, level, int(accepted), stamp, stamp),
+                )
+                created_at, created = now, True
+        rule = Rule(
+            room_id=room_id,
+            subject=subject,
+            kind=kind,
+            permissions=permissions,
+            level=level,
+            accepted=accepted,
+            created_at=created_at,
+            updated_at=now,
+        )
+        return rule, created
+
+    async def delete_rule(self, room_id: int, subject: str, kind: str | None) -> bool:
+        """Delete the subject's rule of ``kind`` (or of every kind)."""
+        sql = "DELETE FROM room_rules WHERE room_id = ? AND subject = ?"
+        params: list[Any] = [room_id, subject]
+        if kind is not None:
+            _check_kind(kind)
+            sql += " AND kind = ?"
+            params.append(kind)
+        async with self._write() as db, db.execute(sql, params) as cursor:
+            return cursor.rowcount > 0
+
+    async def set_accepted(
+        self, room_id: int, subject: str, kind: str, accepted: bool, now: datetime
+    ) -> Rule | None:
+        """Flip ``accepted`` on one rule of a live room."""
+        _check_kind(kind)
+        async with self._write() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "UPDATE room_rules SET accepted = ?, updated_at = ?"
+                    " WHERE room_id = ? AND kind = ? AND subject = ? AND EXISTS"
+                    " (SELECT 1 FROM rooms WHERE id = ? AND deleted_at IS NULL)"
+                    " RETURNING room_id, subject, kind, permissions, level, accepted,"
+                    " created_at, updated_at",
+                    (int(accepted), to_micros(now), room_id, kind, subject, room_id),
+                )
+            )
+        return _rule(rows[0]) if rows else None
+
+    # -- messages ----------------------------------------------------------------------------
+    async def append_message(self, new: NewMessage) -> tuple[Message, bool]:
+        """Store the message with the room's next seq, or return the one with its client_id."""
+        now = utc(new.now)
+        stamp = to_micros(now)
+        async with self._write() as db:
+            if new.client_id is not None:
+                rows = list(
+                    await db.execute_fetchall(
+                        f"SELECT {_MSG_COLS} FROM messages m"
+                        " WHERE m.room_id = ? AND m.emitter = ? AND m.client_id = ?",
+                        (new.room_id, new.emitter, new.client_id),
+                    )
+                )
+                if rows:
+                    return _message(rows[0]), False
+            rows = list(
+                await db.execute_fetchall(
+                    "UPDATE rooms SET last_seq = last_seq + 1"
+                    " WHERE id = ? AND deleted_at IS NULL RETURNING last_seq",
+                    (new.room_id,),
+                )
+            )
+            if not rows:
+                raise RoomGone(new.room_id)
+            seq = int(rows[0][0])
+            rows = list(
+                await db.execute_fetchall(
+                    "INSERT INTO messages (room_id, seq, emitter, entity, content, client_id,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                    (new.room_id, seq, new.emitter, new.entity, new.content, new.client_id, stamp),
+                )
+            )
+            message_id = int(rows[0][0])
+        message = Message(
+            id=message_id,
+            room_id=new.room_id,
+            seq=seq,
+            emitter=new.emitter,
+            entity=new.entity,
+            content=new.content,
+            created_at=now,
+            client_id=new.client_id,
+        )
+        return message, True
+
+    async def history(self, query: HistoryQuery) -> list[Message]:
+        """Walk the (room_id, seq) index from the requested end, return oldest first."""
+        _check_page(query.limit)
+        conditions = ["m.room_id = ?"]
+        params: list[Any] = [query.room_id]
+        if query.before is not None:
+            conditions.append("m.seq < ?")
+            params.append(query.before)
+        if query.after is not None:
+            conditions.append("m.seq > ?")
+            params.append(query.after)
+        if query.date_from is not None:
+            conditions.append("m.created_at >= ?")
+            params.append(to_micros(query.date_from))
+        if query.date_to is not None:
+            conditions.append("m.created_at <= ?")
+            params.append(to_micros(query.date_to))
+        order = "DESC" if query.newest else "ASC"
+        params.append(query.limit)
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT {_MSG_COLS} FROM messages m WHERE {' AND '.join(conditions)}"
+                f" ORDER BY m.seq {order} LIMIT ?",
+                params,
+            )
+        messages = [_message(row) for row in rows]
+        if query.newest:
+            messages.reverse()
+        return messages
+
+
+async def _worker_finished(db: aiosqlite.Connection) -> None:
+    """Wait (at most a second) for the worker thread of a connection that failed to open.
+
+    aiosqlite stops the thread without awaiting it; if the event loop closed first, the thread
+    would then fail posting its result to the closed loop.
+    """
+    thread = getattr(db, "_thread", None)
+    if thread is not None and thread.is_alive():
+        await asyncio.to_thread(thread.join, 1.0)
+
+
+async def _rollback_quietly(db: aiosqlite.Connection) -> None:
+    """Roll back if a transaction is open; the original error matters more than this one."""
+    with contextlib.suppress(Exception):
+        if db.in_transaction:
+            await db.execute("ROLLBACK")

@@ -1,0 +1,376 @@
+"""The /chat WebSocket shell: plain asyncio Protocols driving websockets' sans-I/O
+``ServerProtocol`` and the pure ``Session``; no task per connection.
+
+websockets does the handshake, framing, ping/pong replies and the close handshake. This module
+owns what the library leaves to its caller: path routing, fragment reassembly, UTF-8 checks,
+keepalive, close timeouts, inbound backpressure (one command at a time per connection, reading
+paused while commands pile up) and outbound limits (a reader whose backlog passes
+``max_backlog`` is closed with 4000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable
+from typing import Any, cast
+
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State as WsState
+from websockets.server import ServerProtocol
+
+from nanomsg import codec
+from nanomsg.auth import Verifier
+from nanomsg.clock import Clock
+from nanomsg.config import Config
+from nanomsg.events import (
+    Arm,
+    BadJson,
+    Close,
+    Command,
+    Disarm,
+    Effect,
+    HistoryLoaded,
+    Join,
+    Leave,
+    LoadHistory,
+    LoadRoom,
+    MessageStored,
+    Publish,
+    Result,
+    RoomLoaded,
+    RoomMissing,
+    Send,
+    SetReceiving,
+    StorageFailed,
+    StoreMessage,
+    Timer,
+)
+from nanomsg.fanout import Hub, text_frame
+from nanomsg.models import RoomAccess
+from nanomsg.session import CloseCode, Limits, Session
+from nanomsg.store.base import RoomGone, Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+PATH = "/chat"
+INBOX_PAUSE = 32  # commands queued behind a slow store operation before we stop reading
+INBOX_RESUME = 8
+CLOSE_TIMEOUT = 3.0  # seconds to wait for the client's close frame before dropping the socket
+
+
+class Connection(asyncio.Protocol):
+    """One TCP connection: HTTP upgrade, then WebSocket frames in, session effects out."""
+
+    def __init__(self, server: WsServer) -> None:
+        self.server = server
+        self.ws = ServerProtocol(max_size=server.config.max_frame, logger=_quiet)
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.fragments: list[bytes] = []
+        self.fragment_binary = False
+        self.inbox: deque[Command] = deque()
+        self.busy = False
+        self.paused = False
+        self.receiving = True
+        self.closing = False
+        self.joined: int | None = None
+        self.pong_pending = False
+        self.timers: dict[Timer | None, asyncio.TimerHandle] = {}
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
+        # Until the session arms its own auth timer, bound the handshake itself.
+        self._arm(None, self.server.config.auth_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.ws.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        self.ws.receive_eof()
+        self._process()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for handle in self.timers.values():
+            handle.cancel()
+        self.timers.clear()
+        self.closing = True
+        if self.joined is not None:
+            self.server.hub.leave(self, self.joined)
+            self.joined = None
+        self.server.connections.discard(self)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        for event in self.ws.events_received():
+            if isinstance(event, Request):
+                self._handshake(event)
+            elif isinstance(event, Frame):
+                self._frame(event)
+        self._flush()
+
+    def _handshake(self, request: Request) -> None:
+        if request.path.split("?", 1)[0] != PATH:
+            self.ws.send_response(self.ws.reject(404, "Not Found: the WebSocket path is /chat\n"))
+            return
+        response = self.ws.accept(request)
+        self.ws.send_response(response)
+        if response.status_code != 101:
+            return
+        self._disarm(None)
+        self.session = Session(self.server.verifier, self.server.clock, self.server.limits)
+        self._flush()
+        self.apply(self.session.start())
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            self.fragment_binary = opcode is Opcode.BINARY
+            if not frame.fin:
+                self.fragments = [frame.data]
+                return
+            self._message(frame.data)
+        elif opcode is Opcode.CONT:
+            self.fragments.append(frame.data)
+            if frame.fin:
+                data, self.fragments = b"".join(self.fragments), []
+                self._message(data)
+        elif opcode is Opcode.PONG:
+            self.pong_pending = False
+        elif opcode is Opcode.CLOSE:
+            # The library answered with a close frame and EOF; stop writing room traffic.
+            self.closing = True
+
+    def _message(self, data: bytes) -> None:
+        if self.closing or self.session is None:
+            return
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            if self.fragment_binary:
+                self.inbox.append(BadJson())
+                self._pump()
+            else:
+                self.close(CloseCode.INVALID_UTF8, "text frame is not valid UTF-8")
+            return
+        self.inbox.append(codec.decode(text, max_content=self.server.config.max_content))
+        if len(self.inbox) >= INBOX_PAUSE and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand queued commands to the session one at a time (storage ops finish in order)."""
+        while not self.busy and self.inbox and self.session is not None and not self.closing:
+            self.apply(self.session.receive(self.inbox.popleft()))
+        if self.paused and len(self.inbox) <= INBOX_RESUME and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    # -- effects ------------------------------------------------------------------------------
+
+    def apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Send):
+                self._write(text_frame(effect.payload))
+            elif isinstance(effect, Publish):
+                self.server.hub.publish(effect.message)
+            elif isinstance(effect, Join):
+                self.joined = effect.room_id
+                self.server.hub.join(self, effect.room_id, effect.last_seq)
+            elif isinstance(effect, Leave):
+                self.server.hub.leave(self, effect.room_id)
+                self.joined = None
+            elif isinstance(effect, LoadRoom | StoreMessage | LoadHistory):
+                self.busy = True
+                self.server.spawn(self._run(effect))
+            elif isinstance(effect, Arm):
+                self._arm(effect.timer, effect.at - self.server.clock.wall())
+            elif isinstance(effect, Disarm):
+                self._disarm(effect.timer)
+            elif isinstance(effect, SetReceiving):
+                self.receiving = effect.on
+            elif isinstance(effect, Close):
+                self.close(effect.code, effect.reason)
+
+    async def _run(self, effect: LoadRoom | StoreMessage | LoadHistory) -> None:
+        store = self.server.store
+        result: Result
+        try:
+            if isinstance(effect, LoadRoom):
+                result = RoomLoaded(effect.room_id, await store.room_access(effect.room_id))
+            elif isinstance(effect, StoreMessage):
+                message, created = await store.append_message(effect.new)
+                result = MessageStored(message, created)
+            else:
+                result = HistoryLoaded(tuple(await store.history(effect.query)))
+        except StoreUnavailable:
+            result = StorageFailed()
+        except RoomGone:
+            room_id = effect.new.room_id if isinstance(effect, StoreMessage) else 0
+            result = RoomMissing(room_id)
+        except Exception:
+            log.exception("storage operation failed unexpectedly")
+            result = StorageFailed()
+        finally:
+            self.busy = False
+        if self.session is not None and not self.closing:
+            self.apply(self.session.result(result))
+            self._pump()
+
+    def _arm(self, timer: Timer | None, delay: float) -> None:
+        self._disarm(timer)
+        loop = asyncio.get_running_loop()
+        self.timers[timer] = loop.call_later(max(delay, 0.0), self._fire, timer)
+
+    def _disarm(self, timer: Timer | None) -> None:
+        handle = self.timers.pop(timer, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _fire(self, timer: Timer | None) -> None:
+        self.timers.pop(timer, None)
+        if timer is None:  # handshake or close handshake never finished
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if self.session is not None:
+            self.apply(self.session.timer_fired(timer))
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def write_frame(self, frame: bytes) -> None:
+        """A room message from the hub (``fanout.Receiver``)."""
+        if self.receiving and not self.closing:
+            self._write(frame)
+
+    def reauthorize(self, access: RoomAccess | None) -> None:
+        if self.session is not None and not self.closing:
+            self.apply(self.session.reauthorize(access))
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self.closing or transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self.server.config.max_backlog:
+            log.info("closing a slow consumer (backlog over %d bytes)", self.server.config.max_backlog)
+            self.close(CloseCode.SLOW_CONSUMER, "backlog over limit")
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for data in self.ws.data_to_send():
+            if data:
+                transport.write(data)
+            else:  # the library's end-of-stream marker: the server closes TCP now
+                transport.close()
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake; drop the socket if the client does not answer."""
+        if self.closing or self.ws.state is not WsState.OPEN:
+            return
+        if self.joined is not None:
+            self.server.hub.leave(self, self.joined)
+            self.joined = None
+        self.ws.send_close(code, reason)
+        self._flush()
+        self.closing = True
+        self._arm(None, CLOSE_TIMEOUT)
+
+    def ping(self) -> None:
+        """Keepalive: a connection that has not answered the previous ping is dropped."""
+        if self.session is None or self.closing or self.ws.state is not WsState.OPEN:
+            return
+        if self.pong_pending:
+            self.close(CloseCode.PING_TIMEOUT, "no pong")
+            return
+        self.pong_pending = True
+        self.ws.send_ping(b"nanomsg")
+        self._flush()
+
+
+class _QuietLogger(logging.LoggerAdapter[logging.Logger]):
+    """websockets logs every open and close at INFO; per-connection lines stay at DEBUG."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.WARNING:
+            super().log(level, msg, *args, **kwargs)
+        elif self.logger.isEnabledFor(logging.DEBUG):
+            super().log(logging.DEBUG, msg, *args, **kwargs)
+
+
+_quiet = _QuietLogger(logging.getLogger("websockets.server"), {})
+
+
+class WsServer:
+    """Owns the listening socket, the live connections, their storage tasks and keepalive."""
+
+    def __init__(
+        self, *, config: Config, hub: Hub, store: Store, verifier: Verifier, clock: Clock
+    ) -> None:
+        self.config = config
+        self.hub = hub
+        self.store = store
+        self.verifier = verifier
+        self.clock = clock
+        self.limits = Limits(auth_timeout=config.auth_timeout, refresh_grace=config.refresh_grace)
+        self.connections: set[Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._keepalive: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: Connection(self), host, port, backlog=2048)
+        if self.config.ping_interval > 0:
+            self._keepalive = loop.create_task(self._ping_loop(), name="ws-keepalive")
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.ping_interval)
+            for conn in list(self.connections):
+                conn.ping()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close every connection with 1001, wait for storage ops in flight."""
+        if self._server is not None:
+            self._server.close()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            await asyncio.gather(self._keepalive, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        for conn in list(self.connections):
+            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -1,0 +1,71 @@
+-- nanomsg canonical PostgreSQL schema.
+--
+-- Versioned: each section starts with a `-- migration: <version> <name>` line. The migrator
+-- (nanomsg/store/migrate.py) splits on those markers and applies, in order and each in its own
+-- transaction, every version not yet recorded in schema_migrations. Never edit a released
+-- section: append a new one. nanomsg/store/schema_sqlite.sql mirrors these versions for SQLite.
+
+-- migration: 1 initial
+CREATE TABLE rooms (
+    id               bigserial PRIMARY KEY,
+    -- Public, unguessable identifier; the numeric id stays internal and compact for joins.
+    uuid             uuid NOT NULL UNIQUE,
+    name             text NOT NULL,
+    level_admin      int NOT NULL,
+    type             text NOT NULL CHECK (type IN ('group', 'user2user')),
+    entity_owner     text NOT NULL,
+    max_entity_rules int NOT NULL,
+    -- Last message seq handed out. Senders bump it with UPDATE ... RETURNING, whose row lock
+    -- serialises them, so seqs are gapless per room without a sequence object or MAX(seq) scan.
+    last_seq         bigint NOT NULL DEFAULT 0,
+    created_at       timestamptz NOT NULL,
+    updated_at       timestamptz NOT NULL,
+    -- Soft delete: history stays readable after a room is closed.
+    deleted_at       timestamptz NULL
+);
+
+-- "Rooms owned by my entity" lookups; deleted rooms never match, so leave them out.
+CREATE INDEX rooms_entity_owner_idx ON rooms (entity_owner) WHERE deleted_at IS NULL;
+
+CREATE TABLE room_rules (
+    -- Rules belong to the room; a hard delete of a room (maintenance only) takes them along.
+    room_id     bigint NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+    kind        text NOT NULL CHECK (kind IN ('user', 'entity')),
+    -- A user UUID (kind user) or an entity UUID (kind entity); kept as text because the
+    -- identity provider decides its format.
+    subject     text NOT NULL,
+    permissions text NOT NULL,
+    level       int NOT NULL,
+    accepted    boolean NOT NULL,
+    created_at  timestamptz NOT NULL,
+    updated_at  timestamptz NOT NULL,
+    -- One rule per (room, kind, subject): put_rule is an upsert on this key, and the key's
+    -- index also serves room_access (all rules of a room).
+    PRIMARY KEY (room_id, kind, subject)
+);
+
+-- "Rules of a caller" and "rooms visible to a caller" start from the subject.
+CREATE INDEX room_rules_subject_idx ON room_rules (subject);
+
+CREATE TABLE messages (
+    id         bigserial PRIMARY KEY,
+    -- No cascade: rooms are only soft-deleted, and history must outlive them.
+    room_id    bigint NOT NULL REFERENCES rooms (id),
+    seq        bigint NOT NULL,
+    emitter    text NOT NULL,
+    entity     text NOT NULL,
+    content    text NOT NULL,
+    -- Optional idempotency key chosen by the sending client, unique per (room, emitter).
+    client_id  text NULL,
+    created_at timestamptz NOT NULL,
+    -- Backstop for the gapless seq, and the index every history read walks.
+    UNIQUE (room_id, seq)
+);
+
+-- Makes a retried send with the same client_id a no-op even when two copies race; partial
+-- because most messages carry no client_id and need no entry.
+CREATE UNIQUE INDEX messages_client_id_idx
+    ON messages (room_id, emitter, client_id) WHERE client_id IS NOT NULL;
+
+-- History reads filtered by date range.
+CREATE INDEX messages_room_created_idx ON messages (room_id, created_at);

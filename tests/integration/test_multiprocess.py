@@ -1,0 +1,155 @@
+"""Two real server processes on different ports, one PostgreSQL, one Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+import pytest
+import pytest_asyncio
+from websockets.asyncio.client import connect
+
+from tests.conftest import SECRET, TokenFactory
+from tests.integration.conftest import Client, User
+
+pytestmark = pytest.mark.asyncio
+
+LISTENING = re.compile(rb"listening: ws://[^:]+:(\d+)/chat, http://[^:]+:(\d+)")
+
+
+@dataclass
+class Node:
+    proc: asyncio.subprocess.Process
+    ws_port: int
+    http_port: int
+
+
+async def start_node(pg_url: str, redis_url: str, prefix: str) -> Node:
+    env = {
+        **os.environ,
+        "NANOMSG_JWT_SECRET": SECRET,
+        "NANOMSG_DATABASE_URL": pg_url,
+        "NANOMSG_REDIS_URL": redis_url,
+        "NANOMSG_REDIS_PREFIX": prefix,
+        "NANOMSG_PORT": "0",
+        "NANOMSG_HTTP_PORT": "0",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nanomsg", "serve", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    lines = []
+    while True:
+        line = await asyncio.wait_for(proc.stderr.readline(), 20)
+        lines.append(line)
+        if not line:
+            raise AssertionError(b"node exited: " + b"".join(lines))
+        found = LISTENING.search(line)
+        if found:
+            # Keep draining stderr so a chatty node never blocks on a full pipe.
+            asyncio.get_running_loop().create_task(_drain(proc.stderr))
+            return Node(proc, int(found.group(1)), int(found.group(2)))
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
+
+
+@pytest_asyncio.fixture
+async def nodes(pg_url: str, redis_url: str) -> AsyncIterator[list[Node]]:
+    prefix = "mp" + uuid.uuid4().hex[:10]
+    started = await asyncio.gather(*(start_node(pg_url, redis_url, prefix) for _ in range(2)))
+    try:
+        yield list(started)
+    finally:
+        for node in started:
+            if node.proc.returncode is None:
+                node.proc.send_signal(signal.SIGTERM)
+        for node in started:
+            await asyncio.wait_for(node.proc.wait(), 15)
+
+
+def user(make_token: TokenFactory, entity: str | None = None) -> User:
+    u, e = str(uuid.uuid4()), entity or str(uuid.uuid4())
+    return User(u, e, 100, make_token(user=u, entity=e, level=100))
+
+
+async def join(node: Node, who: User, room: int) -> Client:
+    client = Client(await connect(f"ws://127.0.0.1:{node.ws_port}/chat"))
+    await client.recv()
+    assert (await client.ask({"type": "token", "content": who.token}))["data"] == "READY"
+    reply = await client.ask({"type": "select_room", "room_id": room})
+    assert reply == {"type": "status", "data": "CONNECTED"}
+    return client
+
+
+async def http(node: Node, method: str, path: str, who: User, body: object = None) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session, session.request(
+        method,
+        f"http://127.0.0.1:{node.http_port}{path}",
+        json=body,
+        headers={"Authorization": f"Bearer {who.token}"},
+    ) as resp:
+        return resp.status, orjson.loads(await resp.read())
+
+
+async def test_two_processes_deliver_every_message_once_in_one_order(
+    nodes: list[Node], make_token: TokenFactory
+) -> None:
+    a, b = nodes
+    owner = user(make_token)
+    status, body = await http(a, "POST", "/rooms", owner, {"name": "mp", "level_admin": 100})
+    assert status == 200
+    room = body["content"]["room"]["id"]
+    clients = [await join(node, owner, room) for node in (a, b, a, b)]
+    await asyncio.sleep(0.3)  # let both nodes' Redis subscriptions take effect
+    per_sender = 25
+    await asyncio.gather(
+        *(
+            c.send({"type": "message", "content": f"{i}-{n}"})
+            for i, c in enumerate(clients)
+            for n in range(per_sender)
+        )
+    )
+    total = per_sender * len(clients)
+    streams = []
+    for c in clients:
+        got = [await c.recv(timeout=10) for _ in range(total)]
+        streams.append([(m["data"]["seq"], m["data"]["content"]) for m in got])
+        assert await c.silent(0.3)
+    assert [s for s, _ in streams[0]] == list(range(1, total + 1))
+    assert all(stream == streams[0] for stream in streams)  # same messages, same order
+    for c in clients:
+        await c.close()
+
+
+async def test_permission_change_through_one_process_reaches_the_other(
+    nodes: list[Node], make_token: TokenFactory
+) -> None:
+    a, b = nodes
+    owner, member = user(make_token), user(make_token)
+    status, body = await http(a, "POST", "/rooms", owner, {"name": "mp", "level_admin": 100})
+    room = body["content"]["room"]["id"]
+    status, _ = await http(
+        a, "PUT", f"/rooms/{room}/members", owner, {"entity_UUID": member.user, "permissions": "rw"}
+    )
+    assert status == 201
+    on_b = await join(b, member, room)
+    await asyncio.sleep(0.3)
+    status, _ = await http(a, "DELETE", f"/rooms/{room}/members/{member.user}", owner)
+    assert status == 200
+    assert await on_b.recv(timeout=1.0) == {
+        "type": "status",
+        "data": "NOTAUTHORIZED",
+        "room_id": room,
+    }
+    await on_b.close()

@@ -1,0 +1,376 @@
+"""The pure session state machine: every transition, without sockets or an event loop."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from nanomsg import codec
+from nanomsg.auth import Verifier, mint
+from nanomsg.clock import FakeClock
+from nanomsg.events import (
+    Arm,
+    BadArgs,
+    BadJson,
+    Close,
+    Disarm,
+    Effect,
+    GetPastMessages,
+    HistoryLoaded,
+    Join,
+    Leave,
+    LoadHistory,
+    LoadRoom,
+    MessageStored,
+    Publish,
+    Quit,
+    RoomLoaded,
+    RoomMissing,
+    SelectRoom,
+    Send,
+    SendMessage,
+    SetReceiving,
+    StorageFailed,
+    StoreMessage,
+    Timer,
+    Token,
+    TooLarge,
+    Unknown,
+)
+from nanomsg.models import Message, Room, RoomAccess, Rule
+from nanomsg.session import _COMMANDS, TRANSITIONS, CloseCode, Limits, Session, State
+
+SECRET = "unit-secret-0123456789abcdef-0123456789"
+USER = str(uuid.uuid4())
+ENTITY = str(uuid.uuid4())
+OTHER_ENTITY = str(uuid.uuid4())
+T0 = datetime(2026, 11, 23, tzinfo=UTC)
+
+
+def sent(effects: list[Effect]) -> list[dict[str, object]]:
+    return [orjson.loads(e.payload) for e in effects if isinstance(e, Send)]
+
+
+def closes(effects: list[Effect]) -> list[int]:
+    return [e.code for e in effects if isinstance(e, Close)]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def session(clock: FakeClock) -> Session:
+    verifier = Verifier.from_material(clock=clock, secret=SECRET, leeway=5)
+    s = Session(verifier, clock, Limits(auth_timeout=10, refresh_grace=30))
+    s.start()
+    return s
+
+
+def token(clock: FakeClock, user: str = USER, entity: str = ENTITY, level: int = 100, ttl=600) -> Token:
+    return Token(mint(secret=SECRET, user=user, entity=entity, level=level, now=clock.wall(), ttl=ttl))
+
+
+def room(room_id: int = 7, owner: str = OTHER_ENTITY, last_seq: int = 3) -> Room:
+    return Room(room_id, str(uuid.uuid4()), "r", 500, "group", owner, 100, last_seq, T0, T0)
+
+
+def rule(room_id: int, flags: str, subject: str = USER, kind: str = "user") -> Rule:
+    return Rule(room_id, subject, kind, flags, 0, True, T0, T0)
+
+
+def access(flags: str, room_id: int = 7) -> RoomAccess:
+    return RoomAccess(room(room_id), (rule(room_id, flags),))
+
+
+def authed(session: Session, clock: FakeClock) -> Session:
+    session.receive(token(clock))
+    return session
+
+
+def in_room(session: Session, clock: FakeClock, flags: str = "rw", room_id: int = 7) -> Session:
+    authed(session, clock)
+    session.receive(SelectRoom(room_id))
+    session.result(RoomLoaded(room_id, access(flags, room_id)))
+    return session
+
+
+def test_every_state_has_an_answer_for_every_command() -> None:
+    for state in State:
+        assert set(TRANSITIONS[state]) == set(_COMMANDS), state
+
+
+def test_start_asks_for_a_token_and_arms_the_auth_timer(clock: FakeClock) -> None:
+    verifier = Verifier.from_material(clock=clock, secret=SECRET)
+    effects = Session(verifier, clock, Limits(auth_timeout=10)).start()
+    assert effects[0] == Send(codec.START)
+    assert Arm(Timer.AUTH, clock.wall() + 10) in effects
+
+
+def test_valid_token_answers_ready_and_arms_expiry(session: Session, clock: FakeClock) -> None:
+    effects = session.receive(token(clock, ttl=600))
+    assert sent(effects) == [{"type": "status", "data": "READY"}]
+    assert Disarm(Timer.AUTH) in effects
+    assert Arm(Timer.EXPIRY, int(clock.wall()) + 600 + 5) in effects
+    assert session.state is State.READY
+
+
+def test_bad_token_answers_badauth_and_third_failure_closes_1008(
+    session: Session, clock: FakeClock
+) -> None:
+    first = session.receive(Token("not.a.jwt"))
+    assert sent(first) == [{"type": "status", "data": "BADAUTH"}] and not closes(first)
+    second = session.receive(SelectRoom(1))  # other commands count as trials too
+    assert sent(second) == [{"type": "query", "data": "TOKEN?"}] and not closes(second)
+    third = session.receive(Token(None))
+    assert sent(third) == [{"type": "status", "data": "BADAUTH"}]
+    assert closes(third) == [CloseCode.POLICY]
+    assert session.state is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    "command",
+    [SelectRoom(1), SendMessage("x", None), GetPastMessages(50, None), Unknown(), BadArgs("m", "r"),
+     TooLarge()],
+)
+def test_commands_before_auth_get_token_query(session: Session, command: object) -> None:
+    effects = session.receive(command)  # type: ignore[arg-type]
+    assert sent(effects) == [{"type": "query", "data": "TOKEN?"}]
+    assert session.trials == 1
+
+
+def test_quit_closes_1000_in_any_live_state(session: Session, clock: FakeClock) -> None:
+    assert closes(session.receive(Quit())) == [CloseCode.NORMAL]
+    s2 = Session(session.verifier, clock, session.limits)
+    authed(s2, clock)
+    assert closes(s2.receive(Quit())) == [CloseCode.NORMAL]
+
+
+def test_bad_json_answers_badjson_then_closes_1003(session: Session) -> None:
+    effects = session.receive(BadJson())
+    assert sent(effects) == [{"type": "status", "data": "BADJSON"}]
+    assert closes(effects) == [CloseCode.UNSUPPORTED]
+
+
+def test_closed_session_ignores_everything(session: Session, clock: FakeClock) -> None:
+    session.receive(Quit())
+    for command in (token(clock), SelectRoom(1), Quit(), BadJson()):
+        assert session.receive(command) == []
+
+
+def test_auth_timer_closes_1008_only_while_waiting_for_a_token(
+    session: Session, clock: FakeClock
+) -> None:
+    assert closes(session.timer_fired(Timer.AUTH)) == [CloseCode.POLICY]
+    s2 = Session(session.verifier, clock, session.limits)
+    authed(s2, clock)
+    assert s2.timer_fired(Timer.AUTH) == []
+
+
+def test_unknown_command_after_auth_gets_command_query(session: Session, clock: FakeClock) -> None:
+    authed(session, clock)
+    assert sent(session.receive(Unknown())) == [{"type": "query", "data": "COMMAND?"}]
+    assert session.state is State.READY
+
+
+def test_send_and_history_without_room_get_selectroom_query(
+    session: Session, clock: FakeClock
+) -> None:
+    authed(session, clock)
+    assert sent(session.receive(SendMessage("hi", None))) == [
+        {"type": "query", "data": "SELECTROOM?"}
+    ]
+    assert sent(session.receive(GetPastMessages(50, None))) == [
+        {"type": "query", "data": "SELECTROOM?"}
+    ]
+
+
+def test_select_room_loads_then_connects_and_joins_after_the_stored_seq(
+    session: Session, clock: FakeClock
+) -> None:
+    authed(session, clock)
+    assert session.receive(SelectRoom(7)) == [LoadRoom(7)]
+    effects = session.result(RoomLoaded(7, access("r")))
+    assert sent(effects) == [{"type": "status", "data": "CONNECTED"}]
+    assert effects[-1] == Join(7, 3)
+    assert session.room_id == 7
+
+
+def test_select_room_refused_for_missing_room_or_no_read(session: Session, clock: FakeClock) -> None:
+    authed(session, clock)
+    session.receive(SelectRoom(7))
+    assert sent(session.result(RoomLoaded(7, None))) == [{"type": "status", "data": "NOTAUTHORIZED"}]
+    session.receive(SelectRoom(7))
+    refused = session.result(RoomLoaded(7, access("w")))  # write-only rule: no read
+    assert sent(refused) == [{"type": "status", "data": "NOTAUTHORIZED"}]
+    assert session.room_id is None
+
+
+def test_selecting_another_room_leaves_the_previous_one(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock, room_id=7)
+    session.receive(SelectRoom(8))
+    effects = session.result(RoomLoaded(8, access("r", 8)))
+    assert effects[0] == Leave(7)
+    assert Join(8, 3) in effects
+
+
+def test_failed_select_leaves_the_previous_room(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock, room_id=7)
+    session.receive(SelectRoom(8))
+    effects = session.result(RoomLoaded(8, None))
+    assert Leave(7) in effects and session.room_id is None
+
+
+def test_reselecting_the_same_room_answers_connected_without_rejoining(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock)
+    session.receive(SelectRoom(7))
+    effects = session.result(RoomLoaded(7, access("r")))
+    assert sent(effects) == [{"type": "status", "data": "CONNECTED"}]
+    assert not any(isinstance(e, Join | Leave) for e in effects)
+
+
+def test_message_with_write_is_stored_then_published(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock, flags="rw")
+    effects = session.receive(SendMessage("hello", "c1"))
+    assert len(effects) == 1 and isinstance(effects[0], StoreMessage)
+    new = effects[0].new
+    assert (new.room_id, new.emitter, new.entity, new.content, new.client_id) == (
+        7, USER, ENTITY, "hello", "c1"
+    )
+    msg = Message(1, 7, 4, USER, ENTITY, "hello", T0, "c1")
+    assert session.result(MessageStored(msg, True)) == [Publish(msg)]
+
+
+def test_idempotent_resend_answers_only_the_sender(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock)
+    session.receive(SendMessage("hello", "c1"))
+    msg = Message(1, 7, 4, USER, ENTITY, "hello", T0, "c1")
+    assert session.result(MessageStored(msg, False)) == [Send(codec.message_frame(msg))]
+
+
+def test_message_without_write_is_notauthorized(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock, flags="r")
+    assert sent(session.receive(SendMessage("x", None))) == [
+        {"type": "status", "data": "NOTAUTHORIZED"}
+    ]
+
+
+def test_storage_failure_answers_unavailable(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock)
+    session.receive(SendMessage("x", None))
+    assert sent(session.result(StorageFailed())) == [{"type": "status", "data": "UNAVAILABLE"}]
+
+
+def test_room_gone_on_send_leaves_and_names_the_room(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock)
+    session.receive(SendMessage("x", None))
+    effects = session.result(RoomMissing(7))
+    assert Leave(7) in effects
+    assert sent(effects) == [{"type": "status", "data": "NOTAUTHORIZED", "room_id": 7}]
+
+
+def test_bad_args_and_too_large_after_auth(session: Session, clock: FakeClock) -> None:
+    authed(session, clock)
+    assert sent(session.receive(BadArgs("select_room", "room_id must be a positive integer"))) == [
+        {"type": "status", "data": "BADARGS", "reason": "room_id must be a positive integer"}
+    ]
+    assert sent(session.receive(TooLarge())) == [{"type": "status", "data": "TOOLARGE"}]
+
+
+def test_history_loads_latest_then_ends_with_count(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock)
+    effects = session.receive(GetPastMessages(2, 10))
+    assert isinstance(effects[0], LoadHistory)
+    q = effects[0].query
+    assert (q.room_id, q.limit, q.before, q.newest) == (7, 2, 10, True)
+    msgs = (Message(1, 7, 8, USER, ENTITY, "a", T0), Message(2, 7, 9, USER, ENTITY, "b", T0))
+    frames = sent(session.result(HistoryLoaded(msgs)))
+    assert [f["type"] for f in frames] == ["message", "message", "status"]
+    assert frames[-1] == {"type": "status", "data": "HISTORYEND", "count": 2}
+
+
+def test_expiry_stops_receiving_and_sends_expired(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock)
+    clock.advance(600 + 6)
+    effects = session.timer_fired(Timer.EXPIRY)
+    assert SetReceiving(False) in effects
+    assert sent(effects) == [{"type": "status", "data": "EXPIRED"}]
+    assert Arm(Timer.REFRESH, clock.wall() + 30) in effects
+    assert session.state is State.EXPIRED
+    assert sent(session.receive(SendMessage("x", None))) == [{"type": "query", "data": "TOKEN?"}]
+
+
+def test_expiry_timer_before_exp_plus_leeway_rearms(session: Session, clock: FakeClock) -> None:
+    authed(session, clock)
+    clock.advance(600 + 2)  # past exp, within the 5 s leeway
+    effects = session.timer_fired(Timer.EXPIRY)
+    assert all(isinstance(e, Arm) for e in effects) and session.state is State.READY
+
+
+def test_refresh_with_same_user_keeps_room_and_receiving(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock)
+    clock.advance(606)
+    session.timer_fired(Timer.EXPIRY)
+    effects = session.receive(token(clock))
+    assert sent(effects) == [{"type": "status", "data": "READY"}]
+    assert SetReceiving(True) in effects and Disarm(Timer.REFRESH) in effects
+    assert session.state is State.READY and session.room_id == 7
+
+
+def test_refresh_with_another_user_is_badauth_and_close(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock)
+    clock.advance(606)
+    session.timer_fired(Timer.EXPIRY)
+    effects = session.receive(token(clock, user=str(uuid.uuid4())))
+    assert sent(effects) == [{"type": "status", "data": "BADAUTH"}]
+    assert closes(effects) == [CloseCode.POLICY]
+
+
+def test_no_refresh_within_grace_closes_1008(session: Session, clock: FakeClock) -> None:
+    authed(session, clock)
+    clock.advance(606)
+    session.timer_fired(Timer.EXPIRY)
+    clock.advance(30)
+    assert closes(session.timer_fired(Timer.REFRESH)) == [CloseCode.POLICY]
+
+
+def test_refresh_that_lowers_level_rechecks_the_room(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock)
+    effects = session.receive(token(clock, level=5))
+    assert LoadRoom(7) in effects
+    # The re-check finds no access any more: leave and say which room.
+    lost = session.result(RoomLoaded(7, RoomAccess(room(), ())))
+    assert Leave(7) in lost
+    assert sent(lost) == [{"type": "status", "data": "NOTAUTHORIZED", "room_id": 7}]
+
+
+def test_reauthorize_revokes_when_rule_removed(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock)
+    effects = session.reauthorize(RoomAccess(room(), ()))
+    assert effects == [Leave(7), Send(codec.revoked(7))]
+    assert session.room_id is None
+
+
+def test_reauthorize_revokes_when_room_deleted(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock)
+    assert Leave(7) in session.reauthorize(None)
+
+
+def test_reauthorize_updates_write_permission(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock, flags="rw")
+    assert session.reauthorize(access("r")) == []
+    assert sent(session.receive(SendMessage("x", None))) == [
+        {"type": "status", "data": "NOTAUTHORIZED"}
+    ]
+
+
+def test_reauthorize_for_another_room_does_nothing(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock, room_id=7)
+    assert session.reauthorize(RoomAccess(room(8), ())) == []
+    assert session.room_id == 7
