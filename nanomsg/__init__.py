@@ -1,3 +1,6 @@
-"""nanomsg: a self-hosted real-time chat server (WebSocket rooms, JWT auth, SQL storage, Redis relay)."""
+"""nanomsg: a self-hosted real-time chat server.
+
+WebSocket rooms, JWT auth, SQL storage, Redis relay.
+"""
 
 __version__ = "0.1.0"

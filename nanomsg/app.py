@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -76,7 +77,9 @@ class App:
             notify_room_changed=self.relay.room_changed,
             readiness=self.readiness,
         )
-        self._runner = web.AppRunner(http_app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(
+            http_app, handle_signals=False, access_log=None, shutdown_timeout=5.0
+        )
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.config.host, self.config.http_port)
         await self._site.start()
@@ -99,13 +102,24 @@ class App:
             return int(address[1])
         raise RuntimeError("HTTP side-port not started")
 
-    async def stop(self) -> None:
-        await self.ws.stop()
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop in reverse order of start; no step may stall shutdown past ``timeout``."""
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("websocket server", self.ws.stop),
+            ("http side-port", self._stop_http),
+            ("hub", self.hub.close),
+            ("relay", self.relay.close),
+            ("storage", self.store.close),
+        ]
+        for name, step in steps:
+            try:
+                await asyncio.wait_for(step(), timeout)
+            except TimeoutError:
+                log.error("shutdown: %s did not stop within %.0fs", name, timeout)
+
+    async def _stop_http(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        await self.hub.close()
-        await self.relay.close()
-        await self.store.close()
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:

@@ -10,13 +10,14 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
+from typing import Any
 
 from nanomsg.app import App
 from nanomsg.auth import mint
 from nanomsg.clock import SystemClock, utc_datetime
-from nanomsg.config import Config, ConfigError, duration, add_options, from_namespace
+from nanomsg.config import Config, ConfigError, add_options, duration, from_namespace
 from nanomsg.store.base import NewRoom, StoreUnavailable
 
 DEV_ENTITY = "00000000-0000-4000-8000-00000000d3e7"
@@ -60,15 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(_serve(config))
 
 
-def _run(coro: object) -> int:
+def _run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
 
-        runner = uvloop.run
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        runner = asyncio.run
+        loop_factory = asyncio.new_event_loop
     try:
-        return int(runner(coro))  # type: ignore[arg-type]
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(coro)
     except StoreUnavailable as exc:
         print(f"nanomsg: storage unavailable: {exc}", file=sys.stderr)
         return 1

@@ -64,7 +64,15 @@ class BadJson:
 
 
 Command = (
-    Token | SelectRoom | SendMessage | GetPastMessages | Quit | Unknown | BadArgs | TooLarge | BadJson
+    Token
+    | SelectRoom
+    | SendMessage
+    | GetPastMessages
+    | Quit
+    | Unknown
+    | BadArgs
+    | TooLarge
+    | BadJson
 )
 
 # -- results of effects, fed back into the session --------------------------------------------

@@ -29,7 +29,9 @@ class Access:
 
     @property
     def flags(self) -> str:
-        return ("r" if self.read else "") + ("w" if self.write else "") + ("a" if self.admin else "")
+        return (
+            ("r" if self.read else "") + ("w" if self.write else "") + ("a" if self.admin else "")
+        )
 
 
 NONE = Access(read=False, write=False, admin=False, reason="no rule admits the caller")

@@ -195,7 +195,10 @@ class Session:
             return self._trial(codec.BADAUTH)
         if principal.user != self.principal.user:
             return [Send(codec.BADAUTH), *self._close(CloseCode.POLICY, "token for another user")]
-        changed = (principal.entity, principal.level) != (self.principal.entity, self.principal.level)
+        changed = (principal.entity, principal.level) != (
+            self.principal.entity,
+            self.principal.level,
+        )
         was_expired = self.state is State.EXPIRED
         self.principal = principal
         self.state = State.READY
@@ -246,7 +249,10 @@ class Session:
         return self._close(CloseCode.NORMAL, "bye")
 
     def _bad_json(self, command: Command) -> list[Effect]:
-        return [Send(codec.BADJSON), *self._close(CloseCode.UNSUPPORTED, "frame is not a JSON object")]
+        return [
+            Send(codec.BADJSON),
+            *self._close(CloseCode.UNSUPPORTED, "frame is not a JSON object"),
+        ]
 
     def _command_query(self, command: Command) -> list[Effect]:
         return [Send(codec.COMMAND_Q)]

@@ -11,9 +11,10 @@ paused while commands pile up) and outbound limits (a reader whose backlog passe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from typing import Any, cast
 
 from websockets.frames import Frame, Opcode
@@ -106,7 +107,7 @@ class Connection(asyncio.Protocol):
         if self.joined is not None:
             self.server.hub.leave(self, self.joined)
             self.joined = None
-        self.server.connections.discard(self)
+        self.server.forget(self)
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -133,14 +134,15 @@ class Connection(asyncio.Protocol):
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
+        data = bytes(frame.data)
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             self.fragment_binary = opcode is Opcode.BINARY
             if not frame.fin:
-                self.fragments = [frame.data]
+                self.fragments = [data]
                 return
-            self._message(frame.data)
+            self._message(data)
         elif opcode is Opcode.CONT:
-            self.fragments.append(frame.data)
+            self.fragments.append(data)
             if frame.fin:
                 data, self.fragments = b"".join(self.fragments), []
                 self._message(data)
@@ -263,7 +265,9 @@ class Connection(asyncio.Protocol):
             return
         transport.write(data)
         if transport.get_write_buffer_size() > self.server.config.max_backlog:
-            log.info("closing a slow consumer (backlog over %d bytes)", self.server.config.max_backlog)
+            log.info(
+                "closing a slow consumer (backlog over %d bytes)", self.server.config.max_backlog
+            )
             self.close(CloseCode.SLOW_CONSUMER, "backlog over limit")
 
     def _flush(self) -> None:
@@ -329,6 +333,12 @@ class WsServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._keepalive: asyncio.Task[None] | None = None
+        self._all_gone = asyncio.Event()
+
+    def forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self._all_gone.set()
 
     @property
     def port(self) -> int:
@@ -342,8 +352,8 @@ class WsServer:
         if self.config.ping_interval > 0:
             self._keepalive = loop.create_task(self._ping_loop(), name="ws-keepalive")
 
-    def spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -362,15 +372,17 @@ class WsServer:
             await asyncio.gather(self._keepalive, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+        self._all_gone.clear()
         for conn in list(self.connections):
             conn.close(CloseCode.GOING_AWAY, "server shutting down")
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.connections and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_gone.wait(), timeout)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
         for task in list(self._tasks):
             task.cancel()
         if self._server is not None:
-            await self._server.wait_closed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)

@@ -32,7 +32,9 @@ REQUIRE = os.environ.get("NANOMSG_REQUIRE_SERVICES", "") not in ("", "0", "false
 def _reachable(url: str, default_port: int) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 1):
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 1
+        ):
             return True
     except OSError:
         return False

@@ -1,6 +1,7 @@
 """Relay through Redis pub/sub: one publisher and one subscriber connection per process.
 
-Channels (``<prefix>`` is ``--redis-prefix``, default ``nanomsg``): ``<prefix>:room:<id>`` carries stored messages of a room, subscribed only while this
+Channels (``<prefix>`` is ``--redis-prefix``, default ``nanomsg``): ``<prefix>:room:<id>``
+carries stored messages of a room, subscribed only while this
 process has receivers there; ``<prefix>:control`` carries room-change notices to every process.
 Payloads name the sending node so a process ignores its own echoes (it delivered locally first).
 
@@ -14,6 +15,7 @@ batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import deque
@@ -28,7 +30,6 @@ from nanomsg.models import Message
 from nanomsg.relay.base import RelayHandlers
 
 log = logging.getLogger(__name__)
-
 
 
 def _encode(node: str, message: Message) -> bytes:
@@ -58,6 +59,13 @@ def _decode(obj: dict[str, Any]) -> Message:
         created_at=datetime.fromisoformat(obj["t"]),
         client_id=obj.get("k"),
     )
+
+
+async def _quietly_close(*resources: Any) -> None:
+    """Close redis-py objects without letting a dead connection stall shutdown."""
+    for resource in resources:
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(resource.aclose(), 2.0)
 
 
 class RedisRelay:
@@ -108,10 +116,8 @@ class RedisRelay:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._pubsub is not None:
-            await self._pubsub.aclose()
         if self._pub is not None:
-            await self._pub.aclose()
+            await _quietly_close(self._pub)
 
     def healthy(self) -> bool:
         return self._sub_ready
@@ -185,7 +191,9 @@ class RedisRelay:
                 await pubsub.subscribe(*channels)
                 self._sub_ready = True
                 if backoff > 0.1:
-                    log.warning("redis subscriber reconnected; resynchronising %d rooms", len(rooms))
+                    log.warning(
+                        "redis subscriber reconnected; resynchronising %d rooms", len(rooms)
+                    )
                 backoff = 0.1
                 # Rooms watched meanwhile may have been subscribed by neither path.
                 for room_id in self._watched - rooms:
@@ -202,11 +210,7 @@ class RedisRelay:
             finally:
                 self._sub_ready = False
                 self._pubsub = None
-                try:
-                    await pubsub.aclose()
-                    await client.aclose()
-                except (RedisError, OSError):
-                    pass
+                await _quietly_close(pubsub, client)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
 

@@ -95,16 +95,26 @@ class Store(Protocol):
     async def rooms_visible_to(
         self, user: str, entity: str, level: int, limit: int, offset: int
     ) -> list[Room]:
-        """Live rooms owned by ``entity`` or with an accepted rule admitting the caller
-        (user rule for ``user``; entity rule for ``entity`` with rule.level <= level),
-        ordered by id."""
+        """The live rooms the caller may read per ``permissions.evaluate``, ordered by id.
+
+        A room is listed when the caller is an owner-entity admin (``entity`` is the room's
+        entity_owner and ``level`` >= its level_admin; bans do not apply), or else when the
+        union of the caller's applying *accepted* rules (the user rule for ``user``; entity
+        rules for ``entity`` with rule.level <= ``level``) holds ``r`` or ``a`` and no ``b``.
+        Filtering, ordering and paging all happen in the database, so pages are full.
+        """
 
     # -- rules -------------------------------------------------------------------------------
     async def rules_of(
-        self, user: str, entity: str, accepted: bool | None, limit: int, offset: int
+        self, user: str, entity: str, level: int, accepted: bool | None, limit: int, offset: int
     ) -> list[tuple[Rule, Room]]:
-        """The caller's rules (user rules for ``user``, entity rules for ``entity``) in live
-        rooms, each with its room, ordered by room id then kind; ``accepted`` filters."""
+        """The caller's rules in live rooms, each with its room, ordered by room id then kind.
+
+        The caller's rules are the user rules for ``user`` and the entity rules for ``entity``
+        with rule.level <= ``level`` (an entity rule above the caller's level is not theirs);
+        ``accepted`` (when not None) filters on acceptance. Filtering and paging happen in the
+        database, so pages are exact.
+        """
 
     async def put_rule(
         self,

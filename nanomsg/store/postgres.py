@@ -377,18 +377,24 @@ class PostgresStore:
     async def rooms_visible_to(
         self, user: str, entity: str, level: int, limit: int, offset: int
     ) -> list[Room]:
-        """Live rooms owned by ``entity`` or admitting the caller through an accepted rule.
+        """Live rooms the caller may read (``permissions.evaluate``), by id, paged in SQL.
 
-        A UNION of three indexed lookups rather than one OR, so each branch uses its index.
+        A UNION of two indexed lookups rather than one OR, so each branch uses its index: rooms
+        where the caller is an owner-entity admin (no rule can ban them), and rooms whose
+        applying accepted rules, grouped per room, hold ``r`` or ``a`` and no ``b``.
         """
         _check_page(limit, offset)
         rows = await self._fetch(
             f"SELECT {_ROOM_COLS} FROM rooms r WHERE r.deleted_at IS NULL AND r.id IN ("
-            " SELECT id FROM rooms WHERE entity_owner = $2 AND deleted_at IS NULL"
+            " SELECT id FROM rooms"
+            "  WHERE entity_owner = $2 AND level_admin <= $3 AND deleted_at IS NULL"
             " UNION SELECT room_id FROM room_rules"
-            "  WHERE subject = $1 AND kind = 'user' AND accepted"
-            " UNION SELECT room_id FROM room_rules"
-            "  WHERE subject = $2 AND kind = 'entity' AND accepted AND level <= $3"
+            "  WHERE subject IN ($1, $2) AND accepted"
+            "  AND ((kind = 'user' AND subject = $1)"
+            "   OR (kind = 'entity' AND subject = $2 AND level <= $3))"
+            "  GROUP BY room_id"
+            "  HAVING bool_or(strpos(permissions, 'r') > 0 OR strpos(permissions, 'a') > 0)"
+            "  AND NOT bool_or(strpos(permissions, 'b') > 0)"
             ") ORDER BY r.id LIMIT $4 OFFSET $5",
             user,
             entity,
@@ -400,19 +406,20 @@ class PostgresStore:
 
     # -- rules -------------------------------------------------------------------------------
     async def rules_of(
-        self, user: str, entity: str, accepted: bool | None, limit: int, offset: int
+        self, user: str, entity: str, level: int, accepted: bool | None, limit: int, offset: int
     ) -> list[tuple[Rule, Room]]:
-        """The caller's user and entity rules in live rooms, by room id then kind."""
+        """The caller's user rules and entity rules at or below ``level`` in live rooms."""
         _check_page(limit, offset)
         rows = await self._fetch(
             f"SELECT {_RULE_COLS}, {_ROOM_COLS} FROM room_rules rr"
             " JOIN rooms r ON r.id = rr.room_id WHERE r.deleted_at IS NULL"
             " AND ((rr.kind = 'user' AND rr.subject = $1)"
-            "  OR (rr.kind = 'entity' AND rr.subject = $2))"
-            " AND ($3::boolean IS NULL OR rr.accepted = $3::boolean)"
-            ' ORDER BY rr.room_id, rr.kind, rr.subject COLLATE "C" LIMIT $4 OFFSET $5',
+            "  OR (rr.kind = 'entity' AND rr.subject = $2 AND rr.level <= $3))"
+            " AND ($4::boolean IS NULL OR rr.accepted = $4::boolean)"
+            ' ORDER BY rr.room_id, rr.kind, rr.subject COLLATE "C" LIMIT $5 OFFSET $6',
             user,
             entity,
+            level,
             accepted,
             limit,
             offset,

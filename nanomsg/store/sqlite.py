@@ -350,34 +350,49 @@ class SqliteStore:
     async def rooms_visible_to(
         self, user: str, entity: str, level: int, limit: int, offset: int
     ) -> list[Room]:
-        """Live rooms owned by ``entity`` or admitting the caller through an accepted rule."""
+        """Live rooms the caller may read (``permissions.evaluate``), by id, paged in SQL.
+
+        Candidates come from two indexed lookups: rooms where the caller is an owner-entity
+        admin (no rule can ban them), and rooms whose applying accepted rules, grouped per
+        room, hold ``r`` or ``a`` and no ``b``.
+        """
         _check_page(limit, offset)
         async with self._read() as db:
             rows = await db.execute_fetchall(
                 f"SELECT {_ROOM_COLS} FROM rooms r WHERE r.deleted_at IS NULL AND r.id IN ("
-                " SELECT id FROM rooms WHERE entity_owner = ? AND deleted_at IS NULL"
+                " SELECT id FROM rooms"
+                "  WHERE entity_owner = :entity AND level_admin <= :level AND deleted_at IS NULL"
                 " UNION SELECT room_id FROM room_rules"
-                "  WHERE subject = ? AND kind = 'user' AND accepted = 1"
-                " UNION SELECT room_id FROM room_rules"
-                "  WHERE subject = ? AND kind = 'entity' AND accepted = 1 AND level <= ?"
-                ") ORDER BY r.id LIMIT ? OFFSET ?",
-                (entity, user, entity, level, limit, offset),
+                "  WHERE subject IN (:user, :entity) AND accepted = 1"
+                "  AND ((kind = 'user' AND subject = :user)"
+                "   OR (kind = 'entity' AND subject = :entity AND level <= :level))"
+                "  GROUP BY room_id"
+                "  HAVING max(instr(permissions, 'r') > 0 OR instr(permissions, 'a') > 0) = 1"
+                "  AND max(instr(permissions, 'b') > 0) = 0"
+                ") ORDER BY r.id LIMIT :limit OFFSET :offset",
+                {
+                    "user": user,
+                    "entity": entity,
+                    "level": level,
+                    "limit": limit,
+                    "offset": offset,
+                },
             )
         return [_room(row) for row in rows]
 
     # -- rules -------------------------------------------------------------------------------
     async def rules_of(
-        self, user: str, entity: str, accepted: bool | None, limit: int, offset: int
+        self, user: str, entity: str, level: int, accepted: bool | None, limit: int, offset: int
     ) -> list[tuple[Rule, Room]]:
-        """The caller's user and entity rules in live rooms, by room id then kind."""
+        """The caller's user rules and entity rules at or below ``level`` in live rooms."""
         _check_page(limit, offset)
         sql = (
             f"SELECT {_RULE_COLS}, {_ROOM_COLS} FROM room_rules rr"
             " JOIN rooms r ON r.id = rr.room_id WHERE r.deleted_at IS NULL"
             " AND ((rr.kind = 'user' AND rr.subject = ?)"
-            "  OR (rr.kind = 'entity' AND rr.subject = ?))"
+            "  OR (rr.kind = 'entity' AND rr.subject = ? AND rr.level <= ?))"
         )
-        params: list[Any] = [user, entity]
+        params: list[Any] = [user, entity, level]
         if accepted is not None:
             sql += " AND rr.accepted = ?"
             params.append(int(accepted))

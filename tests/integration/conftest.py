@@ -140,8 +140,9 @@ class Server:
         return status
 
 
-def make_config(backend: str, tmp_path: Path, pg_url: str | None, redis_url: str | None,
-                **overrides: Any) -> Config:
+def make_config(
+    backend: str, tmp_path: Path, pg_url: str | None, redis_url: str | None, **overrides: Any
+) -> Config:
     base: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": 0,

@@ -529,6 +529,19 @@ async def test_list_rules_hides_entity_rules_above_my_level(api: Api) -> None:
 
 
 @pytest.mark.asyncio
+async def test_list_rules_pages_are_full_despite_hidden_entity_rules(api: Api) -> None:
+    owner = api.caller()
+    junior = api.caller(entity=owner.entity, level=50)
+    ids = [await api.room(owner) for _ in range(3)]  # each with an entity rule at level 100
+    for room_id in ids:
+        await api.grant(owner, room_id, junior.user, permissions="r")
+    first = await api.call("GET", "/rooms?limit=2", junior)
+    second = await api.call("GET", "/rooms?limit=2&offset=2", junior)
+    assert [(r["room_id"], r["kind"]) for r in first.content] == [(i, "user") for i in ids[:2]]
+    assert [(r["room_id"], r["kind"]) for r in second.content] == [(ids[2], "user")]
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize(
     "query",
     [
@@ -577,6 +590,36 @@ async def test_all_rooms_pages_and_rejects_bad_limit(api: Api) -> None:
     assert [room["id"] for room in page.content] == ids[1:2]
     for query in ("limit=0", "limit=x", "offset=-3", "accepted=true"):
         assert_envelope(await api.call("GET", f"/rooms/all?{query}", me), 400)
+
+
+@pytest.mark.asyncio
+async def test_all_rooms_lists_only_rooms_i_may_read(api: Api) -> None:
+    owner = api.caller()
+    colleague = api.caller(entity=owner.entity, level=99)  # below level_admin 100
+    guest = api.caller(entity=owner.entity, level=99)
+    mine = [await api.room(owner) for _ in range(3)]
+    readable = [mine[0], mine[2]]
+    await api.grant(owner, mine[0], guest.user, permissions="r")
+    await api.grant(owner, mine[1], guest.user, permissions="rw")
+    await api.grant(owner, mine[1], guest.user, permissions="w")  # write alone: not listed
+    await api.grant(owner, mine[2], guest.user, permissions="r")
+    await api.grant(owner, mine[2], owner.entity, kind="entity", permissions="rw", level=0)
+    banned = await api.room(owner)
+    await api.grant(owner, banned, guest.user, permissions="rw")
+    await api.grant(owner, banned, guest.entity, kind="entity", permissions="b", level=99)
+
+    # Owner entity but below level_admin: only the room whose entity rule admits level 0.
+    listed = await api.call("GET", "/rooms/all", colleague)
+    assert [room["id"] for room in listed.content] == [mine[2]]
+    listed = await api.call("GET", "/rooms/all?limit=1", guest)
+    assert [room["id"] for room in listed.content] == [mine[0]]
+    listed = await api.call("GET", "/rooms/all?limit=1&offset=1", guest)
+    assert [room["id"] for room in listed.content] == [mine[2]]
+    listed = await api.call("GET", "/rooms/all", guest)
+    assert [room["id"] for room in listed.content] == readable
+    for room_id in [*mine, banned]:
+        access = await api.call("GET", f"/rooms/{room_id}", guest)
+        assert (access.status == 200) == (room_id in readable)
 
 
 # -- GET /rooms/{id} -----------------------------------------------------------------------------

@@ -92,13 +92,18 @@ async def join(node: Node, who: User, room: int) -> Client:
     return client
 
 
-async def http(node: Node, method: str, path: str, who: User, body: object = None) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as session, session.request(
-        method,
-        f"http://127.0.0.1:{node.http_port}{path}",
-        json=body,
-        headers={"Authorization": f"Bearer {who.token}"},
-    ) as resp:
+async def http(
+    node: Node, method: str, path: str, who: User, body: object = None
+) -> tuple[int, dict]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            f"http://127.0.0.1:{node.http_port}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {who.token}"},
+        ) as resp,
+    ):
         return resp.status, orjson.loads(await resp.read())
 
 

@@ -8,6 +8,7 @@ database of their own (``fresh_pg_url``).
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 import threading
 import uuid
@@ -21,7 +22,8 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from nanomsg.models import Message, Room
+from nanomsg.models import Message, Principal, Room
+from nanomsg.permissions import evaluate
 from nanomsg.store.base import (
     HistoryQuery,
     NewMessage,
@@ -263,7 +265,7 @@ async def test_delete_room_is_soft_history_stays_readable_and_second_delete_is_f
 
     assert await store.history(HistoryQuery(room_id=room.id, limit=10)) == stored
     assert await store.rooms_visible_to(creator, owner, 100, 10, 0) == []
-    assert await store.rules_of(creator, owner, None, 10, 0) == []
+    assert await store.rules_of(creator, owner, 100, None, 10, 0) == []
 
 
 # -- messages -----------------------------------------------------------------------------------
@@ -608,7 +610,7 @@ async def test_rules_of_lists_callers_user_and_entity_rules_by_room_then_kind(
     await store.put_rule(gone.id, user, "user", "r", 1, True, T0)
     await store.delete_room(gone.id, T0)
 
-    everything = await store.rules_of(user, entity, None, 10, 0)
+    everything = await store.rules_of(user, entity, 100, None, 10, 0)
 
     assert [(rule.room_id, rule.kind, rule.subject) for rule, _ in everything] == [
         (a.id, "user", user),
@@ -619,20 +621,54 @@ async def test_rules_of_lists_callers_user_and_entity_rules_by_room_then_kind(
     assert [room.id for _, room in everything] == [a.id, b.id, b.id, c.id]
     assert everything[0][1] == a
 
-    accepted = await store.rules_of(user, entity, True, 10, 0)
-    pending = await store.rules_of(user, entity, False, 10, 0)
+    accepted = await store.rules_of(user, entity, 100, True, 10, 0)
+    pending = await store.rules_of(user, entity, 100, False, 10, 0)
     assert [(r.room_id, r.kind) for r, _ in accepted] == [(a.id, "user"), (b.id, "entity")]
     assert [(r.room_id, r.kind) for r, _ in pending] == [(b.id, "user"), (c.id, "entity")]
 
-    page = await store.rules_of(user, entity, None, 2, 1)
+    page = await store.rules_of(user, entity, 100, None, 2, 1)
     assert [(r.room_id, r.kind) for r, _ in page] == [(b.id, "entity"), (b.id, "user")]
-    assert await store.rules_of(user, entity, None, 10, 4) == []
+    assert await store.rules_of(user, entity, 100, None, 10, 4) == []
 
 
 @pytest.mark.asyncio
-async def test_rooms_visible_to_owner_entity_and_accepted_rules_only(store: Store) -> None:
+async def test_rules_of_leaves_out_entity_rules_above_the_level_before_paging(
+    store: Store,
+) -> None:
     user, entity = new_id(), new_id()
-    owned = await make_room(store, owner=entity)
+    rooms = [await make_room(store) for _ in range(4)]
+    for room in rooms:
+        # Above the caller's level 50: never the caller's, whatever the page.
+        await store.put_rule(room.id, entity, "entity", "rw", 51, True, T0)
+        await store.put_rule(room.id, user, "user", "r", 99, True, T0)  # user rules: any level
+    await store.put_rule(rooms[2].id, entity, "entity", "r", 50, True, T0)  # at the level: kept
+
+    expected = [
+        (rooms[0].id, "user"),
+        (rooms[1].id, "user"),
+        (rooms[2].id, "entity"),
+        (rooms[2].id, "user"),
+        (rooms[3].id, "user"),
+    ]
+    everything = await store.rules_of(user, entity, 50, None, 10, 0)
+    assert [(r.room_id, r.kind) for r, _ in everything] == expected
+    pages = [await store.rules_of(user, entity, 50, None, 2, offset) for offset in (0, 2, 4)]
+    assert [len(page) for page in pages] == [2, 2, 1]
+    assert [(r.room_id, r.kind) for page in pages for r, _ in page] == expected
+    assert len(await store.rules_of(user, entity, 51, None, 10, 0)) == 8
+    assert [(r.room_id, r.kind) for r, _ in await store.rules_of(user, entity, 0, True, 10, 0)] == [
+        (room.id, "user") for room in rooms
+    ]
+
+
+async def visible_ids(store: Store, user: str, entity: str, level: int) -> list[int]:
+    return [r.id for r in await store.rooms_visible_to(user, entity, level, 1000, 0)]
+
+
+@pytest.mark.asyncio
+async def test_rooms_visible_to_owner_admins_and_readable_rules_only(store: Store) -> None:
+    user, entity = new_id(), new_id()
+    owned = await make_room(store, owner=entity)  # level_admin 80; its entity rule is at 100
     by_user_rule = await make_room(store)
     await store.put_rule(by_user_rule.id, user, "user", "r", 1, True, T0)
     by_entity_rule = await make_room(store)
@@ -645,13 +681,15 @@ async def test_rooms_visible_to_owner_entity_and_accepted_rules_only(store: Stor
     await store.delete_room(deleted.id, T0)
     await make_room(store)  # unrelated
 
+    at_80 = await store.rooms_visible_to(user, entity, 80, 10, 0)
     at_50 = await store.rooms_visible_to(user, entity, 50, 10, 0)
     at_49 = await store.rooms_visible_to(user, entity, 49, 10, 0)
     other_entity = await store.rooms_visible_to(new_id(), new_id(), 100, 10, 0)
 
-    assert [r.id for r in at_50] == [owned.id, by_user_rule.id, by_entity_rule.id]
-    assert at_50[0] == owned
-    assert [r.id for r in at_49] == [owned.id, by_user_rule.id]
+    assert [r.id for r in at_80] == [owned.id, by_user_rule.id, by_entity_rule.id]
+    assert at_80[0] == owned
+    assert [r.id for r in at_50] == [by_user_rule.id, by_entity_rule.id]
+    assert [r.id for r in at_49] == [by_user_rule.id]
     assert other_entity == []
     assert [r.id for r in await store.rooms_visible_to(user, entity, 100, 2, 1)] == [
         by_user_rule.id,
@@ -666,6 +704,167 @@ async def test_rooms_visible_to_lists_a_room_once_when_several_rules_admit(store
     await store.put_rule(room.id, entity, "entity", "r", 1, True, T0)
 
     assert [r.id for r in await store.rooms_visible_to(user, entity, 100, 10, 0)] == [room.id]
+
+
+@pytest.mark.asyncio
+async def test_rooms_visible_to_hides_owner_entity_rooms_below_level_admin(store: Store) -> None:
+    user, entity = new_id(), new_id()
+    direct = await make_room(store, type="user2user", owner=entity)  # no entity rule at all
+    group = await make_room(store, owner=entity)  # entity rule rw at level 100
+
+    assert await visible_ids(store, user, entity, 79) == []
+    assert await visible_ids(store, user, entity, 80) == [direct.id, group.id]
+
+
+@pytest.mark.asyncio
+async def test_rooms_visible_to_hides_banned_callers_despite_readable_rules(store: Store) -> None:
+    user, entity = new_id(), new_id()
+    user_ban = await make_room(store)
+    await store.put_rule(user_ban.id, user, "user", "b", 0, True, T0)
+    await store.put_rule(user_ban.id, entity, "entity", "rw", 0, True, T0)
+    entity_ban = await make_room(store)
+    await store.put_rule(entity_ban.id, user, "user", "rw", 0, True, T0)
+    await store.put_rule(entity_ban.id, entity, "entity", "b", 10, True, T0)
+    ban_in_same_rule = await make_room(store)
+    await store.put_rule(ban_in_same_rule.id, user, "user", "rwb", 0, True, T0)
+    ban_only = await make_room(store)
+    await store.put_rule(ban_only.id, user, "user", "b", 0, True, T0)
+    pending_ban = await make_room(store)
+    await store.put_rule(pending_ban.id, user, "user", "r", 0, True, T0)
+    await store.put_rule(pending_ban.id, entity, "entity", "b", 0, False, T0)
+    ban_for_others = await make_room(store)
+    await store.put_rule(ban_for_others.id, user, "user", "r", 0, True, T0)
+    await store.put_rule(ban_for_others.id, new_id(), "user", "b", 0, True, T0)
+    await store.put_rule(ban_for_others.id, user, "entity", "b", 0, True, T0)  # not my entity
+    await store.put_rule(ban_for_others.id, entity, "user", "b", 0, True, T0)  # not my user
+
+    assert await visible_ids(store, user, entity, 50) == [pending_ban.id, ban_for_others.id]
+    # Below the entity ban's level it no longer applies, and the user rule admits.
+    assert await visible_ids(store, user, entity, 9) == [
+        entity_ban.id,
+        pending_ban.id,
+        ban_for_others.id,
+    ]
+
+
+@pytest.mark.asyncio
+async def test_rooms_visible_to_needs_read_or_admin_not_write_alone(store: Store) -> None:
+    user, entity = new_id(), new_id()
+    write_only = await make_room(store)
+    await store.put_rule(write_only.id, user, "user", "w", 0, True, T0)
+    write_only_entity = await make_room(store)
+    await store.put_rule(write_only_entity.id, entity, "entity", "w", 0, True, T0)
+    no_flags = await make_room(store)
+    await store.put_rule(no_flags.id, user, "user", "", 0, True, T0)
+    admin_only = await make_room(store)
+    await store.put_rule(admin_only.id, user, "user", "a", 0, True, T0)
+    read_by_union = await make_room(store)
+    await store.put_rule(read_by_union.id, user, "user", "w", 0, True, T0)
+    await store.put_rule(read_by_union.id, entity, "entity", "r", 0, True, T0)
+
+    assert await visible_ids(store, user, entity, 50) == [admin_only.id, read_by_union.id]
+
+
+@pytest.mark.asyncio
+async def test_rooms_visible_to_ignores_pending_rules(store: Store) -> None:
+    user, entity = new_id(), new_id()
+    pending = await make_room(store)
+    await store.put_rule(pending.id, user, "user", "rwa", 0, False, T0)
+    pending_entity = await make_room(store)
+    await store.put_rule(pending_entity.id, entity, "entity", "r", 0, False, T0)
+
+    assert await visible_ids(store, user, entity, 100) == []
+    await store.set_accepted(pending.id, user, "user", True, T0)
+    assert await visible_ids(store, user, entity, 100) == [pending.id]
+
+
+@pytest.mark.asyncio
+async def test_rooms_visible_to_owner_entity_admin_sees_room_despite_bans(store: Store) -> None:
+    user, entity = new_id(), new_id()
+    room = await make_room(store, owner=entity)  # level_admin 80
+    await store.put_rule(room.id, user, "user", "b", 0, True, T0)
+    await store.put_rule(room.id, entity, "entity", "b", 0, True, T0)
+
+    assert await visible_ids(store, user, entity, 80) == [room.id]
+    assert await visible_ids(store, user, entity, 79) == []
+
+
+@pytest.mark.asyncio
+async def test_rooms_visible_to_pages_are_full_around_hidden_rooms(store: Store) -> None:
+    user, entity = new_id(), new_id()
+    visible: list[int] = []
+    for i in range(7):
+        # Before every visible room, rooms where a rule names the caller but does not admit.
+        banned = await make_room(store)
+        await store.put_rule(banned.id, user, "user", "rb", 0, True, T0)
+        await make_room(store, owner=entity)  # owner entity, but below level_admin 80
+        room = await make_room(store)
+        await store.put_rule(room.id, user, "user", "r", 0, True, T0)
+        if i % 2:
+            await store.put_rule(room.id, entity, "entity", "w", 0, True, T0)
+        visible.append(room.id)
+
+    pages = [
+        [r.id for r in await store.rooms_visible_to(user, entity, 50, 2, offset)]
+        for offset in (0, 2, 4, 6, 8)
+    ]
+    assert [len(page) for page in pages] == [2, 2, 2, 1, 0]
+    assert [room_id for page in pages for room_id in page] == visible
+
+
+@pytest.mark.asyncio
+async def test_rooms_visible_to_agrees_with_evaluate_on_random_rules(store: Store) -> None:
+    """Seeded random rooms and rules: the SQL listing equals ``evaluate(...).read``."""
+    rng = random.Random(20260301)
+    user, entity = new_id(), new_id()
+    levels = (0, 10, 50, 80, 100)
+
+    def flags() -> str:
+        chosen = [flag for flag in "rwba" if rng.random() < 0.35]
+        rng.shuffle(chosen)
+        return "".join(chosen)
+
+    room_ids: list[int] = []
+    for _ in range(40):
+        room = await make_room(
+            store,
+            type=rng.choice(["group", "user2user"]),
+            owner=entity if rng.random() < 0.3 else None,
+            creator=user if rng.random() < 0.1 else None,
+        )
+        if rng.random() < 0.7:
+            await store.put_rule(
+                room.id, user, "user", flags(), rng.choice(levels), rng.random() < 0.8, T0
+            )
+        if rng.random() < 0.7:
+            await store.put_rule(
+                room.id, entity, "entity", flags(), rng.choice(levels), rng.random() < 0.8, T0
+            )
+        if rng.random() < 0.3:  # rules naming someone else, or my ids under the wrong kind
+            subject, kind = rng.choice(
+                [(new_id(), "user"), (new_id(), "entity"), (entity, "user"), (user, "entity")]
+            )
+            await store.put_rule(room.id, subject, kind, flags(), 0, True, T0)
+        if rng.random() < 0.05:
+            await store.delete_room(room.id, T0)
+        room_ids.append(room.id)
+
+    accesses = {room_id: await store.room_access(room_id) for room_id in room_ids}
+    checked = 0
+    for level in (0, 9, 10, 49, 50, 79, 80, 100):
+        principal = Principal(user=user, entity=entity, level=level, exp=0, claims={})
+        expected = [
+            room_id
+            for room_id, found in accesses.items()
+            if evaluate(
+                principal,
+                None if found is None else found.room,
+                () if found is None else found.rules,
+            ).read
+        ]
+        assert await visible_ids(store, user, entity, level) == expected, f"level {level}"
+        checked += len(expected)
+    assert 0 < checked < 8 * len(room_ids)  # the seed yields both visible and hidden rooms
 
 
 # -- lifecycle ----------------------------------------------------------------------------------

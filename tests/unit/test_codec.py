@@ -52,12 +52,16 @@ def test_token_passes_content_through_for_the_verifier() -> None:
     assert decode('{"type":"token"}') == Token(None)
 
 
-@pytest.mark.parametrize(("raw", "room"), [("1", 1), ('"42"', 42), ("9223372036854775807", 2**63 - 1)])
+@pytest.mark.parametrize(
+    ("raw", "room"), [("1", 1), ('"42"', 42), ("9223372036854775807", 2**63 - 1)]
+)
 def test_select_room_accepts_integers_and_digit_strings(raw: str, room: int) -> None:
     assert decode(f'{{"type":"select_room","room_id":{raw}}}') == SelectRoom(room)
 
 
-@pytest.mark.parametrize("raw", ['"abc"', "0", "-1", "1.5", "true", "null", "[]", "9223372036854775808"])
+@pytest.mark.parametrize(
+    "raw", ['"abc"', "0", "-1", "1.5", "true", "null", "[]", "9223372036854775808"]
+)
 def test_select_room_rejects_non_positive_integers(raw: str) -> None:
     got = decode(f'{{"type":"select_room","room_id":{raw}}}')
     assert isinstance(got, BadArgs) and "room_id" in got.reason
@@ -79,7 +83,9 @@ def test_message_content_rules() -> None:
 def test_content_limit_counts_code_points_not_bytes() -> None:
     assert decode('{"type":"message","content":"éééééééééé"}') == SendMessage("é" * 10, None)
     assert decode('{"type":"message","content":"ééééééééééé"}') == TooLarge()
-    assert decode('{"type":"message","content":"🙂🙂🙂🙂🙂🙂🙂🙂🙂🙂"}') == SendMessage("🙂" * 10, None)
+    assert decode('{"type":"message","content":"🙂🙂🙂🙂🙂🙂🙂🙂🙂🙂"}') == SendMessage(
+        "🙂" * 10, None
+    )
 
 
 @pytest.mark.parametrize("client_id", ['""', "5", '"' + "x" * 65 + '"'])

@@ -71,8 +71,12 @@ def session(clock: FakeClock) -> Session:
     return s
 
 
-def token(clock: FakeClock, user: str = USER, entity: str = ENTITY, level: int = 100, ttl=600) -> Token:
-    return Token(mint(secret=SECRET, user=user, entity=entity, level=level, now=clock.wall(), ttl=ttl))
+def token(
+    clock: FakeClock, user: str = USER, entity: str = ENTITY, level: int = 100, ttl=600
+) -> Token:
+    return Token(
+        mint(secret=SECRET, user=user, entity=entity, level=level, now=clock.wall(), ttl=ttl)
+    )
 
 
 def room(room_id: int = 7, owner: str = OTHER_ENTITY, last_seq: int = 3) -> Room:
@@ -134,8 +138,14 @@ def test_bad_token_answers_badauth_and_third_failure_closes_1008(
 
 @pytest.mark.parametrize(
     "command",
-    [SelectRoom(1), SendMessage("x", None), GetPastMessages(50, None), Unknown(), BadArgs("m", "r"),
-     TooLarge()],
+    [
+        SelectRoom(1),
+        SendMessage("x", None),
+        GetPastMessages(50, None),
+        Unknown(),
+        BadArgs("m", "r"),
+        TooLarge(),
+    ],
 )
 def test_commands_before_auth_get_token_query(session: Session, command: object) -> None:
     effects = session.receive(command)  # type: ignore[arg-type]
@@ -200,10 +210,14 @@ def test_select_room_loads_then_connects_and_joins_after_the_stored_seq(
     assert session.room_id == 7
 
 
-def test_select_room_refused_for_missing_room_or_no_read(session: Session, clock: FakeClock) -> None:
+def test_select_room_refused_for_missing_room_or_no_read(
+    session: Session, clock: FakeClock
+) -> None:
     authed(session, clock)
     session.receive(SelectRoom(7))
-    assert sent(session.result(RoomLoaded(7, None))) == [{"type": "status", "data": "NOTAUTHORIZED"}]
+    assert sent(session.result(RoomLoaded(7, None))) == [
+        {"type": "status", "data": "NOTAUTHORIZED"}
+    ]
     session.receive(SelectRoom(7))
     refused = session.result(RoomLoaded(7, access("w")))  # write-only rule: no read
     assert sent(refused) == [{"type": "status", "data": "NOTAUTHORIZED"}]
@@ -241,7 +255,11 @@ def test_message_with_write_is_stored_then_published(session: Session, clock: Fa
     assert len(effects) == 1 and isinstance(effects[0], StoreMessage)
     new = effects[0].new
     assert (new.room_id, new.emitter, new.entity, new.content, new.client_id) == (
-        7, USER, ENTITY, "hello", "c1"
+        7,
+        USER,
+        ENTITY,
+        "hello",
+        "c1",
     )
     msg = Message(1, 7, 4, USER, ENTITY, "hello", T0, "c1")
     assert session.result(MessageStored(msg, True)) == [Publish(msg)]
@@ -313,7 +331,9 @@ def test_expiry_timer_before_exp_plus_leeway_rearms(session: Session, clock: Fak
     assert all(isinstance(e, Arm) for e in effects) and session.state is State.READY
 
 
-def test_refresh_with_same_user_keeps_room_and_receiving(session: Session, clock: FakeClock) -> None:
+def test_refresh_with_same_user_keeps_room_and_receiving(
+    session: Session, clock: FakeClock
+) -> None:
     in_room(session, clock)
     clock.advance(606)
     session.timer_fired(Timer.EXPIRY)
