@@ -32,16 +32,19 @@ MISSING_ROOM = 2**62
 
 
 class Outcome(NamedTuple):
-    """What a client observed: select's answer, the send's answer, and the history it read."""
+    """What a user observed: select's answer, the send's answer, the history read over the
+    WebSocket, and the access GET /rooms/{id} reports ("404" when it hides the room)."""
 
     select: str
     send: str
     history: list[str] | str
+    http: str
 
 
-FULL = Outcome("CONNECTED", "echo", [SEED, PROBE])
-READ_ONLY = Outcome("CONNECTED", "NOTAUTHORIZED", [SEED])
-REFUSED = Outcome("NOTAUTHORIZED", "SELECTROOM?", "SELECTROOM?")
+ADMIN = Outcome("CONNECTED", "echo", [SEED, PROBE], "rwa")
+FULL = Outcome("CONNECTED", "echo", [SEED, PROBE], "rw")
+READ_ONLY = Outcome("CONNECTED", "NOTAUTHORIZED", [SEED], "r")
+REFUSED = Outcome("NOTAUTHORIZED", "SELECTROOM?", "SELECTROOM?", "404")
 
 
 def revoked(room_id: int) -> dict[str, Any]:
@@ -80,15 +83,19 @@ async def read_history(client: Client) -> list[str] | str:
             return _word(frame)
 
 
-async def probe_on(client: Client, user: User, room_id: int) -> Outcome:
-    """Select the room, try to send PROBE, read the history, on an authenticated client."""
+async def probe_on(server: Server, client: Client, user: User, room_id: int) -> Outcome:
+    """On an authenticated client: select the room, try to send PROBE, read the history; then
+    ask the HTTP side-port what access it grants."""
     selected = await client.ask({"type": "select_room", "room_id": room_id})
     sent = await client.ask({"type": "message", "content": PROBE})
-    return Outcome(_word(selected), _send_word(sent, user, room_id), await read_history(client))
+    history = await read_history(client)
+    status, reply = await server.call("GET", f"/rooms/{room_id}", user)
+    http = reply["content"]["access"] if status == 200 else str(status)
+    return Outcome(_word(selected), _send_word(sent, user, room_id), history, http)
 
 
 async def probe(server: Server, user: User, room_id: int) -> Outcome:
-    return await probe_on(await server.login(user), user, room_id)
+    return await probe_on(server, await server.login(user), user, room_id)
 
 
 async def seeded_room(server: Server, owner: User) -> int:
@@ -131,10 +138,10 @@ async def send_until(client: Client, wanted: str, user: User, room_id: int) -> l
 # "owner" / "partner" an entity rule on that entity (level = the minimum levelOnEntity).
 MATRIX = [
     # Owner-entity admins: same entity as the creator, level >= level_admin, no rule of their own.
-    pytest.param("owner", 500, (), FULL, id="owner-entity-admin-at-level-admin"),
-    pytest.param("owner", 1000, (), FULL, id="owner-entity-admin-above-level-admin"),
-    pytest.param("owner", 500, ("user b",), FULL, id="owner-entity-admin-ignores-user-ban"),
-    pytest.param("owner", 500, ("owner b@0",), FULL, id="owner-entity-admin-ignores-entity-ban"),
+    pytest.param("owner", 500, (), ADMIN, id="owner-entity-admin-at-level-admin"),
+    pytest.param("owner", 1000, (), ADMIN, id="owner-entity-admin-above-level-admin"),
+    pytest.param("owner", 500, ("user b",), ADMIN, id="owner-entity-admin-ignores-user-ban"),
+    pytest.param("owner", 500, ("owner b@0",), ADMIN, id="owner-entity-admin-ignores-entity-ban"),
     # Owner entity below level_admin: only the automatic entity rule rw at level 100.
     pytest.param("owner", 499, (), FULL, id="owner-entity-499-gets-automatic-rw"),
     pytest.param("owner", 100, (), FULL, id="owner-entity-100-gets-automatic-rw"),
@@ -146,7 +153,7 @@ MATRIX = [
     pytest.param("partner", 100, ("user r",), READ_ONLY, id="user-rule-r-reads-only"),
     pytest.param("partner", 100, ("user rw",), FULL, id="user-rule-rw-reads-and-writes"),
     pytest.param("partner", 100, ("user w",), REFUSED, id="user-rule-w-alone-cannot-select"),
-    pytest.param("partner", 100, ("user a",), FULL, id="user-rule-a-implies-rw"),
+    pytest.param("partner", 100, ("user a",), ADMIN, id="user-rule-a-implies-rw"),
     # Entity rules admit from their level up, and only their own entity.
     pytest.param("partner", 300, ("partner rw@300",), FULL, id="entity-rule-rw300-admits-300"),
     pytest.param("partner", 400, ("partner rw@300",), FULL, id="entity-rule-rw300-admits-400"),
@@ -209,9 +216,7 @@ async def test_owner_entity_admin_without_own_rule_manages_members_even_when_ban
     status, reply = await server.call("GET", f"/rooms/{room_id}", admin)
     assert (status, reply["content"]["access"]) == (200, "rwa")
     assert await server.grant(admin, room_id, guest.user, "r") == 201
-    assert await probe(server, guest, room_id) == Outcome(
-        "CONNECTED", "NOTAUTHORIZED", [SEED, PROBE]
-    )
+    assert await probe(server, guest, room_id) == READ_ONLY._replace(history=[SEED, PROBE])
 
 
 @pytest.mark.parametrize(
@@ -250,9 +255,9 @@ async def test_pending_invitation_is_refused_until_accepted_then_connected(
     room_id = await seeded_room(server, owner)
     await server.grant(owner, room_id, guest.user, "rw", kind="user", invite=True)
     client = await server.login(guest)
-    assert await probe_on(client, guest, room_id) == REFUSED
+    assert await probe_on(server, client, guest, room_id) == REFUSED
     await accept(server, guest, room_id, True)
-    assert await probe_on(client, guest, room_id) == FULL
+    assert await probe_on(server, client, guest, room_id) == FULL
 
 
 async def test_declined_invitation_is_refused(server: Server) -> None:
