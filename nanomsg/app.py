@@ -13,7 +13,7 @@ from aiohttp import web
 
 from nanomsg.auth import Verifier
 from nanomsg.clock import Clock, SystemClock
-from nanomsg.config import Config
+from nanomsg.config import Config, ConfigError
 from nanomsg.fanout import Hub
 from nanomsg.http_api import build_http_app
 from nanomsg.relay.base import Relay, RelayHandlers
@@ -27,15 +27,29 @@ log = logging.getLogger(__name__)
 
 
 def build_verifier(config: Config, clock: Clock) -> Verifier:
-    pem = Path(config.jwt_public_key).read_bytes() if config.jwt_public_key else b""
-    return Verifier.from_material(
-        clock=clock,
-        secret=config.jwt_secret,
-        public_key_pem=pem,
-        audience=config.jwt_audience,
-        issuer=config.jwt_issuer,
-        leeway=config.jwt_leeway,
-    )
+    """The token verifier; a missing or unusable key file is a ConfigError naming the variable."""
+    try:
+        pem = Path(config.jwt_public_key).read_bytes() if config.jwt_public_key else b""
+    except OSError as exc:
+        raise ConfigError(
+            f"NANOMSG_JWT_PUBLIC_KEY: cannot read {exc.filename}: {exc.strerror}"
+        ) from None
+    try:
+        return Verifier.from_material(
+            clock=clock,
+            secret=config.jwt_secret,
+            public_key_pem=pem,
+            audience=config.jwt_audience,
+            issuer=config.jwt_issuer,
+            leeway=config.jwt_leeway,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"NANOMSG_JWT_PUBLIC_KEY: {exc}") from None
+
+
+def url_host(host: str) -> str:
+    """A host as it appears in a URL: IPv6 literals get brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 class App:
@@ -83,11 +97,12 @@ class App:
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.config.host, self.config.http_port)
         await self._site.start()
+        host = url_host(self.config.host)
         log.info(
             "nanomsg listening: ws://%s:%d/chat, http://%s:%d",
-            self.config.host,
+            host,
             self.ws_port,
-            self.config.host,
+            host,
             self.http_port,
         )
 

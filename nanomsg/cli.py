@@ -14,8 +14,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
-from nanomsg.app import App
-from nanomsg.auth import mint
+from nanomsg.app import App, build_verifier, url_host
+from nanomsg.auth import is_uuid, mint
 from nanomsg.clock import SystemClock, utc_datetime
 from nanomsg.config import Config, ConfigError, add_options, duration, from_namespace
 from nanomsg.store.base import NewRoom, StoreUnavailable
@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.dev and not config.jwt_secret:
             config = replace(config, jwt_secret=secrets.token_urlsafe(32))
         config.validate()
+        build_verifier(config, SystemClock())  # a bad key file is a configuration error
     except ConfigError as exc:
         print(f"nanomsg: {exc}", file=sys.stderr)
         return 2
@@ -82,6 +83,10 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 def _token(config: Config, args: argparse.Namespace) -> int:
     if not config.jwt_secret:
         raise ConfigError("no signing secret: set NANOMSG_JWT_SECRET (or --jwt-secret)")
+    config.validate()
+    for flag, value in (("--user", args.user), ("--entity", args.entity)):
+        if not is_uuid(value):
+            raise ConfigError(f"{flag} must be a UUID (the server refuses anything else)")
     print(
         mint(
             secret=config.jwt_secret,
@@ -114,7 +119,12 @@ async def _serve(config: Config) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     app = App(config)
-    await app.start()
+    try:
+        await app.start()
+    except BaseException:
+        # Release what did start (an open store keeps a worker thread alive).
+        await app.stop()
+        raise
     try:
         if config.dev:
             await _dev_banner(app, config)
@@ -156,7 +166,8 @@ async def _dev_banner(app: App, config: Config) -> None:
         )
         for user in DEV_USERS
     ]
-    url = f"ws://{config.host}:{app.ws_port}/chat"
+    host = url_host(config.host)
+    url = f"ws://{host}:{app.ws_port}/chat"
     print(
         "\n".join(
             [
@@ -170,7 +181,7 @@ async def _dev_banner(app: App, config: Config) -> None:
                 f'        {{"type":"select_room","room_id":{room.id}}}',
                 '        {"type":"message","content":"hello"}',
                 f"  HTTP: curl -H 'Authorization: Bearer <token>' "
-                f"http://{config.host}:{app.http_port}/rooms",
+                f"http://{host}:{app.http_port}/rooms",
             ]
         ),
         flush=True,

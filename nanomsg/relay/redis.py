@@ -181,6 +181,7 @@ class RedisRelay:
 
     async def _subscriber(self) -> None:
         backoff = 0.1
+        lost = False  # a subscription existed and broke: notices may have been missed
         while True:
             client = self._client()
             pubsub = client.pubsub()
@@ -190,11 +191,14 @@ class RedisRelay:
                 channels = [self.control, *(f"{self.room_prefix}{r}" for r in rooms)]
                 await pubsub.subscribe(*channels)
                 self._sub_ready = True
-                if backoff > 0.1:
-                    log.warning(
-                        "redis subscriber reconnected; resynchronising %d rooms", len(rooms)
-                    )
                 backoff = 0.1
+                if lost:
+                    # Messages are refilled by the subscribe confirmations (resync); room-change
+                    # notices sent meanwhile are gone, so re-check every watched room too.
+                    log.warning("redis subscriber reconnected; re-checking %d rooms", len(rooms))
+                    for room_id in rooms:
+                        self.handlers.room_changed(room_id)
+                lost = True
                 # Rooms watched meanwhile may have been subscribed by neither path.
                 for room_id in self._watched - rooms:
                     await pubsub.subscribe(f"{self.room_prefix}{room_id}")

@@ -85,15 +85,22 @@ async def run_cli(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    assert proc.stdout is not None and proc.stderr is not None
+    output = asyncio.gather(proc.stdout.read(), proc.stderr.read())
+    timed_out = False
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        await asyncio.wait_for(proc.wait(), timeout)
     except TimeoutError:
-        proc.kill()
-        out, err = await proc.communicate()
+        timed_out = True
+    finally:
+        if proc.returncode is None:  # timed out or cancelled: never leave it running
+            proc.kill()
+            await proc.wait()
+    out, err = await output
+    if timed_out:
         raise AssertionError(
-            f"nanomsg {' '.join(args)} did not finish in {timeout}s;"
-            f" stderr so far: {err.decode()!r}"
-        ) from None
+            f"nanomsg {' '.join(args)} did not finish in {timeout}s; stderr: {err.decode()!r}"
+        )
     assert proc.returncode is not None
     return Finished(proc.returncode, out.decode(), err.decode())
 
@@ -254,12 +261,6 @@ async def test_serve_help_lists_every_option_flag_and_its_variable(tmp_path: Pat
     assert missing_env == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli bug: ValueError from Verifier.from_material (a --jwt-public-key file that is "
-    "neither an RSA nor an EC public key) escapes main() as a traceback, exit 1, instead of "
-    "a one-line configuration error with exit 2",
-)
 async def test_serve_with_a_public_key_file_that_is_not_a_key_exits_2_with_one_line(
     tmp_path: Path,
 ) -> None:
@@ -274,12 +275,6 @@ async def test_serve_with_a_public_key_file_that_is_not_a_key_exits_2_with_one_l
     assert "NANOMSG_JWT_PUBLIC_KEY" in one_line(done.stderr)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli bug: _serve does not stop the App when App.start() fails after the store was "
-    "opened; the SQLite store's aiosqlite worker thread (non-daemon) keeps the process alive "
-    "after it printed the bind error, and SIGTERM no longer stops it (only SIGKILL does)",
-)
 async def test_serve_exits_1_with_one_line_when_the_websocket_port_is_taken(
     tmp_path: Path,
 ) -> None:
@@ -329,6 +324,16 @@ async def test_token_without_a_secret_exits_2_naming_the_variable(tmp_path: Path
     )
     assert done.returncode == 2, done
     assert "NANOMSG_JWT_SECRET" in one_line(done.stderr)
+    assert done.stdout == ""
+
+
+async def test_token_refuses_a_user_that_is_not_a_uuid(tmp_path: Path) -> None:
+    env = {**cli_env(tmp_path), "NANOMSG_JWT_SECRET": SECRET}
+    done = await run_cli(
+        "token", *("--user", "alice", "--entity", str(uuid.uuid4())), env=env, cwd=tmp_path
+    )
+    assert done.returncode == 2, done
+    assert "--user must be a UUID" in one_line(done.stderr)
     assert done.stdout == ""
 
 
@@ -413,9 +418,7 @@ async def test_serve_dev_prints_tokens_a_room_and_a_wscat_line_that_work(
 
 
 async def test_serve_answers_healthz_on_the_http_port_it_logged(start_serve: StartServe) -> None:
-    server = await start_serve(
-        "--port", "0", "--http-port", "0", NANOMSG_JWT_SECRET=SECRET, NANOMSG_LOG_LEVEL="INFO"
-    )
+    server = await start_serve("--port", "0", "--http-port", "0", NANOMSG_JWT_SECRET=SECRET)
     _, http_port = await server.ports()
     async with (
         aiohttp.ClientSession() as session,
