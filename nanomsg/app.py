@@ -19,6 +19,7 @@ from nanomsg.http_api import build_http_app
 from nanomsg.relay.base import Relay, RelayHandlers
 from nanomsg.relay.memory import MemoryRelay
 from nanomsg.relay.redis import RedisRelay
+from nanomsg.relay.redis_cluster import RedisClusterRelay
 from nanomsg.store.base import Store
 from nanomsg.store.factory import store_from_url
 from nanomsg.ws_server import WsServer
@@ -64,11 +65,13 @@ class App:
         handlers = RelayHandlers(
             message=self.hub.deliver, room_changed=self.hub.room_changed, resync=self.hub.resync
         )
-        self.relay: Relay = (
-            RedisRelay(config.redis_url, handlers, prefix=config.redis_prefix)
-            if config.redis_url
-            else MemoryRelay(handlers)
-        )
+        self.relay: Relay
+        if config.redis_cluster:
+            self.relay = RedisClusterRelay(config.redis_url, handlers, prefix=config.redis_prefix)
+        elif config.redis_url:
+            self.relay = RedisRelay(config.redis_url, handlers, prefix=config.redis_prefix)
+        else:
+            self.relay = MemoryRelay(handlers)
         self.hub.attach(self.relay)
         self.ws = WsServer(
             config=config, hub=self.hub, store=self.store, verifier=self.verifier, clock=self.clock

@@ -59,6 +59,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("database_url", str, "sqlite:///nanomsg.db", "sqlite:///path or postgresql://..."),
     Option("redis_url", str, "", "redis://... to relay between processes; empty: in-process"),
     Option(
+        "redis_cluster",
+        _bool,
+        False,
+        "the Redis URL names a node of a Redis Cluster: use sharded pub/sub",
+    ),
+    Option(
         "redis_prefix",
         str,
         "nanomsg",
@@ -82,6 +88,14 @@ OPTIONS: tuple[Option, ...] = (
         "seconds between keepalive pings; no pong by the next ping closes (0: off)",
     ),
     Option("pg_pool_size", int, 10, "PostgreSQL connections per process"),
+    Option("resume_cap", int, 1000, "most messages replayed by select_room with since"),
+    Option("workers", int, 1, "processes sharing the ports (SO_REUSEPORT); >1 needs Redis"),
+    Option(
+        "shutdown_timeout",
+        duration,
+        10.0,
+        "seconds SIGTERM waits for sends in flight before closing",
+    ),
     Option("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Option("dev", _bool, False, "generate a signing secret and print ready tokens"),
 )
@@ -94,6 +108,7 @@ class Config:
     http_port: int = 7778
     database_url: str = "sqlite:///nanomsg.db"
     redis_url: str = ""
+    redis_cluster: bool = False
     redis_prefix: str = "nanomsg"
     jwt_secret: str = ""
     jwt_public_key: str = ""
@@ -108,6 +123,9 @@ class Config:
     max_backlog: int = 1 << 20
     ping_interval: float = 20.0
     pg_pool_size: int = 10
+    resume_cap: int = 1000
+    workers: int = 1
+    shutdown_timeout: float = 10.0
     log_level: str = "INFO"
     dev: bool = False
 
@@ -138,6 +156,18 @@ class Config:
                 raise ConfigError(f"NANOMSG_{name.upper()} must be positive")
         if not 0 <= self.jwt_leeway < math.inf:  # nan here would make every token never expire
             raise ConfigError("NANOMSG_JWT_LEEWAY must be a finite number of seconds >= 0")
+        if self.workers < 1:
+            raise ConfigError("NANOMSG_WORKERS must be at least 1")
+        if self.workers > 1 and not self.redis_url:
+            raise ConfigError(
+                "NANOMSG_WORKERS > 1 needs NANOMSG_REDIS_URL: workers relay through Redis"
+            )
+        if self.redis_cluster and not self.redis_url:
+            raise ConfigError("NANOMSG_REDIS_CLUSTER needs NANOMSG_REDIS_URL")
+        if self.resume_cap < 1:
+            raise ConfigError("NANOMSG_RESUME_CAP must be at least 1")
+        if not 0 < self.shutdown_timeout < math.inf:
+            raise ConfigError("NANOMSG_SHUTDOWN_TIMEOUT must be positive")
         if self.pg_pool_size < 1:
             raise ConfigError("NANOMSG_PG_POOL_SIZE must be at least 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
