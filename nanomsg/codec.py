@@ -56,6 +56,11 @@ def history_end(count: int) -> bytes:
     return _frame("status", "HISTORYEND", count=count)
 
 
+def resumed(room_id: int, count: int, complete: bool) -> bytes:
+    """Ends a resume replay; live messages follow."""
+    return _frame("status", "RESUMED", room_id=room_id, count=count, complete=complete)
+
+
 def revoked(room_id: int) -> bytes:
     """Sent when a live connection loses read access to its room."""
     return _frame("status", "NOTAUTHORIZED", room_id=room_id)
@@ -104,7 +109,12 @@ def _select_room(obj: dict[str, Any], max_content: int) -> Command:
     room_id = _int_field(obj, "room_id", minimum=1, digits_ok=True)
     if room_id is None:
         return BadArgs("select_room", "room_id must be a positive integer")
-    return SelectRoom(room_id)
+    since = None
+    if obj.get("since") is not None:
+        since = _int_field(obj, "since", minimum=0, digits_ok=False)
+        if since is None:
+            return BadArgs("select_room", "since must be an integer seq >= 0")
+    return SelectRoom(room_id, since)
 
 
 def _message(obj: dict[str, Any], max_content: int) -> Command:

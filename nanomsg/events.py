@@ -21,6 +21,7 @@ class Token:
 @dataclass(frozen=True, slots=True)
 class SelectRoom:
     room_id: int
+    since: int | None = None  # resume: replay stored messages with seq > since
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,15 @@ class HistoryLoaded:
 
 
 @dataclass(frozen=True, slots=True)
+class Replayed:
+    """Stored messages a resuming connection missed (oldest first), up to the resume cap."""
+
+    room_id: int
+    messages: tuple[Message, ...]
+    complete: bool  # False: more were missed than the cap; older ones must be paged
+
+
+@dataclass(frozen=True, slots=True)
 class RoomMissing:
     """The store said the room is gone while we acted on it."""
 
@@ -107,7 +117,7 @@ class StorageFailed:
     pass
 
 
-Result = RoomLoaded | MessageStored | HistoryLoaded | RoomMissing | StorageFailed
+Result = RoomLoaded | MessageStored | HistoryLoaded | Replayed | RoomMissing | StorageFailed
 
 
 class Timer(Enum):
@@ -160,10 +170,20 @@ class LoadHistory:
 
 @dataclass(frozen=True, slots=True)
 class Join:
-    """Start receiving the room's live messages, the first one expected after ``last_seq``."""
+    """Start receiving the room's live messages, the first one expected after ``last_seq``.
+
+    With ``since``, first replay what was stored after ``since`` (the shell answers with
+    ``Replayed``); live messages arriving meanwhile wait until ``EndReplay``.
+    """
 
     room_id: int
     last_seq: int
+    since: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndReplay:
+    """The replay is written: release the live messages held meanwhile."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +214,7 @@ Effect = (
     | StoreMessage
     | LoadHistory
     | Join
+    | EndReplay
     | Leave
     | Publish
     | SetReceiving

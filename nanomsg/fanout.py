@@ -45,8 +45,8 @@ def text_frame(payload: bytes) -> bytes:
 class Receiver(Protocol):
     """What the hub needs of a connection."""
 
-    def write_frame(self, frame: bytes) -> None:
-        """Write a ready frame unless the connection is closing or not receiving."""
+    def write_frame(self, frame: bytes, seq: int) -> None:
+        """Write a ready room-message frame (unless closing, not receiving, or already had)."""
 
     def reauthorize(self, access: RoomAccess | None) -> None:
         """The room's rules changed; re-check and act (leave, tell the client)."""
@@ -87,7 +87,8 @@ class Hub:
 
     # -- membership -----------------------------------------------------------------------------
 
-    def join(self, receiver: Receiver, room_id: int, last_seq: int) -> None:
+    def join(self, receiver: Receiver, room_id: int, last_seq: int) -> int:
+        """Add a receiver; returns the first seq it will be written live."""
         channel = self.rooms.get(room_id)
         if channel is None:
             channel = RoomChannel(room_id=room_id, next_seq=last_seq + 1)
@@ -95,6 +96,7 @@ class Hub:
             if self.relay is not None:
                 self.relay.watch(room_id)
         channel.members[receiver] = None
+        return channel.next_seq
 
     def leave(self, receiver: Receiver, room_id: int) -> None:
         channel = self.rooms.get(room_id)
@@ -157,7 +159,7 @@ class Hub:
         channel.next_seq = message.seq + 1
         # Copy: a write can close a slow consumer, which leaves the room while we iterate.
         for receiver in list(channel.members):
-            receiver.write_frame(frame)
+            receiver.write_frame(frame, message.seq)
 
     def _fill(self, channel: RoomChannel) -> None:
         if channel.gap_timer is not None:

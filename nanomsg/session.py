@@ -26,6 +26,7 @@ from nanomsg.events import (
     Command,
     Disarm,
     Effect,
+    EndReplay,
     GetPastMessages,
     HistoryLoaded,
     Join,
@@ -35,6 +36,7 @@ from nanomsg.events import (
     MessageStored,
     Publish,
     Quit,
+    Replayed,
     Result,
     RoomLoaded,
     RoomMissing,
@@ -102,6 +104,8 @@ class Session:
         # that changed entity or level) rather than a select_room.
         self._loading: int | None = None
         self._recheck = False
+        self._since: int | None = None  # of the select_room being loaded
+        self._replaying = False
 
     # -- entry points ---------------------------------------------------------------------------
 
@@ -131,11 +135,24 @@ class Session:
             out: list[Effect] = [Send(codec.message_frame(m)) for m in result.messages]
             out.append(Send(codec.history_end(len(result.messages))))
             return out
+        if isinstance(result, Replayed):
+            self._replaying = False
+            if result.room_id != self.room_id:  # the room was lost while reading the replay
+                return [EndReplay()]
+            out = [Send(codec.message_frame(m)) for m in result.messages]
+            out.append(Send(codec.resumed(result.room_id, len(result.messages), result.complete)))
+            out.append(EndReplay())
+            return out
         if isinstance(result, RoomMissing):
             self._loading = None
             return self._lose_room(result.room_id)
         assert isinstance(result, StorageFailed)
         self._loading = None
+        if self._replaying and self.room_id is not None:
+            # A resume whose replay could not be read: leave rather than leave a gap.
+            self._replaying = False
+            room_id, self.room_id, self.access = self.room_id, None, None
+            return [Leave(room_id), Send(codec.UNAVAILABLE)]
         return [Send(codec.UNAVAILABLE)]
 
     def timer_fired(self, timer: Timer) -> list[Effect]:
@@ -217,7 +234,7 @@ class Session:
 
     def _select(self, command: Command) -> list[Effect]:
         assert isinstance(command, SelectRoom)
-        self._loading, self._recheck = command.room_id, False
+        self._loading, self._recheck, self._since = command.room_id, False, command.since
         return [LoadRoom(command.room_id)]
 
     def _send(self, command: Command) -> list[Effect]:
@@ -304,13 +321,16 @@ class Session:
             self.room_id = self.access = None
             out.append(Send(codec.NOTAUTHORIZED))
             return out
-        if self.room_id is not None and self.room_id != loaded.room_id:
+        since = self._since
+        # A resume of the current room rejoins too, so its replay and live stream line up.
+        rejoin = self.room_id != loaded.room_id or since is not None
+        if self.room_id is not None and rejoin:
             out.append(Leave(self.room_id))
-        rejoin = self.room_id != loaded.room_id
         self.room_id, self.access = loaded.room_id, decision
         out.append(Send(codec.CONNECTED))
         if rejoin:
-            out.append(Join(loaded.room_id, access.room.last_seq))
+            self._replaying = since is not None
+            out.append(Join(loaded.room_id, access.room.last_seq, since))
         return out
 
     def _lose_room(self, room_id: int) -> list[Effect]:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, cast
 
 from websockets.frames import Frame, Opcode
@@ -33,6 +34,7 @@ from nanomsg.events import (
     Command,
     Disarm,
     Effect,
+    EndReplay,
     HistoryLoaded,
     Join,
     Leave,
@@ -40,6 +42,7 @@ from nanomsg.events import (
     LoadRoom,
     MessageStored,
     Publish,
+    Replayed,
     Result,
     RoomLoaded,
     RoomMissing,
@@ -52,7 +55,7 @@ from nanomsg.events import (
 from nanomsg.fanout import Hub, text_frame
 from nanomsg.models import RoomAccess
 from nanomsg.session import CloseCode, Limits, Session
-from nanomsg.store.base import RoomGone, Store, StoreUnavailable
+from nanomsg.store.base import HistoryQuery, RoomGone, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,10 @@ class Connection(asyncio.Protocol):
         self.receiving = True
         self.closing = False
         self.joined: int | None = None
+        # Resume: live frames held while the replay is read, and the seq the client already has.
+        self.held: list[bytes] | None = None
+        self.held_bytes = 0
+        self.min_seq = 0
         self.pong_pending = False
         self.timers: dict[Timer | None, asyncio.TimerHandle] = {}
 
@@ -187,11 +194,14 @@ class Connection(asyncio.Protocol):
             elif isinstance(effect, Publish):
                 self.server.hub.publish(effect.message)
             elif isinstance(effect, Join):
-                self.joined = effect.room_id
-                self.server.hub.join(self, effect.room_id, effect.last_seq)
+                self._join(effect)
+            elif isinstance(effect, EndReplay):
+                held, self.held, self.held_bytes = self.held or [], None, 0
+                for frame in held:
+                    self._write(frame)
             elif isinstance(effect, Leave):
                 self.server.hub.leave(self, effect.room_id)
-                self.joined = None
+                self.joined, self.held, self.held_bytes = None, None, 0
             elif isinstance(effect, LoadRoom | StoreMessage | LoadHistory):
                 self.busy = True
                 self.server.spawn(self._run(effect))
@@ -204,7 +214,19 @@ class Connection(asyncio.Protocol):
             elif isinstance(effect, Close):
                 self.close(effect.code, effect.reason)
 
-    async def _run(self, effect: LoadRoom | StoreMessage | LoadHistory) -> None:
+    def _join(self, join: Join) -> None:
+        self.joined = join.room_id
+        live_from = self.server.hub.join(self, join.room_id, join.last_seq)
+        self.min_seq = join.since or 0
+        if join.since is None:
+            return
+        # Replay seqs since+1 .. live_from-1 from storage; live frames from live_from are held
+        # until the replay is written, so the client sees no gap and no duplicate.
+        self.held, self.held_bytes = [], 0
+        self.busy = True
+        self.server.spawn(self._run(_Replay(join.room_id, join.since, live_from)))
+
+    async def _run(self, effect: LoadRoom | StoreMessage | LoadHistory | _Replay) -> None:
         store = self.server.store
         result: Result
         try:
@@ -213,8 +235,10 @@ class Connection(asyncio.Protocol):
             elif isinstance(effect, StoreMessage):
                 message, created = await store.append_message(effect.new)
                 result = MessageStored(message, created)
-            else:
+            elif isinstance(effect, LoadHistory):
                 result = HistoryLoaded(tuple(await store.history(effect.query)))
+            else:
+                result = await effect.load(store, self.server.config.resume_cap)
         except StoreUnavailable:
             result = StorageFailed()
         except RoomGone:
@@ -250,10 +274,17 @@ class Connection(asyncio.Protocol):
 
     # -- sending ------------------------------------------------------------------------------
 
-    def write_frame(self, frame: bytes) -> None:
+    def write_frame(self, frame: bytes, seq: int) -> None:
         """A room message from the hub (``fanout.Receiver``)."""
-        if self.receiving and not self.closing:
+        if not self.receiving or self.closing or seq <= self.min_seq:
+            return
+        if self.held is None:
             self._write(frame)
+            return
+        self.held.append(frame)
+        self.held_bytes += len(frame)
+        if self.held_bytes > self.server.config.max_backlog:
+            self.close(CloseCode.SLOW_CONSUMER, "backlog over limit")
 
     def reauthorize(self, access: RoomAccess | None) -> None:
         if self.session is not None and not self.closing:
@@ -302,6 +333,28 @@ class Connection(asyncio.Protocol):
         self.pong_pending = True
         self.ws.send_ping(b"nanomsg")
         self._flush()
+
+
+@dataclass(frozen=True, slots=True)
+class _Replay:
+    """Read what a resuming connection missed: seq in (since, live_from), the latest ``cap``."""
+
+    room_id: int
+    since: int
+    live_from: int
+
+    async def load(self, store: Store, cap: int) -> Replayed:
+        missed = max(self.live_from - 1 - self.since, 0)
+        if missed == 0:
+            return Replayed(self.room_id, (), True)
+        query = HistoryQuery(
+            room_id=self.room_id,
+            limit=min(missed, cap),
+            after=self.since,
+            before=self.live_from,
+            newest=True,
+        )
+        return Replayed(self.room_id, tuple(await store.history(query)), missed <= cap)
 
 
 class _QuietLogger(logging.LoggerAdapter[logging.Logger]):

@@ -71,7 +71,11 @@ class Client:
         return False
 
     async def close(self) -> None:
-        await self.ws.close()
+        """Close politely, but never wait long: a test client may have stopped reading."""
+        try:
+            await asyncio.wait_for(self.ws.close(), 1.0)
+        except TimeoutError:
+            self.ws.transport.abort()
 
 
 @dataclass
@@ -191,8 +195,7 @@ async def server_factory(
         yield factory
     finally:
         for srv in started:
-            for client in srv.clients:
-                await client.close()
+            await asyncio.gather(*(client.close() for client in srv.clients))
             await srv.app.stop()
         await session.close()
 

@@ -67,6 +67,14 @@ def test_select_room_rejects_non_positive_integers(raw: str) -> None:
     assert isinstance(got, BadArgs) and "room_id" in got.reason
 
 
+def test_select_room_since_is_an_optional_non_negative_seq() -> None:
+    assert decode('{"type":"select_room","room_id":3,"since":0}') == SelectRoom(3, 0)
+    assert decode('{"type":"select_room","room_id":3,"since":null}') == SelectRoom(3, None)
+    for bad in ('"5"', "-1", "1.5", "true"):
+        got = decode(f'{{"type":"select_room","room_id":3,"since":{bad}}}')
+        assert isinstance(got, BadArgs) and "since" in got.reason, bad
+
+
 def test_select_room_without_room_id_is_badargs() -> None:
     assert decode('{"type":"select_room"}') == BadArgs("select_room", "room_id is required")
 

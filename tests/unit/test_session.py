@@ -18,6 +18,7 @@ from nanomsg.events import (
     Close,
     Disarm,
     Effect,
+    EndReplay,
     GetPastMessages,
     HistoryLoaded,
     Join,
@@ -27,6 +28,7 @@ from nanomsg.events import (
     MessageStored,
     Publish,
     Quit,
+    Replayed,
     RoomLoaded,
     RoomMissing,
     SelectRoom,
@@ -394,3 +396,51 @@ def test_reauthorize_for_another_room_does_nothing(session: Session, clock: Fake
     in_room(session, clock, room_id=7)
     assert session.reauthorize(RoomAccess(room(8), ())) == []
     assert session.room_id == 7
+
+
+def test_select_with_since_joins_for_a_replay_then_ends_it_with_resumed(
+    session: Session, clock: FakeClock
+) -> None:
+    authed(session, clock)
+    session.receive(SelectRoom(7, since=2))
+    effects = session.result(RoomLoaded(7, access("r")))
+    assert sent(effects) == [{"type": "status", "data": "CONNECTED"}]
+    assert effects[-1] == Join(7, 3, since=2)
+    msg = Message(1, 7, 3, USER, ENTITY, "missed", T0)
+    done = session.result(Replayed(7, (msg,), True))
+    frames = sent(done)
+    assert frames[0]["data"]["seq"] == 3  # type: ignore[index]
+    assert frames[1] == {
+        "type": "status",
+        "data": "RESUMED",
+        "room_id": 7,
+        "count": 1,
+        "complete": True,
+    }
+    assert done[-1] == EndReplay()
+
+
+def test_resuming_the_current_room_rejoins_it(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock)
+    session.receive(SelectRoom(7, since=0))
+    effects = session.result(RoomLoaded(7, access("r")))
+    assert Leave(7) in effects and effects[-1] == Join(7, 3, since=0)
+
+
+def test_replay_storage_failure_leaves_the_room(session: Session, clock: FakeClock) -> None:
+    authed(session, clock)
+    session.receive(SelectRoom(7, since=0))
+    session.result(RoomLoaded(7, access("r")))
+    effects = session.result(StorageFailed())
+    assert Leave(7) in effects
+    assert sent(effects) == [{"type": "status", "data": "UNAVAILABLE"}]
+    assert session.room_id is None
+
+
+def test_replay_for_a_room_lost_meanwhile_sends_nothing(session: Session, clock: FakeClock) -> None:
+    authed(session, clock)
+    session.receive(SelectRoom(7, since=0))
+    session.result(RoomLoaded(7, access("r")))
+    session.reauthorize(None)  # room deleted while the replay was read
+    msg = Message(1, 7, 1, USER, ENTITY, "x", T0)
+    assert session.result(Replayed(7, (msg,), True)) == [EndReplay()]
