@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -73,8 +75,14 @@ class App:
         else:
             self.relay = MemoryRelay(handlers)
         self.hub.attach(self.relay)
+        self.node_id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.ws = WsServer(
-            config=config, hub=self.hub, store=self.store, verifier=self.verifier, clock=self.clock
+            config=config,
+            hub=self.hub,
+            store=self.store,
+            verifier=self.verifier,
+            clock=self.clock,
+            node_id=self.node_id,
         )
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -98,7 +106,12 @@ class App:
             http_app, handle_signals=False, access_log=None, shutdown_timeout=5.0
         )
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.config.host, self.config.http_port)
+        self._site = web.TCPSite(
+            self._runner,
+            self.config.host,
+            self.config.http_port,
+            reuse_port=self.config.reuse_port or None,
+        )
         await self._site.start()
         host = url_host(self.config.host)
         log.info(
@@ -120,20 +133,29 @@ class App:
             return int(address[1])
         raise RuntimeError("HTTP side-port not started")
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Stop in reverse order of start; no step may stall shutdown past ``timeout``."""
+    async def stop(self) -> None:
+        """Stop in reverse order of start, all within ``--shutdown-timeout``.
+
+        The WebSocket server gets most of the budget (sends in flight finish, then 1001);
+        the relay then flushes what it still has to publish; storage closes last.
+        """
+        loop = asyncio.get_running_loop()
+        budget = self.config.shutdown_timeout
+        deadline = loop.time() + budget
+        ws_budget = max(budget - 2.0, budget * 0.6)
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-            ("websocket server", self.ws.stop),
+            ("websocket server", lambda: self.ws.stop(ws_budget)),
             ("http side-port", self._stop_http),
             ("hub", self.hub.close),
             ("relay", self.relay.close),
             ("storage", self.store.close),
         ]
         for name, step in steps:
+            left = max(deadline - loop.time(), 0.1)
             try:
-                await asyncio.wait_for(step(), timeout)
+                await asyncio.wait_for(step(), left)
             except TimeoutError:
-                log.error("shutdown: %s did not stop within %.0fs", name, timeout)
+                log.error("shutdown: %s did not stop in time", name)
 
     async def _stop_http(self) -> None:
         if self._runner is not None:

@@ -19,6 +19,7 @@ from nanomsg.auth import is_uuid, mint
 from nanomsg.clock import SystemClock, utc_datetime
 from nanomsg.config import Config, ConfigError, add_options, duration, from_namespace
 from nanomsg.store.base import NewRoom, StoreUnavailable
+from nanomsg.supervisor import Supervisor
 
 DEV_ENTITY = "00000000-0000-4000-8000-00000000d3e7"
 DEV_USERS = ("00000000-0000-4000-8000-0000000000a1", "00000000-0000-4000-8000-0000000000b2")
@@ -59,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if config.workers > 1:
+        return _run(Supervisor(config).run())
     return _run(_serve(config))
 
 

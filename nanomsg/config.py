@@ -91,6 +91,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("resume_cap", int, 1000, "most messages replayed by select_room with since"),
     Option("workers", int, 1, "processes sharing the ports (SO_REUSEPORT); >1 needs Redis"),
     Option(
+        "reuse_port",
+        _bool,
+        False,
+        "bind with SO_REUSEPORT so several processes share the ports (set for workers)",
+    ),
+    Option(
         "shutdown_timeout",
         duration,
         10.0,
@@ -125,6 +131,7 @@ class Config:
     pg_pool_size: int = 10
     resume_cap: int = 1000
     workers: int = 1
+    reuse_port: bool = False
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
     dev: bool = False
@@ -162,6 +169,8 @@ class Config:
             raise ConfigError(
                 "NANOMSG_WORKERS > 1 needs NANOMSG_REDIS_URL: workers relay through Redis"
             )
+        if self.workers > 1 and (self.port == 0 or self.http_port == 0):
+            raise ConfigError("NANOMSG_WORKERS > 1 needs fixed ports: port 0 cannot be shared")
         if self.redis_cluster and not self.redis_url:
             raise ConfigError("NANOMSG_REDIS_CLUSTER needs NANOMSG_REDIS_URL")
         if self.resume_cap < 1:

@@ -78,6 +78,7 @@ class Connection(asyncio.Protocol):
         self.inbox: deque[Command] = deque()
         self.busy = False
         self.paused = False
+        self.draining = False  # shutting down: no new commands are started
         self.receiving = True
         self.closing = False
         self.joined: int | None = None
@@ -131,6 +132,9 @@ class Connection(asyncio.Protocol):
             self.ws.send_response(self.ws.reject(404, "Not Found: the WebSocket path is /chat\n"))
             return
         response = self.ws.accept(request)
+        if response.status_code == 101:
+            # Which process serves this connection: for operators, and for the worker tests.
+            response.headers["X-Nanomsg-Node"] = self.server.node_id
         self.ws.send_response(response)
         if response.status_code != 101:
             return
@@ -179,8 +183,16 @@ class Connection(asyncio.Protocol):
 
     def _pump(self) -> None:
         """Hand queued commands to the session one at a time (storage ops finish in order)."""
-        while not self.busy and self.inbox and self.session is not None and not self.closing:
+        while (
+            not self.busy
+            and self.inbox
+            and self.session is not None
+            and not self.closing
+            and not self.draining
+        ):
             self.apply(self.session.receive(self.inbox.popleft()))
+        if self.draining:
+            return
         if self.paused and len(self.inbox) <= INBOX_RESUME and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
@@ -323,6 +335,14 @@ class Connection(asyncio.Protocol):
         self.closing = True
         self._arm(None, CLOSE_TIMEOUT)
 
+    def drain(self) -> None:
+        """Shutdown: read nothing more and start no new command (queued ones were never
+        acknowledged, so dropping them loses nothing); the one in flight completes."""
+        self.draining = True
+        if self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
     def ping(self) -> None:
         """Keepalive: a connection that has not answered the previous ping is dropped."""
         if self.session is None or self.closing or self.ws.state is not WsState.OPEN:
@@ -374,9 +394,17 @@ class WsServer:
     """Owns the listening socket, the live connections, their storage tasks and keepalive."""
 
     def __init__(
-        self, *, config: Config, hub: Hub, store: Store, verifier: Verifier, clock: Clock
+        self,
+        *,
+        config: Config,
+        hub: Hub,
+        store: Store,
+        verifier: Verifier,
+        clock: Clock,
+        node_id: str = "",
     ) -> None:
         self.config = config
+        self.node_id = node_id
         self.hub = hub
         self.store = store
         self.verifier = verifier
@@ -401,7 +429,13 @@ class WsServer:
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self), host, port, backlog=2048)
+        self._server = await loop.create_server(
+            lambda: Connection(self),
+            host,
+            port,
+            backlog=2048,
+            reuse_port=self.config.reuse_port or None,
+        )
         if self.config.ping_interval > 0:
             self._keepalive = loop.create_task(self._ping_loop(), name="ws-keepalive")
 
@@ -417,20 +451,28 @@ class WsServer:
                 conn.ping()
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, close every connection with 1001, wait for storage ops in flight."""
+        """Graceful stop within ``timeout``: stop accepting and reading, let every storage
+        operation in flight finish (so each send either was acknowledged or never happened),
+        then close every connection with 1001."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if self._server is not None:
             self._server.close()
         if self._keepalive is not None:
             self._keepalive.cancel()
             await asyncio.gather(self._keepalive, return_exceptions=True)
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)
+        for conn in list(self.connections):
+            conn.drain()
+        # Keep a second (or a fifth of the budget) for the closing handshakes.
+        close_budget = min(1.0, timeout / 5)
+        while self._tasks and loop.time() < deadline - close_budget:
+            await asyncio.wait(list(self._tasks), timeout=deadline - close_budget - loop.time())
         self._all_gone.clear()
         for conn in list(self.connections):
             conn.close(CloseCode.GOING_AWAY, "server shutting down")
         if self.connections:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_gone.wait(), timeout)
+                await asyncio.wait_for(self._all_gone.wait(), max(deadline - loop.time(), 0.05))
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()

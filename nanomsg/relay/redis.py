@@ -86,6 +86,8 @@ class RedisRelay:
         self.max_backoff = max_backoff
         self._queue: deque[tuple[str, bytes]] = deque(maxlen=max_queue)
         self._wake = asyncio.Event()
+        self._drained = asyncio.Event()  # set while the publish queue is empty
+        self._pub_ok = True  # the last publish attempt reached Redis
         self._watched: set[int] = set()
         self._pub: aioredis.Redis | None = None
         self._pubsub: Any = None
@@ -111,8 +113,12 @@ class RedisRelay:
             loop.create_task(self._subscriber(), name="redis-subscriber"),
         ]
 
-    async def close(self) -> None:
+    async def close(self, flush_timeout: float = 2.0) -> None:
+        """Publish what is still queued (briefly), then stop both connections."""
         self._closing = True
+        if self._queue and self._pub_ok:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), flush_timeout)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -128,6 +134,7 @@ class RedisRelay:
         if len(self._queue) == self._queue.maxlen:
             self.dropped += 1
         self._queue.append((f"{self.room_prefix}{message.room_id}", _encode(self.node, message)))
+        self._drained.clear()
         self._wake.set()
 
     async def room_changed(self, room_id: int) -> None:
@@ -135,6 +142,7 @@ class RedisRelay:
         if len(self._queue) == self._queue.maxlen:
             self.dropped += 1
         self._queue.append((self.control, orjson.dumps({"n": self.node, "room_changed": room_id})))
+        self._drained.clear()
         self._wake.set()
 
     async def _publisher(self) -> None:
@@ -144,6 +152,7 @@ class RedisRelay:
             self._wake.clear()
             while self._queue:
                 batch = list(self._queue)
+                self._queue.clear()
                 assert self._pub is not None
                 try:
                     async with self._pub.pipeline(transaction=False) as pipe:
@@ -151,14 +160,24 @@ class RedisRelay:
                             pipe.publish(channel, payload)
                         await pipe.execute()
                 except (RedisError, OSError) as exc:
+                    self._pub_ok = False
+                    self._requeue(batch)
                     log.warning("redis publish failed (%s); retrying in %.1fs", exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
                     continue
+                self._pub_ok = True
                 backoff = 0.1
-                for _ in range(len(batch)):
-                    if self._queue:
-                        self._queue.popleft()
+            self._drained.set()
+
+    def _requeue(self, batch: list[tuple[str, bytes]]) -> None:
+        """Put an unsent batch back before what was queued meanwhile; past the bound the
+        oldest go (receivers recover them from storage)."""
+        combined = batch + list(self._queue)
+        limit = self._queue.maxlen or len(combined)
+        self.dropped += max(len(combined) - limit, 0)
+        self._queue.clear()
+        self._queue.extend(combined[-limit:])
 
     # -- incoming -------------------------------------------------------------------------------
 

@@ -245,3 +245,26 @@ def test_validate_refuses_non_finite_or_negative_leeway(raw: str) -> None:
 
 def test_validate_accepts_zero_leeway() -> None:
     assert Config(jwt_secret=GOOD_SECRET, jwt_leeway=0.0).validate().jwt_leeway == 0.0
+
+
+@pytest.mark.parametrize(
+    ("settings", "variable"),
+    [
+        ({"workers": 2}, "NANOMSG_REDIS_URL"),
+        ({"workers": 2, "redis_url": "redis://x", "port": 0}, "port 0"),
+        ({"workers": 0}, "NANOMSG_WORKERS"),
+        ({"redis_cluster": True}, "NANOMSG_REDIS_CLUSTER"),
+        ({"resume_cap": 0}, "NANOMSG_RESUME_CAP"),
+        ({"shutdown_timeout": 0}, "NANOMSG_SHUTDOWN_TIMEOUT"),
+    ],
+)
+def test_validate_refuses_scale_out_settings_that_cannot_work(
+    settings: dict[str, object], variable: str
+) -> None:
+    config = Config(jwt_secret="s" * 32, **settings)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=variable):
+        config.validate()
+
+
+def test_validate_accepts_workers_with_redis_and_fixed_ports() -> None:
+    Config(jwt_secret="s" * 32, workers=4, redis_url="redis://127.0.0.1:6379").validate()
