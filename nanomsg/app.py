@@ -93,6 +93,7 @@ class App:
     async def start(self) -> None:
         await self.store.open()
         await self.relay.start()
+        self.hub.start()
         await self.ws.start(self.config.host, self.config.port)
         http_app = build_http_app(
             store=self.store,

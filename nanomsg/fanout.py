@@ -75,9 +75,10 @@ class RoomChannel:
 class Hub:
     """Local rooms and their receivers; fed by local senders and by the relay."""
 
-    def __init__(self, store: Store, gap_timeout: float = 0.5) -> None:
+    def __init__(self, store: Store, gap_timeout: float = 0.5, head_check: float = 2.0) -> None:
         self.store = store
         self.gap_timeout = gap_timeout
+        self.head_check = head_check
         self.rooms: dict[int, RoomChannel] = {}
         self.relay: Relay | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -198,6 +199,34 @@ class Hub:
             # Still a hole: the message is not committed yet; look again shortly.
             loop = asyncio.get_running_loop()
             channel.gap_timer = loop.call_later(self.gap_timeout, self._fill, channel)
+
+    async def check_heads(self) -> None:
+        """Fill any local room that storage says is ahead of what we delivered.
+
+        Catches the one loss the gap logic cannot see: the last message of a room whose relay
+        publish never arrived (its node died, or Redis dropped it) when nothing follows it.
+        One query for all local rooms.
+        """
+        if not self.rooms:
+            return
+        try:
+            heads = await self.store.room_heads(list(self.rooms))
+        except StoreUnavailable:
+            return
+        for room_id, head in heads.items():
+            channel = self.rooms.get(room_id)
+            if channel is not None and head >= channel.next_seq:
+                self._fill(channel)
+
+    async def _head_check_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.head_check)
+            await self.check_heads()
+
+    def start(self) -> None:
+        """Start the hub's periodic storage check (owned; ``close`` cancels it)."""
+        if self.head_check > 0:
+            self.spawn(self._head_check_loop())
 
     # -- permission changes ---------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ so both backends produce the same values and tests can control them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -88,6 +89,10 @@ class Store(Protocol):
 
     async def room_access(self, room_id: int) -> RoomAccess | None:
         """The live (not deleted) room with all its rules, in one query; None if absent."""
+
+    async def room_heads(self, room_ids: Sequence[int]) -> dict[int, int]:
+        """The current ``last_seq`` of each given room that exists, in one query (the hubs'
+        periodic check for messages whose relay publish was lost)."""
 
     async def delete_room(self, room_id: int, now: datetime) -> bool:
         """Soft-delete (history kept); False if it was absent or already deleted."""

@@ -363,6 +363,15 @@ class PostgresStore:
         )
         return RoomAccess(room=_room(rows[0]), rules=rules)
 
+    async def room_heads(self, room_ids: Sequence[int]) -> dict[int, int]:
+        """Each existing room's last_seq, by primary key lookups in one statement."""
+        if not room_ids:
+            return {}
+        rows = await self._fetch(
+            "SELECT id, last_seq FROM rooms WHERE id = ANY($1::bigint[])", list(room_ids)
+        )
+        return {int(row[0]): int(row[1]) for row in rows}
+
     async def delete_room(self, room_id: int, now: datetime) -> bool:
         """Soft-delete: set deleted_at; messages and rules stay."""
         async with self._connection() as conn:

@@ -334,6 +334,22 @@ class SqliteStore:
         rules = tuple(_rule(row[_ROOM_WIDTH:]) for row in rows if row[_ROOM_WIDTH] is not None)
         return RoomAccess(room=_room(rows[0]), rules=rules)
 
+    async def room_heads(self, room_ids: Sequence[int]) -> dict[int, int]:
+        """Each existing room's last_seq, in one statement."""
+        if not room_ids:
+            return {}
+        ids = list(room_ids)
+        heads: dict[int, int] = {}
+        for start in range(0, len(ids), 500):  # stay far below SQLite's bound on parameters
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            async with self._read() as db:
+                rows = await db.execute_fetchall(
+                    f"SELECT id, last_seq FROM rooms WHERE id IN ({marks})", chunk
+                )
+            heads.update((int(row[0]), int(row[1])) for row in rows)
+        return heads
+
     async def delete_room(self, room_id: int, now: datetime) -> bool:
         """Soft-delete: set deleted_at; messages and rules stay."""
         stamp = to_micros(now)
