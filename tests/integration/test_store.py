@@ -1233,3 +1233,13 @@ async def wait_for_lock_waiter(conn: Any, deadline: float = 5.0, count: int = 1)
             return
         await asyncio.sleep(0.02)
     raise AssertionError("no backend started waiting on the room lock")
+
+
+@pytest.mark.asyncio
+async def test_room_heads_reports_last_seq_of_existing_rooms_in_one_call(store: Store) -> None:
+    busy, quiet = await make_room(store), await make_room(store)
+    for i in range(3):
+        await store.append_message(message(busy.id, f"m{i}"))
+    heads = await store.room_heads([busy.id, quiet.id, 987_654_321])
+    assert heads == {busy.id: 3, quiet.id: 0}
+    assert await store.room_heads([]) == {}
