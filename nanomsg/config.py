@@ -171,8 +171,10 @@ class Config:
             )
         if self.workers > 1 and (self.port == 0 or self.http_port == 0):
             raise ConfigError("NANOMSG_WORKERS > 1 needs fixed ports: port 0 cannot be shared")
-        if self.redis_cluster and not self.redis_url:
-            raise ConfigError("NANOMSG_REDIS_CLUSTER needs NANOMSG_REDIS_URL")
+        if self.redis_cluster and not self.redis_url.startswith(("redis://", "rediss://")):
+            raise ConfigError(
+                "NANOMSG_REDIS_CLUSTER needs a redis:// NANOMSG_REDIS_URL naming a cluster node"
+            )
         if self.resume_cap < 1:
             raise ConfigError("NANOMSG_RESUME_CAP must be at least 1")
         if not 0 < self.shutdown_timeout < math.inf:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import uuid
 from collections import deque
+from collections.abc import Coroutine
 from datetime import datetime
 from typing import Any
 
@@ -93,6 +94,7 @@ class RedisRelay:
         self._pubsub: Any = None
         self._sub_ready = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._commands: set[asyncio.Task[None]] = set()
         self._closing = False
         self.dropped = 0
 
@@ -119,9 +121,10 @@ class RedisRelay:
         if self._queue and self._pub_ok:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), flush_timeout)
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._commands]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._pub is not None:
             await _quietly_close(self._pub)
 
@@ -184,12 +187,18 @@ class RedisRelay:
     def watch(self, room_id: int) -> None:
         self._watched.add(room_id)
         if self._sub_ready:
-            asyncio.get_running_loop().create_task(self._command("subscribe", room_id))
+            self._spawn(self._command("subscribe", room_id))
 
     def unwatch(self, room_id: int) -> None:
         self._watched.discard(room_id)
         if self._sub_ready:
-            asyncio.get_running_loop().create_task(self._command("unsubscribe", room_id))
+            self._spawn(self._command("unsubscribe", room_id))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A short command task, owned so ``close`` cancels it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._commands.add(task)
+        task.add_done_callback(self._commands.discard)
 
     async def _command(self, verb: str, room_id: int) -> None:
         try:

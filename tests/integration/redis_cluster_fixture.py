@@ -3,7 +3,7 @@
 Each node listens on 127.0.0.1 on a free port (its cluster bus on port + 10000, which must be
 free too), keeps its cluster state in ``nodes-<port>.conf`` under a temporary directory, and
 persists no data. ``LocalCluster.stop`` kills every process it started, whatever happened, so
-a failing test never leaves servers behind. ``restart`` kills one node with SIGKILL and starts
+a failing test never leaves servers behind. ``kill`` + ``revive`` SIGKILL one node and start
 it again on the same port with the same ``nodes.conf``: it rejoins with the same id and slots.
 """
 
@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio as aioredis
-from redis.crc import key_slot
 
 from tests.conftest import REQUIRE
 
@@ -42,10 +40,11 @@ def _port_free(port: int) -> bool:
 
 
 def free_cluster_ports(count: int) -> list[int]:
-    """Ports P whose cluster bus port P + 10000 is free as well."""
+    """Ports P whose cluster bus port P + 10000 is free as well, both below the usual ephemeral
+    range (32768+), so a restarted node does not find its port taken by some client socket."""
     ports: list[int] = []
     while len(ports) < count:
-        port = random.randint(20000, 30000)
+        port = random.randint(12000, 22000)
         if port not in ports and _port_free(port) and _port_free(port + 10000):
             ports.append(port)
     return ports
@@ -127,8 +126,7 @@ class LocalCluster:
         for port in self.ports:
             self._wait_sync(port, _cluster_ok_sync)
 
-    def _wait_sync(self, port: int, ready: object) -> None:
-        assert callable(ready)
+    def _wait_sync(self, port: int, ready: Callable[[redis.Redis], bool]) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             client = redis.Redis(port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
@@ -153,7 +151,13 @@ class LocalCluster:
     async def revive(self, port: int) -> None:
         """Start a killed node again with its nodes.conf; return once the cluster is ok."""
         self._spawn(port)
-        await self.wait_ok()
+        try:
+            await self.wait_ok()
+        except RuntimeError:
+            if self.procs[port].poll() is not None:
+                log = (self.directory / f"redis-{port}.log").read_text(errors="replace")
+                raise RuntimeError(f"redis node {port} exited on restart:\n{log[-2000:]}") from None
+            raise
 
     async def wait_ok(self, timeout: float = START_TIMEOUT) -> None:
         """Every node answers and reports cluster_state:ok (without blocking the loop)."""
@@ -181,6 +185,23 @@ class LocalCluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
 
+    def move_slot(self, slot: int, to_port: int) -> None:
+        """Give an empty slot to another master (the new owner is told first, then the rest);
+        the old owner drops its shard channels in that slot and tells their subscribers."""
+        ids = {}
+        for port in self.ports:
+            client = redis.Redis(port=port, socket_timeout=2.0, decode_responses=True)
+            try:
+                ids[port] = str(client.execute_command("CLUSTER MYID"))
+            finally:
+                client.close()
+        for port in sorted(self.ports, key=lambda p: p != to_port):
+            client = redis.Redis(port=port, socket_timeout=2.0)
+            try:
+                client.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[to_port])
+            finally:
+                client.close()
+
     # -- inspection -----------------------------------------------------------------------------
 
     def slot_owners(self) -> dict[int, int]:
@@ -196,10 +217,6 @@ class LocalCluster:
             for slot in range(int(first), int(last) + 1):
                 owners[slot] = int(master[1])
         return owners
-
-    def owner(self, channel: str) -> int:
-        """Port of the master owning the channel's hash slot."""
-        return self.slot_owners()[key_slot(channel.encode())]
 
     def shard_numsub(self, port: int, *channels: str) -> dict[str, int]:
         client = redis.Redis(port=port, socket_timeout=2.0, decode_responses=True)
@@ -232,13 +249,3 @@ def local_cluster(directory: Path) -> Iterator[LocalCluster]:
         yield cluster
     finally:
         cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """One local cluster per test module (tests isolate by their own channel prefix)."""
-    need_redis_server()
-    directory = tmp_path_factory.mktemp("redis-cluster")
-    os.chmod(directory, 0o700)
-    with local_cluster(directory) as cluster:
-        yield cluster
