@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.validate(need_key=False)
             return _run(_migrate(config))
         if config.dev and not config.jwt_secret:
-            config = replace(config, jwt_secret=secrets.token_urlsafe(32))
+            config = replace(config, jwt_secret=secrets.token_hex(32))
         config.validate()
         build_verifier(config, SystemClock())  # a bad key file is a configuration error
     except ConfigError as exc:

@@ -1,0 +1,134 @@
+"""Seeding a room with many stored messages for the history scenario, through the server's own
+schema, without going through the server.
+
+Sending 1 000 000 messages over the protocol would take minutes and measure the write path, not
+history reads. So the harness writes the rows directly, the way the server itself stores them:
+
+1. ``python -m nanomsg migrate`` has created the schema (``ServerSet.migrate``; for a server
+   you started yourself, run it first);
+2. the room is created through the HTTP side-port like any other;
+3. rows go into ``messages`` (room_id, seq, emitter, entity, content, created_at) with seqs
+   ``last_seq+1 .. last_seq+N``: PostgreSQL with ``COPY`` (``copy_records_to_table``), SQLite
+   with ``executemany`` in one ``BEGIN IMMEDIATE`` transaction; timestamps in each backend's
+   own representation (``timestamptz``; integer microseconds since the epoch for SQLite);
+4. in the same transaction ``rooms.last_seq`` is set to the new head, so the server hands out
+   the following seq to the next sender and ``select_room`` with ``since`` sees the messages.
+
+The server keeps no cached copy of ``last_seq`` for a room nobody has selected, so this is safe
+while it runs, as long as nobody sends to the room during the seeding.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+from benchmarks.tokens import entity_uuid, user_uuid
+
+SEED_CONTENT = "seeded history message number {seq} with some ordinary chat text padding"
+
+
+def _rows(
+    room_id: int, first: int, count: int, nonce: int
+) -> Iterator[tuple[int, int, str, str, str]]:
+    emitter = user_uuid(nonce, 0)
+    entity = entity_uuid(nonce, 0)
+    for seq in range(first, first + count):
+        yield room_id, seq, emitter, entity, SEED_CONTENT.format(seq=seq)
+
+
+async def seed_postgres(url: str, room_id: int, count: int, nonce: int) -> int:
+    """COPY ``count`` messages into ``room_id``; returns the room's new last seq."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        async with conn.transaction():
+            head = await conn.fetchval(
+                "SELECT last_seq FROM rooms WHERE id = $1 FOR UPDATE", room_id
+            )
+            if head is None:
+                raise RuntimeError(f"room {room_id} not found in {url}")
+            base = datetime.now(UTC) - timedelta(milliseconds=count)
+            records = (
+                (r, s, e, n, c, base + timedelta(milliseconds=i))
+                for i, (r, s, e, n, c) in enumerate(_rows(room_id, head + 1, count, nonce))
+            )
+            await conn.copy_records_to_table(
+                "messages",
+                records=records,
+                columns=["room_id", "seq", "emitter", "entity", "content", "created_at"],
+            )
+            new_head = int(head) + count
+            await conn.execute("UPDATE rooms SET last_seq = $2 WHERE id = $1", room_id, new_head)
+        await conn.execute("ANALYZE messages")
+    finally:
+        await conn.close()
+    return new_head
+
+
+def seed_sqlite(path: str, room_id: int, count: int, nonce: int, batch: int = 50_000) -> int:
+    """executemany ``count`` messages into ``room_id``; returns the room's new last seq."""
+    db = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout = 60000")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT last_seq FROM rooms WHERE id = ?", (room_id,)).fetchone()
+            if row is None:
+                raise RuntimeError(f"room {room_id} not found in {path}")
+            head = int(row[0])
+            base_us = time.time_ns() // 1000 - count * 1000
+            rows = _rows(room_id, head + 1, count, nonce)
+            sql = (
+                "INSERT INTO messages (room_id, seq, emitter, entity, content, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+            )
+            done = 0
+            while done < count:
+                chunk = []
+                for _ in range(min(batch, count - done)):
+                    r, s, e, n, c = next(rows)
+                    chunk.append((r, s, e, n, c, base_us + (s - head) * 1000))
+                db.executemany(sql, chunk)
+                done += len(chunk)
+            db.execute("UPDATE rooms SET last_seq = ? WHERE id = ?", (head + count, room_id))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    finally:
+        db.close()
+    return head + count
+
+
+def sqlite_path(url: str) -> str:
+    """The file of a ``sqlite:///relative`` or ``sqlite:////absolute`` URL."""
+    return url[len("sqlite:///") :]
+
+
+async def count_messages(url: str, room_ids: list[int]) -> int:
+    """Rows stored in ``room_ids`` (used to check every ack has a committed row)."""
+    if url.startswith("sqlite://"):
+        db = sqlite3.connect(sqlite_path(url), timeout=30)
+        try:
+            marks = ",".join("?" * len(room_ids))
+            row = db.execute(
+                f"SELECT count(*) FROM messages WHERE room_id IN ({marks})", room_ids
+            ).fetchone()
+            return int(row[0])
+        finally:
+            db.close()
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM messages WHERE room_id = ANY($1::bigint[])", room_ids
+            )
+        )
+    finally:
+        await conn.close()
