@@ -8,6 +8,7 @@ its own, so the store recovers without help once PostgreSQL is back.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -27,6 +28,8 @@ from nanomsg.store.base import (
     TooManyRules,
 )
 from nanomsg.store.migrate import load_migrations, postgres_schema_path
+
+log = logging.getLogger(__name__)
 
 # pg_advisory_lock key serialising migrations across nodes: "nanomsg" + version byte 1.
 MIGRATION_LOCK_KEY = 0x6E616E6F6D736701
@@ -276,18 +279,29 @@ class PostgresStore:
         if pool is None:
             raise StoreUnavailable(f"PostgreSQL store {redact(self._url)} is not open")
         try:
-            async with pool.acquire(timeout=self._connect_timeout + 1.0) as conn:
-                try:
-                    yield conn
-                except _CONNECTION_LOST:
-                    # Never hand a possibly broken connection back: asyncpg may otherwise
-                    # return it to the pool in a bad protocol state. The pool reconnects.
-                    # Not on timeouts: there asyncpg cancels the statement server-side, whereas
-                    # dropping the socket would leave it running (and maybe committing).
-                    conn.terminate()
-                    raise
+            conn = await pool.acquire(timeout=self._connect_timeout + 1.0)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
+        try:
+            try:
+                yield conn
+            except _CONNECTION_LOST:
+                # Never hand a possibly broken connection back: asyncpg may otherwise
+                # return it to the pool in a bad protocol state. The pool reconnects.
+                # Not on timeouts: there asyncpg cancels the statement server-side, whereas
+                # dropping the socket would leave it running (and maybe committing).
+                conn.terminate()
+                raise
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
+        finally:
+            # Handing the connection back runs a reset query. If the connection dies there,
+            # the work above is already done (committed): reporting it as unavailable would
+            # tell a sender "not stored" about a stored message. asyncpg closes it anyway.
+            try:
+                await pool.release(conn)
+            except _UNAVAILABLE as exc:
+                log.warning("PostgreSQL connection lost while returning it to the pool: %r", exc)
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         """Run a read; retried once when a pooled connection turns out to be dead.
