@@ -70,6 +70,8 @@ async def _quietly_close(*resources: Any) -> None:
 
 
 class RedisRelay:
+    """Relay through one Redis server: one publisher and one subscriber connection."""
+
     def __init__(
         self,
         url: str,
