@@ -24,6 +24,7 @@ from nanomsg.relay.redis import RedisRelay
 from nanomsg.relay.redis_cluster import RedisClusterRelay
 from nanomsg.store.base import Store
 from nanomsg.store.factory import store_from_url
+from nanomsg.store.writer import BatchWriter
 from nanomsg.ws_server import WsServer
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class App:
         self.clock = clock or SystemClock()
         self.verifier = build_verifier(config, self.clock)
         self.store: Store = store_from_url(config.database_url, pg_pool_size=config.pg_pool_size)
+        self.writer = BatchWriter(
+            self.store, shards=config.write_shards, max_batch=config.write_batch
+        )
         self.hub = Hub(self.store)
         handlers = RelayHandlers(
             message=self.hub.deliver, room_changed=self.hub.room_changed, resync=self.hub.resync
@@ -80,6 +84,7 @@ class App:
             config=config,
             hub=self.hub,
             store=self.store,
+            writer=self.writer,
             verifier=self.verifier,
             clock=self.clock,
             node_id=self.node_id,
@@ -93,6 +98,7 @@ class App:
     async def start(self) -> None:
         await self.store.open()
         await self.relay.start()
+        self.writer.start()
         self.hub.start()
         await self.ws.start(self.config.host, self.config.port)
         http_app = build_http_app(
@@ -147,6 +153,7 @@ class App:
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("websocket server", lambda: self.ws.stop(ws_budget)),
             ("http side-port", self._stop_http),
+            ("message writer", self.writer.close),
             ("hub", self.hub.close),
             ("relay", self.relay.close),
             ("storage", self.store.close),

@@ -87,7 +87,20 @@ OPTIONS: tuple[Option, ...] = (
         20.0,
         "seconds between keepalive pings; no pong by the next ping closes (0: off)",
     ),
+    Option(
+        "compression",
+        _bool,
+        False,
+        "offer permessage-deflate (room messages compressed once per message)",
+    ),
     Option("pg_pool_size", int, 10, "PostgreSQL connections per process"),
+    Option(
+        "write_shards",
+        int,
+        2,
+        "message writers per process, each committing one batch at a time (rooms by id)",
+    ),
+    Option("write_batch", int, 500, "most messages committed in one storage transaction"),
     Option("resume_cap", int, 1000, "most messages replayed by select_room with since"),
     Option("workers", int, 1, "processes sharing the ports (SO_REUSEPORT); >1 needs Redis"),
     Option(
@@ -128,7 +141,10 @@ class Config:
     room_create_level: int = 100
     max_backlog: int = 1 << 20
     ping_interval: float = 20.0
+    compression: bool = False
     pg_pool_size: int = 10
+    write_shards: int = 2
+    write_batch: int = 500
     resume_cap: int = 1000
     workers: int = 1
     reuse_port: bool = False
@@ -179,6 +195,9 @@ class Config:
             raise ConfigError("NANOMSG_RESUME_CAP must be at least 1")
         if not 0 < self.shutdown_timeout < math.inf:
             raise ConfigError("NANOMSG_SHUTDOWN_TIMEOUT must be positive")
+        for name in ("write_shards", "write_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"NANOMSG_{name.upper()} must be at least 1")
         if self.pg_pool_size < 1:
             raise ConfigError("NANOMSG_PG_POOL_SIZE must be at least 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -179,6 +179,9 @@ class Join:
     room_id: int
     last_seq: int
     since: int | None = None
+    # The room and rules the decision was made on: the hub keeps them while the room has local
+    # receivers, so the next select of that room on this process needs no query.
+    access: RoomAccess | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import zlib
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,16 +31,51 @@ MAX_PENDING = 1000  # out-of-order messages held per room before forcing a fill 
 FILL_BATCH = 500
 
 
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, unfragmented WebSocket text frame (server to client), built once per use."""
+def text_frame(payload: bytes, first_byte: int = 0x81) -> bytes:
+    """An unmasked, unfragmented WebSocket text frame (server to client), built once per use.
+
+    ``first_byte`` is FIN + opcode (0x81), with RSV1 (0xC1) for a compressed payload."""
     n = len(payload)
     if n < 126:
-        head = struct.pack("!BB", 0x81, n)
+        head = struct.pack("!BB", first_byte, n)
     elif n < 65536:
-        head = struct.pack("!BBH", 0x81, 126, n)
+        head = struct.pack("!BBH", first_byte, 126, n)
     else:
-        head = struct.pack("!BBQ", 0x81, 127, n)
+        head = struct.pack("!BBQ", first_byte, 127, n)
     return head + payload
+
+
+def frame_payload(frame: bytes) -> bytes:
+    """The payload of a frame built by ``text_frame``."""
+    n = frame[1]
+    return frame[2:] if n < 126 else frame[4:] if n == 126 else frame[10:]
+
+
+class DeflateCache:
+    """permessage-deflate for room messages, compressed once per message and window size.
+
+    Compressed connections negotiate no context takeover on the server side, so a message
+    compresses the same for every receiver: the hub's one frame per message stays one
+    compression per message. Only the latest message is kept, since the hub writes one message
+    to all its receivers before the next.
+    """
+
+    def __init__(self, level: int = 6) -> None:
+        self.level = level
+        self._source: bytes | None = None
+        self._out: dict[int, bytes] = {}
+        self.compressions = 0
+
+    def deflated(self, frame: bytes, window_bits: int) -> bytes:
+        if frame is not self._source:
+            self._source, self._out = frame, {}
+        out = self._out.get(window_bits)
+        if out is None:
+            encoder = zlib.compressobj(self.level, zlib.DEFLATED, -window_bits)
+            data = encoder.compress(frame_payload(frame)) + encoder.flush(zlib.Z_SYNC_FLUSH)
+            out = self._out[window_bits] = text_frame(data[:-4], 0xC1)  # RFC 7692 7.2.1
+            self.compressions += 1
+        return out
 
 
 class Receiver(Protocol):
@@ -70,6 +106,10 @@ class RoomChannel:
     pending: dict[int, Message] = field(default_factory=dict)
     gap_timer: asyncio.TimerHandle | None = None
     filling: bool = False
+    # The room's rules as last read, kept while the room has local receivers: a select of a
+    # room already live here is decided without a query. Refreshed by every room_changed.
+    access: RoomAccess | None = None
+    changes: int = 0  # room_changed notifications seen, so a stale re-check cannot win
 
 
 class Hub:
@@ -88,16 +128,28 @@ class Hub:
 
     # -- membership -----------------------------------------------------------------------------
 
-    def join(self, receiver: Receiver, room_id: int, last_seq: int) -> int:
-        """Add a receiver; returns the first seq it will be written live."""
+    def join(
+        self, receiver: Receiver, room_id: int, last_seq: int, access: RoomAccess | None = None
+    ) -> int:
+        """Add a receiver; returns the first seq it will be written live.
+
+        ``access`` (the rules the receiver was admitted on) is remembered for the room when it
+        has none yet; ``last_seq`` matters only when the room is not live here yet."""
         channel = self.rooms.get(room_id)
         if channel is None:
-            channel = RoomChannel(room_id=room_id, next_seq=last_seq + 1)
+            channel = RoomChannel(room_id=room_id, next_seq=last_seq + 1, access=access)
             self.rooms[room_id] = channel
             if self.relay is not None:
                 self.relay.watch(room_id)
+        elif channel.access is None:
+            channel.access = access
         channel.members[receiver] = None
         return channel.next_seq
+
+    def cached_access(self, room_id: int) -> RoomAccess | None:
+        """The rules of a room live on this process, as of its last change; else None."""
+        channel = self.rooms.get(room_id)
+        return channel.access if channel is not None else None
 
     def leave(self, receiver: Receiver, room_id: int) -> None:
         channel = self.rooms.get(room_id)
@@ -232,10 +284,17 @@ class Hub:
 
     def room_changed(self, room_id: int) -> None:
         """Rules of a room changed somewhere: re-check the local receivers of that room."""
-        if room_id in self.rooms:
+        channel = self.rooms.get(room_id)
+        if channel is not None:
+            # Forget the rules at once: a select arriving before the re-check completes reads
+            # storage (where the change is already committed) instead of the old rules.
+            channel.access = None
+            channel.changes += 1
             self.spawn(self._recheck(room_id))
 
     async def _recheck(self, room_id: int) -> None:
+        channel = self.rooms.get(room_id)
+        seen = channel.changes if channel is not None else 0
         for attempt in range(5):
             try:
                 access = await self.store.room_access(room_id)
@@ -245,6 +304,9 @@ class Hub:
         else:
             log.error("could not re-check room %d: storage unavailable", room_id)
             return
+        current = self.rooms.get(room_id)
+        if current is not None and current is channel and current.changes == seen:
+            current.access = access
         for receiver in self.receivers(room_id):
             receiver.reauthorize(access)
 

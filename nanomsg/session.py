@@ -145,6 +145,9 @@ class Session:
             return out
         if isinstance(result, RoomMissing):
             self._loading = None
+            if result.room_id != self.room_id:
+                # A pipelined send to a room already lost: every send still gets its answer.
+                return [Send(codec.revoked(result.room_id))]
             return self._lose_room(result.room_id)
         assert isinstance(result, StorageFailed)
         self._loading = None
@@ -330,7 +333,7 @@ class Session:
         out.append(Send(codec.CONNECTED))
         if rejoin:
             self._replaying = since is not None
-            out.append(Join(loaded.room_id, access.room.last_seq, since))
+            out.append(Join(loaded.room_id, access.room.last_seq, since, access))
         return out
 
     def _lose_room(self, room_id: int) -> list[Effect]:

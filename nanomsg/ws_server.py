@@ -3,9 +3,20 @@
 
 websockets does the handshake, framing, ping/pong replies and the close handshake. This module
 owns what the library leaves to its caller: path routing, fragment reassembly, UTF-8 checks,
-keepalive, close timeouts, inbound backpressure (one command at a time per connection, reading
-paused while commands pile up) and outbound limits (a reader whose backlog passes
-``max_backlog`` is closed with 4000).
+keepalive, close timeouts, inbound backpressure (reading paused while commands pile up) and
+outbound limits (a reader whose backlog passes ``max_backlog`` is closed with 4000).
+
+Ordering and batching:
+
+- **Pipelined sends.** Up to ``PIPELINE`` message sends of a connection are handed to the
+  batching writer (``store.writer``) without waiting for each other, so one connection is not
+  capped by commit latency; their results are applied strictly in the order of the commands.
+  Every other command waits until the sends before it are answered, so replies still come in
+  command order (protocol.md section 2).
+- **Outbox.** Everything written to a connection during one pass of the event loop (replies,
+  room messages, control frames) is appended to its outbox and written with one
+  ``transport.write`` at the end of the pass: the cost of a delivery is one list append, and a
+  connection owed ten messages costs one system call, not ten.
 """
 
 from __future__ import annotations
@@ -18,6 +29,11 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
+from websockets.extensions.base import ServerExtensionFactory
+from websockets.extensions.permessage_deflate import (
+    PerMessageDeflate,
+    ServerPerMessageDeflateFactory,
+)
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State as WsState
@@ -29,6 +45,7 @@ from nanomsg.clock import Clock
 from nanomsg.config import Config
 from nanomsg.events import (
     Arm,
+    BadArgs,
     BadJson,
     Close,
     Command,
@@ -47,21 +64,29 @@ from nanomsg.events import (
     RoomLoaded,
     RoomMissing,
     Send,
+    SendMessage,
     SetReceiving,
     StorageFailed,
     StoreMessage,
     Timer,
+    TooLarge,
+    Unknown,
 )
-from nanomsg.fanout import Hub, text_frame
+from nanomsg.fanout import DeflateCache, Hub, text_frame
 from nanomsg.models import RoomAccess
-from nanomsg.session import CloseCode, Limits, Session
+from nanomsg.session import CloseCode, Limits, Session, State
 from nanomsg.store.base import HistoryQuery, RoomGone, Store, StoreUnavailable
+from nanomsg.store.writer import BatchWriter, Stored
 
 log = logging.getLogger(__name__)
 
 PATH = "/chat"
 INBOX_PAUSE = 32  # commands queued behind a slow store operation before we stop reading
 INBOX_RESUME = 8
+PIPELINE = 64  # message sends of one connection in flight at once
+# Commands whose READY handler changes no session state (only Send or StoreMessage comes out),
+# so they may be answered behind sends still in flight. Anything else is a barrier.
+PIPELINABLE: frozenset[type] = frozenset({SendMessage, BadArgs, TooLarge, Unknown})
 CLOSE_TIMEOUT = 3.0  # seconds to wait for the client's close frame before dropping the socket
 
 
@@ -70,13 +95,20 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: WsServer) -> None:
         self.server = server
-        self.ws = ServerProtocol(max_size=server.config.max_frame, logger=_quiet)
+        self.ws = ServerProtocol(
+            extensions=server.extensions, max_size=server.config.max_frame, logger=_quiet
+        )
+        self.deflate_bits: int | None = None  # permessage-deflate negotiated: window size
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.fragments: list[bytes] = []
         self.fragment_binary = False
         self.inbox: deque[Command] = deque()
-        self.busy = False
+        self.busy = False  # a LoadRoom / LoadHistory / replay is out: the next command waits
+        # Sends in flight and the replies queued behind them, answered strictly in this order.
+        self.pipeline: deque[asyncio.Future[Stored] | list[Effect]] = deque()
+        self.outbox: list[bytes] = []
+        self.outbox_bytes = 0
         self.paused = False
         self.draining = False  # shutting down: no new commands are started
         self.receiving = True
@@ -135,6 +167,9 @@ class Connection(asyncio.Protocol):
         if response.status_code == 101:
             # Which process serves this connection: for operators, and for the worker tests.
             response.headers["X-Nanomsg-Node"] = self.server.node_id
+            for extension in self.ws.extensions:
+                if isinstance(extension, PerMessageDeflate):
+                    self.deflate_bits = extension.local_max_window_bits
         self.ws.send_response(response)
         if response.status_code != 101:
             return
@@ -182,15 +217,32 @@ class Connection(asyncio.Protocol):
         self._pump()
 
     def _pump(self) -> None:
-        """Hand queued commands to the session one at a time (storage ops finish in order)."""
+        """Hand queued commands to the session in order: sends may overlap (up to
+        ``PIPELINE``), any other command waits for everything before it to be answered."""
+        session = self.session
         while (
             not self.busy
             and self.inbox
-            and self.session is not None
+            and session is not None
             and not self.closing
             and not self.draining
         ):
-            self.apply(self.session.receive(self.inbox.popleft()))
+            if self.pipeline:
+                command = self.inbox[0]
+                if (
+                    type(command) not in PIPELINABLE
+                    or session.state is not State.READY
+                    or len(self.pipeline) >= PIPELINE
+                ):
+                    break
+                self.inbox.popleft()
+                for effect in session.receive(command):
+                    if isinstance(effect, StoreMessage):
+                        self._submit(effect)
+                    else:  # a reply: it waits behind the sends in flight
+                        self.pipeline.append([effect])
+            else:
+                self.apply(session.receive(self.inbox.popleft()))
         if self.draining:
             return
         if self.paused and len(self.inbox) <= INBOX_RESUME and self.transport is not None:
@@ -214,7 +266,15 @@ class Connection(asyncio.Protocol):
             elif isinstance(effect, Leave):
                 self.server.hub.leave(self, effect.room_id)
                 self.joined, self.held, self.held_bytes = None, None, 0
-            elif isinstance(effect, LoadRoom | StoreMessage | LoadHistory):
+            elif isinstance(effect, StoreMessage):
+                self._submit(effect)
+            elif isinstance(effect, LoadRoom) and (
+                cached := self.server.hub.cached_access(effect.room_id)
+            ):
+                # The room is live on this process: its rules are known and kept current.
+                assert self.session is not None
+                self.apply(self.session.result(RoomLoaded(effect.room_id, cached)))
+            elif isinstance(effect, LoadRoom | LoadHistory):
                 self.busy = True
                 self.server.spawn(self._run(effect))
             elif isinstance(effect, Arm):
@@ -228,7 +288,7 @@ class Connection(asyncio.Protocol):
 
     def _join(self, join: Join) -> None:
         self.joined = join.room_id
-        live_from = self.server.hub.join(self, join.room_id, join.last_seq)
+        live_from = self.server.hub.join(self, join.room_id, join.last_seq, join.access)
         self.min_seq = join.since or 0
         if join.since is None:
             return
@@ -238,24 +298,44 @@ class Connection(asyncio.Protocol):
         self.busy = True
         self.server.spawn(self._run(_Replay(join.room_id, join.since, live_from)))
 
-    async def _run(self, effect: LoadRoom | StoreMessage | LoadHistory | _Replay) -> None:
+    def _submit(self, effect: StoreMessage) -> None:
+        future = self.server.writer.submit(effect.new)
+        self.pipeline.append(future)
+        future.add_done_callback(self._advance)
+
+    def _advance(self, _done: object = None) -> None:
+        """Apply the results at the head of the pipeline that are ready, in command order."""
+        pipeline = self.pipeline
+        while pipeline:
+            head = pipeline[0]
+            if isinstance(head, list):
+                pipeline.popleft()
+                if self.session is not None and not self.closing:
+                    self.apply(head)
+                continue
+            if not head.done():
+                break
+            pipeline.popleft()
+            result = _stored_result(head)
+            if self.session is not None and not self.closing:
+                self.apply(self.session.result(result))
+            elif isinstance(result, MessageStored) and result.created:
+                # The sender is gone, but the message is stored: the room must still get it.
+                self.server.hub.publish(result.message)
+        self._pump()
+
+    async def _run(self, effect: LoadRoom | LoadHistory | _Replay) -> None:
         store = self.server.store
         result: Result
         try:
             if isinstance(effect, LoadRoom):
                 result = RoomLoaded(effect.room_id, await store.room_access(effect.room_id))
-            elif isinstance(effect, StoreMessage):
-                message, created = await store.append_message(effect.new)
-                result = MessageStored(message, created)
             elif isinstance(effect, LoadHistory):
                 result = HistoryLoaded(tuple(await store.history(effect.query)))
             else:
                 result = await effect.load(store, self.server.config.resume_cap)
         except StoreUnavailable:
             result = StorageFailed()
-        except RoomGone:
-            room_id = effect.new.room_id if isinstance(effect, StoreMessage) else 0
-            result = RoomMissing(room_id)
         except Exception:
             log.exception("storage operation failed unexpectedly")
             result = StorageFailed()
@@ -287,36 +367,68 @@ class Connection(asyncio.Protocol):
     # -- sending ------------------------------------------------------------------------------
 
     def write_frame(self, frame: bytes, seq: int) -> None:
-        """A room message from the hub (``fanout.Receiver``)."""
-        if not self.receiving or self.closing or seq <= self.min_seq:
+        """A room message from the hub (``fanout.Receiver``): the per-recipient hot path, so
+        the outbox append of ``_write`` is inlined."""
+        if seq <= self.min_seq or self.closing or not self.receiving:
             return
-        if self.held is None:
-            self._write(frame)
+        if self.deflate_bits is not None:
+            frame = self.server.deflate.deflated(frame, self.deflate_bits)
+        if self.held is not None:
+            self.held.append(frame)
+            self.held_bytes += len(frame)
+            if self.held_bytes > self.server.config.max_backlog:
+                self.close(CloseCode.SLOW_CONSUMER, "backlog over limit")
             return
-        self.held.append(frame)
-        self.held_bytes += len(frame)
-        if self.held_bytes > self.server.config.max_backlog:
-            self.close(CloseCode.SLOW_CONSUMER, "backlog over limit")
+        outbox = self.outbox
+        if not outbox:
+            self.server.mark_dirty(self)
+        outbox.append(frame)
+        self.outbox_bytes += len(frame)
+        if self.outbox_bytes > self.server.config.max_backlog:
+            self._slow_consumer()
 
     def reauthorize(self, access: RoomAccess | None) -> None:
         if self.session is not None and not self.closing:
             self.apply(self.session.reauthorize(access))
 
     def _write(self, data: bytes) -> None:
+        """Queue a frame in the outbox; the server writes all outboxes once per loop pass."""
+        if self.closing or self.transport is None:
+            return
+        if not self.outbox:
+            self.server.mark_dirty(self)
+        self.outbox.append(data)
+        self.outbox_bytes += len(data)
+        if self.outbox_bytes > self.server.config.max_backlog:
+            self._slow_consumer()
+
+    def flush_outbox(self) -> None:
+        """Write the whole outbox with one call (``WsServer`` calls this once per loop pass)."""
+        outbox = self.outbox
+        if not outbox:
+            return
         transport = self.transport
-        if transport is None or self.closing or transport.is_closing():
+        data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+        self.outbox, self.outbox_bytes = [], 0
+        if transport is None or transport.is_closing():
             return
         transport.write(data)
         if transport.get_write_buffer_size() > self.server.config.max_backlog:
-            log.info(
-                "closing a slow consumer (backlog over %d bytes)", self.server.config.max_backlog
-            )
-            self.close(CloseCode.SLOW_CONSUMER, "backlog over limit")
+            self._slow_consumer()
+
+    def _slow_consumer(self) -> None:
+        log.info("closing a slow consumer (backlog over %d bytes)", self.server.config.max_backlog)
+        # What is queued will not be read in time anyway; the close frame goes first.
+        self.outbox, self.outbox_bytes = [], 0
+        self.close(CloseCode.SLOW_CONSUMER, "backlog over limit")
 
     def _flush(self) -> None:
+        """Write what the websockets protocol has to send (handshake, pong, close), after the
+        outbox so that frames keep the order in which they were produced."""
         transport = self.transport
         if transport is None:
             return
+        self.flush_outbox()
         for data in self.ws.data_to_send():
             if data:
                 transport.write(data)
@@ -353,6 +465,21 @@ class Connection(asyncio.Protocol):
         self.pong_pending = True
         self.ws.send_ping(b"nanomsg")
         self._flush()
+
+
+def _stored_result(future: asyncio.Future[Stored]) -> Result:
+    """What the session is told about a resolved send."""
+    if future.cancelled():
+        return StorageFailed()
+    exc = future.exception()
+    if exc is None:
+        message, created = future.result()
+        return MessageStored(message, created)
+    if isinstance(exc, RoomGone):
+        return RoomMissing(int(exc.args[0]) if exc.args else 0)
+    if not isinstance(exc, StoreUnavailable):
+        log.error("storing a message failed unexpectedly", exc_info=exc)
+    return StorageFailed()
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +526,7 @@ class WsServer:
         config: Config,
         hub: Hub,
         store: Store,
+        writer: BatchWriter,
         verifier: Verifier,
         clock: Clock,
         node_id: str = "",
@@ -407,6 +535,7 @@ class WsServer:
         self.node_id = node_id
         self.hub = hub
         self.store = store
+        self.writer = writer
         self.verifier = verifier
         self.clock = clock
         self.limits = Limits(auth_timeout=config.auth_timeout, refresh_grace=config.refresh_grace)
@@ -415,6 +544,35 @@ class WsServer:
         self._server: asyncio.Server | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._all_gone = asyncio.Event()
+        self._dirty: list[Connection] = []
+        self.deflate = DeflateCache()
+        # Off by default: a compressing connection costs memory and CPU for little gain on
+        # short chat messages. When on, the server compresses without context takeover, so a
+        # room message is compressed once for all its receivers (fanout.DeflateCache), and asks
+        # clients to do the same, so no connection keeps a zlib context between messages.
+        self.extensions: list[ServerExtensionFactory] | None = (
+            [
+                ServerPerMessageDeflateFactory(
+                    server_no_context_takeover=True,
+                    client_no_context_takeover=True,
+                    compress_settings={"memLevel": 5},
+                )
+            ]
+            if config.compression
+            else None
+        )
+        self._flush_handle: asyncio.Handle | None = None
+
+    def mark_dirty(self, conn: Connection) -> None:
+        """``conn`` has an outbox to write: flush all such at the end of this loop pass."""
+        self._dirty.append(conn)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty, self._flush_handle = self._dirty, [], None
+        for conn in dirty:
+            conn.flush_outbox()
 
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
@@ -465,8 +623,14 @@ class WsServer:
             conn.drain()
         # Keep a second (or a fifth of the budget) for the closing handshakes.
         close_budget = min(1.0, timeout / 5)
-        while self._tasks and loop.time() < deadline - close_budget:
-            await asyncio.wait(list(self._tasks), timeout=deadline - close_budget - loop.time())
+        while (self._tasks or self.writer.pending) and loop.time() < deadline - close_budget:
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=deadline - close_budget - loop.time())
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.writer.flush(), max(deadline - close_budget - loop.time(), 0.0)
+                    )
         self._all_gone.clear()
         for conn in list(self.connections):
             conn.close(CloseCode.GOING_AWAY, "server shutting down")

@@ -153,5 +153,19 @@ class Store(Protocol):
         and False and stores nothing. Raises RoomGone for an absent or deleted room.
         """
 
+    async def append_batch(
+        self, batch: Sequence[NewMessage]
+    ) -> list[tuple[Message, bool] | RoomGone]:
+        """Store a batch of messages in ONE transaction (PostgreSQL: one statement, one round trip).
+
+        Returns one entry per input, in input order: (message, created) like append_message, or
+        a RoomGone instance for an input whose room is absent or deleted (those store nothing,
+        the others still do). Seqs are assigned per room in batch order, gapless, in the same
+        transaction. A client_id already stored for (room, emitter) returns that stored message
+        with created=False and stores nothing; a client_id repeated inside the batch is stored
+        once (the first occurrence) and the later ones return that message with created=False.
+        Raises StoreUnavailable when the batch failed as a whole: then nothing of it is stored.
+        """
+
     async def history(self, query: HistoryQuery) -> list[Message]:
         """Messages of the room matching the query, oldest first (deleted rooms included)."""

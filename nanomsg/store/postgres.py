@@ -69,28 +69,59 @@ _RULE_COLS = (
 _RULE_WIDTH = 8
 _MSG_COLS = "m.id, m.room_id, m.seq, m.emitter, m.entity, m.content, m.created_at, m.client_id"
 
-# One round trip whatever the case. ``existing`` finds a message already stored under this
-# client_id; only when there is none does ``bumped`` take the room's next seq, whose row lock
-# serialises concurrent senders so seqs have no gaps; ``inserted`` stores the message.
-# The final SELECT yields the new row (created = true), the existing one (false), or nothing
-# when the room is absent or deleted.
-_APPEND_SQL = """
-WITH existing AS (
-    SELECT m.id, m.seq, m.entity, m.content, m.created_at FROM messages m
-    WHERE $5::text IS NOT NULL AND m.room_id = $1 AND m.emitter = $2 AND m.client_id = $5::text
+# One statement, so one round trip with its commit (an implicit transaction): either the
+# whole batch is stored or nothing is. Inputs arrive as parallel arrays; ``ord`` is the
+# 1-based position in them. ``existing`` finds messages already stored under an input's
+# client_id; the other inputs are ``fresh`` and numbered per room in batch order. ``locked``
+# takes the row locks of their live rooms in id order, so concurrent batches from several
+# server processes queue instead of deadlocking, and the UPDATE (which can only touch rows
+# ``locked`` has already emitted) hands each room ``n`` consecutive seqs after ``base``. NO KEY
+# UPDATE is the lock the UPDATE takes anyway; unlike FOR UPDATE it does not block foreign-key
+# checks. ``= ANY (ARRAY (...))`` keeps the lookup on the primary key whatever the estimates.
+# Rooms absent or deleted are missing from ``bumped``: their inputs get no row back.
+# INSERT ... RETURNING cannot return ``ord``, so rows are matched back by (room_id, seq).
+_APPEND_BATCH_SQL = """
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::timestamptz[]) WITH ORDINALITY
+        AS t(room_id, emitter, entity, content, client_id, created_at, ord)
+), existing AS (
+    SELECT i.ord, m.id, m.seq, m.entity, m.content, m.created_at
+    FROM input i JOIN messages m
+        ON m.room_id = i.room_id AND m.emitter = i.emitter AND m.client_id = i.client_id
+    WHERE m.client_id IS NOT NULL
+), fresh AS (
+    SELECT i.*, row_number() OVER (PARTITION BY i.room_id ORDER BY i.ord) AS n
+    FROM input i WHERE NOT EXISTS (SELECT 1 FROM existing e WHERE e.ord = i.ord)
+), wanted AS (
+    SELECT room_id, count(*) AS n FROM fresh GROUP BY room_id
+), locked AS MATERIALIZED (
+    SELECT r.id FROM rooms r
+    WHERE r.id = ANY (ARRAY (SELECT room_id FROM wanted)) AND r.deleted_at IS NULL
+    ORDER BY r.id FOR NO KEY UPDATE
 ), bumped AS (
-    UPDATE rooms SET last_seq = last_seq + 1
-    WHERE id = $1 AND deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM existing)
-    RETURNING last_seq
+    UPDATE rooms r SET last_seq = r.last_seq + w.n
+    FROM locked l JOIN wanted w ON w.room_id = l.id
+    WHERE r.id = l.id AND r.deleted_at IS NULL
+    RETURNING r.id, r.last_seq - w.n AS base
+), planned AS (
+    SELECT f.ord, f.room_id, b.base + f.n AS seq, f.emitter, f.entity, f.content,
+           f.client_id, f.created_at
+    FROM fresh f JOIN bumped b ON b.id = f.room_id
 ), inserted AS (
     INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at)
-    SELECT $1, bumped.last_seq, $2, $3, $4, $5::text, $6 FROM bumped
-    RETURNING id, seq, entity, content, created_at
+    SELECT room_id, seq, emitter, entity, content, client_id, created_at FROM planned
+    RETURNING id, room_id, seq
 )
-SELECT id, seq, entity, content, created_at, TRUE AS created FROM inserted
+SELECT p.ord, ins.id, p.seq, p.entity, p.content, p.created_at, TRUE AS created
+FROM planned p JOIN inserted ins ON ins.room_id = p.room_id AND ins.seq = p.seq
 UNION ALL
-SELECT id, seq, entity, content, created_at, FALSE AS created FROM existing
+SELECT ord, id, seq, entity, content, created_at, FALSE AS created FROM existing
 """
+
+# Tries of the batch statement when it collided with a concurrent writer (it was rolled back
+# as a whole, so trying again is safe).
+_BATCH_TRIES = 3
 
 Row = Sequence[Any]
 
@@ -154,6 +185,29 @@ def _message(row: Row) -> Message:
         created_at=row[6],
         client_id=row[7],
     )
+
+
+def _first_copies(batch: Sequence[NewMessage]) -> list[int]:
+    """For each input, the index of the first input with its (room, emitter, client_id) key.
+
+    An input without client_id is its own first copy. A client_id repeated inside one batch
+    is stored once; the later copies report that message (as a retry would).
+    """
+    firsts: dict[tuple[int, str, str], int] = {}
+    out: list[int] = []
+    for index, new in enumerate(batch):
+        if new.client_id is None:
+            out.append(index)
+        else:
+            out.append(firsts.setdefault((new.room_id, new.emitter, new.client_id), index))
+    return out
+
+
+def _repeated(outcome: tuple[Message, bool] | RoomGone) -> tuple[Message, bool] | RoomGone:
+    """The outcome of a later copy of a client_id: the first copy's message, not created."""
+    if isinstance(outcome, RoomGone):
+        return RoomGone(*outcome.args)
+    return outcome[0], False
 
 
 def _affected(status: Any) -> int:
@@ -558,39 +612,82 @@ class PostgresStore:
 
     # -- messages ----------------------------------------------------------------------------
     async def append_message(self, new: NewMessage) -> tuple[Message, bool]:
-        """Store the message with the room's next seq in one statement (see _APPEND_SQL)."""
-        now = _aware(new.now)
-        args = (new.room_id, new.emitter, new.entity, new.content, new.client_id, now)
-        async with self._connection() as conn:
-            try:
-                row = await conn.fetchrow(_APPEND_SQL, *args)
-            except asyncpg.UniqueViolationError:
-                # A concurrent send with the same client_id committed first (we waited on the
-                # room lock, then collided); our statement, seq bump included, was rolled back.
-                if new.client_id is None:
-                    raise
-                row = await conn.fetchrow(
-                    "SELECT id, seq, entity, content, created_at, FALSE AS created"
-                    " FROM messages WHERE room_id = $1 AND emitter = $2 AND client_id = $3",
-                    new.room_id,
-                    new.emitter,
-                    new.client_id,
-                )
-                if row is None:
-                    raise
-        if row is None:
-            raise RoomGone(new.room_id)
-        message = Message(
-            id=int(row["id"]),
-            room_id=new.room_id,
-            seq=int(row["seq"]),
-            emitter=new.emitter,
-            entity=str(row["entity"]),
-            content=str(row["content"]),
-            created_at=row["created_at"],
-            client_id=new.client_id,
+        """Store one message: a batch of one (see _APPEND_BATCH_SQL), RoomGone raised."""
+        (outcome,) = await self.append_batch([new])
+        if isinstance(outcome, RoomGone):
+            raise outcome
+        return outcome
+
+    async def append_batch(
+        self, batch: Sequence[NewMessage]
+    ) -> list[tuple[Message, bool] | RoomGone]:
+        """Store the batch in one statement (see _APPEND_BATCH_SQL), hence one round trip.
+
+        Repeated client_ids are dropped here, before sending, so the statement never inserts
+        the same key twice; the copies get the first one's outcome.
+        """
+        stamps = [_aware(new.now) for new in batch]  # rejects naive timestamps up front
+        firsts = _first_copies(batch)
+        sent = [index for index in range(len(batch)) if firsts[index] == index]
+        if not sent:
+            return []
+        columns = (
+            [batch[index].room_id for index in sent],
+            [batch[index].emitter for index in sent],
+            [batch[index].entity for index in sent],
+            [batch[index].content for index in sent],
+            [batch[index].client_id for index in sent],
+            [stamps[index] for index in sent],
         )
-        return message, bool(row["created"])
+        rows = await self._run_batch(columns)
+        by_ord = {int(row["ord"]): row for row in rows}
+        outcomes: list[tuple[Message, bool] | RoomGone] = []
+        position = 0  # index in ``sent`` of the next first copy
+        for index, new in enumerate(batch):
+            if firsts[index] != index:
+                outcomes.append(_repeated(outcomes[firsts[index]]))
+                continue
+            position += 1
+            row = by_ord.get(position)
+            if row is None:
+                outcomes.append(RoomGone(new.room_id))
+                continue
+            message = Message(
+                id=int(row["id"]),
+                room_id=new.room_id,
+                seq=int(row["seq"]),
+                emitter=new.emitter,
+                entity=str(row["entity"]),
+                content=str(row["content"]),
+                created_at=row["created_at"],
+                client_id=new.client_id,
+            )
+            outcomes.append((message, bool(row["created"])))
+        return outcomes
+
+    async def _run_batch(self, columns: tuple[list[Any], ...]) -> list[Any]:
+        """Run _APPEND_BATCH_SQL, again when it collided with a concurrent writer.
+
+        A batch elsewhere may commit one of our client_ids while we wait on a room lock (our
+        snapshot predates it, so ``existing`` missed it and the INSERT hits the unique index);
+        the next try sees it. Deadlocks should not happen (rooms are locked in id order) but
+        would be just as safe to retry: PostgreSQL rolled the whole statement back.
+        """
+        async with self._connection() as conn:
+            for attempt in range(1, _BATCH_TRIES + 1):
+                try:
+                    return list(await conn.fetch(_APPEND_BATCH_SQL, *columns))
+                except asyncpg.UniqueViolationError as exc:
+                    if exc.constraint_name != "messages_client_id_idx":
+                        raise  # (room_id, seq) cannot collide under the room locks: a bug
+                    if attempt == _BATCH_TRIES:
+                        raise StoreUnavailable(
+                            f"batch kept colliding with concurrent writers: {exc!r}"
+                        ) from exc
+                except asyncpg.DeadlockDetectedError as exc:
+                    if attempt == _BATCH_TRIES:
+                        raise StoreUnavailable(f"batch kept deadlocking: {exc!r}") from exc
+        raise AssertionError("unreachable")
 
     async def history(self, query: HistoryQuery) -> list[Message]:
         """Walk the (room_id, seq) index from the requested end, return oldest first."""

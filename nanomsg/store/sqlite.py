@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -43,6 +44,12 @@ _RULE_COLS = (
     "rr.created_at, rr.updated_at"
 )
 _MSG_COLS = "m.id, m.room_id, m.seq, m.emitter, m.entity, m.content, m.created_at, m.client_id"
+
+# Bound parameters per statement: SQLite's default SQLITE_MAX_VARIABLE_NUMBER since 3.32
+# (RETURNING, used throughout, already needs 3.35). Batches are split to stay within it.
+_MAX_VARIABLES = 32766
+
+_T = TypeVar("_T")
 
 Row = Sequence[Any]
 
@@ -505,49 +512,65 @@ class SqliteStore:
 
     # -- messages ----------------------------------------------------------------------------
     async def append_message(self, new: NewMessage) -> tuple[Message, bool]:
-        """Store the message with the room's next seq, or return the one with its client_id."""
-        now = utc(new.now)
-        stamp = to_micros(now)
+        """Store one message: a batch of one, RoomGone raised."""
+        (outcome,) = await self.append_batch([new])
+        if isinstance(outcome, RoomGone):
+            raise outcome
+        return outcome
+
+    async def append_batch(
+        self, batch: Sequence[NewMessage]
+    ) -> list[tuple[Message, bool] | RoomGone]:
+        """Store the batch in one BEGIN IMMEDIATE transaction, in few statements.
+
+        Each aiosqlite call hops to its thread, so the work is one lookup of the client_ids
+        already stored, one UPDATE taking every room's seqs, and one INSERT ... RETURNING for
+        all the messages (each split only past SQLite's limit on bound parameters).
+        """
+        stamps = [to_micros(new.now) for new in batch]  # rejects naive timestamps up front
+        firsts = _first_copies(batch)
+        sent = [index for index in range(len(batch)) if firsts[index] == index]
+        if not sent:
+            return []
+        outcomes: dict[int, tuple[Message, bool] | RoomGone] = {}
         async with self._write() as db:
-            if new.client_id is not None:
-                rows = list(
-                    await db.execute_fetchall(
-                        f"SELECT {_MSG_COLS} FROM messages m"
-                        " WHERE m.room_id = ? AND m.emitter = ? AND m.client_id = ?",
-                        (new.room_id, new.emitter, new.client_id),
-                    )
-                )
-                if rows:
-                    return _message(rows[0]), False
-            rows = list(
-                await db.execute_fetchall(
-                    "UPDATE rooms SET last_seq = last_seq + 1"
-                    " WHERE id = ? AND deleted_at IS NULL RETURNING last_seq",
-                    (new.room_id,),
-                )
+            stored = await _stored_client_ids(db, [batch[i] for i in sent])
+            fresh: list[int] = []
+            for index in sent:
+                new = batch[index]
+                key = (new.room_id, new.emitter, new.client_id)
+                found = None if new.client_id is None else stored.get(key)
+                if found is not None:
+                    outcomes[index] = (found, False)
+                else:
+                    fresh.append(index)
+            seqs = await _take_seqs(db, Counter(batch[index].room_id for index in fresh))
+            planned: list[tuple[int, int]] = []  # (batch index, seq)
+            for index in fresh:
+                room_id = batch[index].room_id
+                if room_id not in seqs:
+                    outcomes[index] = RoomGone(room_id)
+                    continue
+                seqs[room_id] += 1  # each live room's range is handed out in batch order
+                planned.append((index, seqs[room_id]))
+            ids = await _insert_messages(db, [(batch[i], seq, stamps[i]) for i, seq in planned])
+        for index, seq in planned:
+            new = batch[index]
+            message = Message(
+                id=ids[new.room_id, seq],
+                room_id=new.room_id,
+                seq=seq,
+                emitter=new.emitter,
+                entity=new.entity,
+                content=new.content,
+                created_at=from_micros(stamps[index]),
+                client_id=new.client_id,
             )
-            if not rows:
-                raise RoomGone(new.room_id)
-            seq = int(rows[0][0])
-            rows = list(
-                await db.execute_fetchall(
-                    "INSERT INTO messages (room_id, seq, emitter, entity, content, client_id,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                    (new.room_id, seq, new.emitter, new.entity, new.content, new.client_id, stamp),
-                )
-            )
-            message_id = int(rows[0][0])
-        message = Message(
-            id=message_id,
-            room_id=new.room_id,
-            seq=seq,
-            emitter=new.emitter,
-            entity=new.entity,
-            content=new.content,
-            created_at=now,
-            client_id=new.client_id,
-        )
-        return message, True
+            outcomes[index] = (message, True)
+        return [
+            outcomes[index] if firsts[index] == index else _repeated(outcomes[firsts[index]])
+            for index in range(len(batch))
+        ]
 
     async def history(self, query: HistoryQuery) -> list[Message]:
         """Walk the (room_id, seq) index from the requested end, return oldest first."""
@@ -578,6 +601,112 @@ class SqliteStore:
         if query.newest:
             messages.reverse()
         return messages
+
+
+def _first_copies(batch: Sequence[NewMessage]) -> list[int]:
+    """For each input, the index of the first input with its (room, emitter, client_id) key.
+
+    An input without client_id is its own first copy. A client_id repeated inside one batch
+    is stored once; the later copies report that message (as a retry would).
+    """
+    firsts: dict[tuple[int, str, str], int] = {}
+    out: list[int] = []
+    for index, new in enumerate(batch):
+        if new.client_id is None:
+            out.append(index)
+        else:
+            out.append(firsts.setdefault((new.room_id, new.emitter, new.client_id), index))
+    return out
+
+
+def _repeated(outcome: tuple[Message, bool] | RoomGone) -> tuple[Message, bool] | RoomGone:
+    """The outcome of a later copy of a client_id: the first copy's message, not created."""
+    if isinstance(outcome, RoomGone):
+        return RoomGone(*outcome.args)
+    return outcome[0], False
+
+
+def _chunks(items: Sequence[_T], width: int) -> list[Sequence[_T]]:
+    """``items`` in slices small enough that ``width`` parameters each fit in one statement."""
+    size = max(1, _MAX_VARIABLES // width)
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _values(rows: int, width: int) -> str:
+    """A VALUES list of ``rows`` rows of ``width`` parameters."""
+    row = "(" + ", ".join("?" * width) + ")"
+    return ", ".join([row] * rows)
+
+
+async def _stored_client_ids(
+    db: aiosqlite.Connection, batch: Sequence[NewMessage]
+) -> dict[tuple[int, str, str | None], Message]:
+    """The messages already stored under the batch's client_ids, by (room, emitter, client_id).
+
+    One indexed join per chunk; ``m.client_id IS NOT NULL`` lets SQLite use the partial
+    unique index on (room_id, emitter, client_id).
+    """
+    keys = [(new.room_id, new.emitter, new.client_id) for new in batch if new.client_id is not None]
+    stored: dict[tuple[int, str, str | None], Message] = {}
+    for chunk in _chunks(keys, 3):
+        rows = await db.execute_fetchall(
+            f"WITH k(room_id, emitter, client_id) AS (VALUES {_values(len(chunk), 3)})"
+            f" SELECT {_MSG_COLS} FROM k JOIN messages m ON m.room_id = k.room_id"
+            " AND m.emitter = k.emitter AND m.client_id = k.client_id"
+            " WHERE m.client_id IS NOT NULL",
+            [value for key in chunk for value in key],
+        )
+        for row in rows:
+            message = _message(row)
+            stored[message.room_id, message.emitter, message.client_id] = message
+    return stored
+
+
+async def _take_seqs(db: aiosqlite.Connection, wanted: Mapping[int, int]) -> dict[int, int]:
+    """Reserve ``wanted[room]`` seqs in each live room; its last seq before them, by room.
+
+    Rooms absent or deleted are left out (and keep their last_seq).
+    """
+    bases: dict[int, int] = {}
+    for chunk in _chunks(list(wanted.items()), 2):
+        rows = await db.execute_fetchall(
+            "UPDATE rooms SET last_seq = last_seq + c.column2"
+            f" FROM (VALUES {_values(len(chunk), 2)}) AS c"
+            " WHERE rooms.id = c.column1 AND rooms.deleted_at IS NULL RETURNING id, last_seq",
+            [value for pair in chunk for value in pair],
+        )
+        bases.update((int(row[0]), int(row[1]) - wanted[int(row[0])]) for row in rows)
+    return bases
+
+
+async def _insert_messages(
+    db: aiosqlite.Connection, rows: Sequence[tuple[NewMessage, int, int]]
+) -> dict[tuple[int, int], int]:
+    """Insert (message, seq, created_at micros) rows; the new ids by (room_id, seq).
+
+    RETURNING rows come in no promised order, hence the (room_id, seq) key.
+    """
+    ids: dict[tuple[int, int], int] = {}
+    for chunk in _chunks(rows, 7):
+        returned = await db.execute_fetchall(
+            "INSERT INTO messages (room_id, seq, emitter, entity, content, client_id,"
+            f" created_at) VALUES {_values(len(chunk), 7)} RETURNING room_id, seq, id",
+            [
+                value
+                for new, seq, stamp in chunk
+                for value in (
+                    new.room_id,
+                    seq,
+                    new.emitter,
+                    new.entity,
+                    new.content,
+                    new.client_id,
+                    stamp,
+                )
+            ],
+        )
+        ids.update(((int(row[0]), int(row[1])), int(row[2])) for row in returned)
+    return ids
 
 
 async def _worker_finished(db: aiosqlite.Connection) -> None:

@@ -338,3 +338,56 @@ async def test_malformed_input_never_disturbs_other_connections(server: Server) 
         echo = await chatter.ask({"type": "message", "content": f"ok {i}"})
         assert echo["data"]["seq"] == i + 1
     await asyncio.sleep(0)
+
+
+async def test_pipelined_commands_are_answered_in_command_order(server: Server) -> None:
+    """Sends overlap in storage, yet every reply comes in the order of the commands: refusals
+    wait behind the sends before them, and other commands wait until those are stored."""
+    owner = server.user()
+    room = await server.create_room(owner)
+    client = await server.join(owner, room)
+    watcher = await server.join(owner, room)
+    for i in range(40):
+        await client.send({"type": "message", "content": f"m{i}"})
+    await client.send({"type": "message", "content": ""})  # BADARGS
+    await client.send({"type": "no-such-command"})  # COMMAND?
+    for i in range(40, 80):
+        await client.send({"type": "message", "content": f"m{i}"})
+    await client.send({"type": "get_past_messages", "limit": 2})
+    await client.send({"type": "message", "content": "m80"})
+
+    replies = [await client.recv() for _ in range(40 + 2 + 40 + 3 + 1)]
+    echoes = [r["data"]["content"] for r in replies[:40]]
+    assert echoes == [f"m{i}" for i in range(40)]
+    assert replies[40]["data"] == "BADARGS"
+    assert replies[41] == {"type": "query", "data": "COMMAND?"}
+    assert [r["data"]["seq"] for r in replies[42:82]] == list(range(41, 81))
+    # The history request saw every send before it stored, and nothing after it.
+    assert [r["data"]["seq"] for r in replies[82:84]] == [79, 80]
+    assert replies[84] == {"type": "status", "data": "HISTORYEND", "count": 2}
+    assert replies[85]["data"]["seq"] == 81
+    seen = [(await watcher.recv())["data"]["seq"] for _ in range(81)]
+    assert seen == list(range(1, 82))
+
+
+async def test_compression_is_off_by_default_although_clients_offer_it(server: Server) -> None:
+    client = await server.connect()  # websockets' client offers permessage-deflate
+    assert client.ws.response is not None
+    assert client.ws.response.headers.get("Sec-WebSocket-Extensions") is None
+
+
+async def test_compression_when_enabled_is_negotiated_and_messages_arrive_intact(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(compression=True)
+    owner = server.user()
+    room = await server.create_room(owner)
+    client = await server.join(owner, room)
+    other = await server.join(owner, room)
+    assert client.ws.response is not None
+    assert "permessage-deflate" in client.ws.response.headers["Sec-WebSocket-Extensions"]
+    content = "compressible " * 200
+    echo = await client.ask({"type": "message", "content": content})
+    assert echo["data"]["content"] == content
+    assert (await other.recv())["data"]["content"] == content
+    assert server.app.ws.deflate.compressions == 1  # once for both receivers

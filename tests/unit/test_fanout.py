@@ -149,3 +149,39 @@ async def test_relay_watches_a_room_while_it_has_local_receivers(store: SqliteSt
     hub.leave(b, room)
     assert relay.watched == set()
     await hub.close()
+
+
+async def test_rules_of_a_live_room_are_kept_until_its_last_receiver_leaves(
+    store: SqliteStore,
+) -> None:
+    room, _ = await room_with(store, 0)
+    access = await store.room_access(room)
+    hub, a, b = Hub(store), Recorder(), Recorder()
+    assert hub.cached_access(room) is None
+    hub.join(a, room, 0, access)
+    hub.join(b, room, 0, None)  # a later joiner does not erase what is known
+    assert hub.cached_access(room) is access
+    hub.leave(a, room)
+    assert hub.cached_access(room) is access
+    hub.leave(b, room)
+    assert hub.cached_access(room) is None  # not live here: the next select reads storage
+    await hub.close()
+
+
+async def test_room_changed_forgets_the_rules_at_once_and_the_recheck_stores_new_ones(
+    store: SqliteStore,
+) -> None:
+    room, _ = await room_with(store, 0)
+    before = await store.room_access(room)
+    assert before is not None
+    hub, rec = Hub(store), Recorder()
+    hub.join(rec, room, 0, before)
+    await store.put_rule(room, "someone", "user", "rw", 0, True, utc_datetime(1_800_000_001))
+
+    hub.room_changed(room)
+    assert hub.cached_access(room) is None  # a select right now must read storage
+    await asyncio.sleep(0.1)
+    after = hub.cached_access(room)
+    assert after is not None and after != before
+    assert {r.subject for r in after.rules} == {r.subject for r in before.rules} | {"someone"}
+    await hub.close()

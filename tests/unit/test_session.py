@@ -206,9 +206,10 @@ def test_select_room_loads_then_connects_and_joins_after_the_stored_seq(
 ) -> None:
     authed(session, clock)
     assert session.receive(SelectRoom(7)) == [LoadRoom(7)]
-    effects = session.result(RoomLoaded(7, access("r")))
+    loaded = access("r")
+    effects = session.result(RoomLoaded(7, loaded))
     assert sent(effects) == [{"type": "status", "data": "CONNECTED"}]
-    assert effects[-1] == Join(7, 3)
+    assert effects[-1] == Join(7, 3, access=loaded)  # the hub keeps the rules for the next select
     assert session.room_id == 7
 
 
@@ -229,9 +230,10 @@ def test_select_room_refused_for_missing_room_or_no_read(
 def test_selecting_another_room_leaves_the_previous_one(session: Session, clock: FakeClock) -> None:
     in_room(session, clock, room_id=7)
     session.receive(SelectRoom(8))
-    effects = session.result(RoomLoaded(8, access("r", 8)))
+    loaded = access("r", 8)
+    effects = session.result(RoomLoaded(8, loaded))
     assert effects[0] == Leave(7)
-    assert Join(8, 3) in effects
+    assert Join(8, 3, access=loaded) in effects
 
 
 def test_failed_select_leaves_the_previous_room(session: Session, clock: FakeClock) -> None:
@@ -293,6 +295,20 @@ def test_room_gone_on_send_leaves_and_names_the_room(session: Session, clock: Fa
     effects = session.result(RoomMissing(7))
     assert Leave(7) in effects
     assert sent(effects) == [{"type": "status", "data": "NOTAUTHORIZED", "room_id": 7}]
+
+
+def test_every_pipelined_send_to_a_deleted_room_is_answered(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock)
+    session.receive(SendMessage("a", None))
+    session.receive(SendMessage("b", None))  # pipelined: submitted before a's result
+    first = session.result(RoomMissing(7))
+    second = session.result(RoomMissing(7))
+    assert Leave(7) in first and not any(isinstance(e, Leave) for e in second)
+    notice = {"type": "status", "data": "NOTAUTHORIZED", "room_id": 7}
+    assert sent(first) == [notice] and sent(second) == [notice]
+    assert session.room_id is None
 
 
 def test_bad_args_and_too_large_after_auth(session: Session, clock: FakeClock) -> None:
@@ -403,9 +419,10 @@ def test_select_with_since_joins_for_a_replay_then_ends_it_with_resumed(
 ) -> None:
     authed(session, clock)
     session.receive(SelectRoom(7, since=2))
-    effects = session.result(RoomLoaded(7, access("r")))
+    loaded = access("r")
+    effects = session.result(RoomLoaded(7, loaded))
     assert sent(effects) == [{"type": "status", "data": "CONNECTED"}]
-    assert effects[-1] == Join(7, 3, since=2)
+    assert effects[-1] == Join(7, 3, since=2, access=loaded)
     msg = Message(1, 7, 3, USER, ENTITY, "missed", T0)
     done = session.result(Replayed(7, (msg,), True))
     frames = sent(done)
@@ -423,8 +440,9 @@ def test_select_with_since_joins_for_a_replay_then_ends_it_with_resumed(
 def test_resuming_the_current_room_rejoins_it(session: Session, clock: FakeClock) -> None:
     in_room(session, clock)
     session.receive(SelectRoom(7, since=0))
-    effects = session.result(RoomLoaded(7, access("r")))
-    assert Leave(7) in effects and effects[-1] == Join(7, 3, since=0)
+    loaded = access("r")
+    effects = session.result(RoomLoaded(7, loaded))
+    assert Leave(7) in effects and effects[-1] == Join(7, 3, since=0, access=loaded)
 
 
 def test_replay_storage_failure_leaves_the_room(session: Session, clock: FakeClock) -> None:

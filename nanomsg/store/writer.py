@@ -1,0 +1,142 @@
+"""The batching message writer: every send waiting for storage goes out in one transaction.
+
+A send is ``submit``-ted and gets a future; one writer task per shard takes *everything* that
+arrived while the previous batch was being committed (up to ``max_batch``) and stores it with
+``Store.append_batch``: one transaction and, on PostgreSQL, one round trip. Futures resolve
+only after the commit, in submission order, so an acknowledgement always means "stored".
+
+Rooms are spread over ``shards`` by id, each shard with one batch in flight at a time: a room's
+messages always go through the same shard, so their seqs follow submission order (a
+connection's sends stay in the order it sent them), while different shards commit in parallel.
+There is no timer: under light load a batch is one message and waits for nothing; under heavy
+load batches grow by themselves, which is what amortises the commit.
+
+The queue is bounded by the connections themselves (each has at most
+``ws_server.PIPELINE`` sends in flight and stops reading beyond that), so it needs no policy
+of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from nanomsg.models import Message
+from nanomsg.store.base import NewMessage, RoomGone, Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+Stored = tuple[Message, bool]
+
+
+@dataclass(eq=False, slots=True)
+class _Shard:
+    queue: deque[tuple[NewMessage, asyncio.Future[Stored]]] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    busy: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+class BatchWriter:
+    """Owns the writer tasks; ``close`` stores what was submitted, then stops them."""
+
+    def __init__(self, store: Store, *, shards: int = 2, max_batch: int = 500) -> None:
+        if shards < 1 or max_batch < 1:
+            raise ValueError("shards and max_batch must be at least 1")
+        self.store = store
+        self.max_batch = max_batch
+        self._shards = [_Shard() for _ in range(shards)]
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # What the benchmarks and operators want to know: how well batching amortises.
+        self.batches = 0
+        self.messages = 0
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for index, shard in enumerate(self._shards):
+            shard.task = loop.create_task(self._run(shard), name=f"message-writer-{index}")
+
+    @property
+    def pending(self) -> int:
+        """Messages submitted and not yet resolved (queued or in a batch being committed)."""
+        return sum(len(s.queue) + (1 if s.busy else 0) for s in self._shards)
+
+    def submit(self, new: NewMessage) -> asyncio.Future[Stored]:
+        """Queue a message; the future gets ``(message, created)`` after the commit, or
+        StoreUnavailable / RoomGone."""
+        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
+        if self._closing:
+            future.set_exception(StoreUnavailable("the server is shutting down"))
+            return future
+        shard = self._shards[new.room_id % len(self._shards)]
+        shard.queue.append((new, future))
+        self._idle.clear()
+        shard.wakeup.set()
+        return future
+
+    async def _run(self, shard: _Shard) -> None:
+        while True:
+            if not shard.queue:
+                self._check_idle()
+                shard.wakeup.clear()
+                await shard.wakeup.wait()
+                continue
+            take = min(len(shard.queue), self.max_batch)
+            batch = [shard.queue.popleft() for _ in range(take)]
+            shard.busy = True
+            try:
+                await self._store(batch)
+            finally:
+                shard.busy = False
+
+    async def _store(self, batch: Sequence[tuple[NewMessage, asyncio.Future[Stored]]]) -> None:
+        try:
+            outcomes = await self.store.append_batch([new for new, _ in batch])
+        except asyncio.CancelledError:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable("the writer was stopped"))
+            raise
+        except StoreUnavailable as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(str(exc)))
+            return
+        except Exception as exc:
+            log.exception("storing a batch of %d messages failed unexpectedly", len(batch))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(f"unexpected storage error: {exc!r}"))
+            return
+        self.batches += 1
+        self.messages += len(batch)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():  # the caller gave up (cancelled); the message is stored anyway
+                continue
+            if isinstance(outcome, RoomGone):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    def _check_idle(self) -> None:
+        if self.pending == 0:
+            self._idle.set()
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far is resolved."""
+        while self.pending:
+            await self._idle.wait()
+
+    async def close(self) -> None:
+        """Refuse new messages, resolve the queued ones, stop the tasks."""
+        self._closing = True
+        await self.flush()
+        tasks = [s.task for s in self._shards if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,325 @@
+"""``Store.append_batch`` on real SQLite and PostgreSQL: per-room gapless seqs in batch order,
+rooms gone, client_id idempotency, concurrent batches, and (PostgreSQL) a batch whose backend
+dies mid-statement, which must leave nothing behind and no gap."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import timedelta
+
+import asyncpg
+import pytest
+
+from nanomsg.models import Message
+from nanomsg.store.base import HistoryQuery, NewMessage, RoomGone, Store, StoreUnavailable
+from nanomsg.store.postgres import PostgresStore
+from nanomsg.store.sqlite import SqliteStore
+from tests.integration.test_store import (
+    T0,
+    make_room,
+    message,
+    recorded_sql,
+    store,  # noqa: F401  (fixture: the same tests on SQLite and PostgreSQL)
+    store_target,  # noqa: F401
+    wait_for_lock_waiter,
+)
+
+pytestmark = pytest.mark.asyncio
+
+Outcome = tuple[Message, bool] | RoomGone
+
+
+def stored(outcome: Outcome) -> Message:
+    """The message of an outcome that must be a success."""
+    assert not isinstance(outcome, RoomGone), outcome
+    return outcome[0]
+
+
+async def history(store: Store, room_id: int) -> list[Message]:  # noqa: F811
+    return await store.history(HistoryQuery(room_id=room_id, limit=10_000, newest=False))
+
+
+async def last_seq(store: Store, room_id: int) -> int:  # noqa: F811
+    return (await store.room_heads([room_id]))[room_id]
+
+
+async def test_empty_batch_returns_an_empty_list(store: Store) -> None:  # noqa: F811
+    assert await store.append_batch([]) == []
+
+
+async def test_batch_seqs_are_gapless_and_in_batch_order_across_interleaved_rooms(
+    store: Store,  # noqa: F811
+) -> None:
+    a, b, c = await make_room(store), await make_room(store), await make_room(store)
+    await store.append_message(message(b.id, "before"))  # b continues from seq 1
+    order = [a, b, a, c, b, a, c, a]
+    batch = [
+        message(room.id, f"m{i}", now=T0 + timedelta(seconds=i)) for i, room in enumerate(order)
+    ]
+
+    outcomes = await store.append_batch(batch)
+
+    assert len(outcomes) == len(batch)
+    assert all(not isinstance(o, RoomGone) and o[1] for o in outcomes)
+    messages = [stored(o) for o in outcomes]
+    assert [(m.room_id, m.content) for m in messages] == [(n.room_id, n.content) for n in batch]
+    assert [m.seq for m in messages] == [1, 2, 2, 1, 3, 3, 2, 4]
+    assert [m.created_at for m in messages] == [n.now for n in batch]
+    assert len({m.id for m in messages}) == len(messages)
+    # What the batch returned is exactly what was stored.
+    assert await history(store, a.id) == [m for m in messages if m.room_id == a.id]
+    assert [m.seq for m in await history(store, b.id)] == [1, 2, 3]
+    assert await store.room_heads([a.id, b.id, c.id]) == {a.id: 4, b.id: 3, c.id: 2}
+    # Single appends carry on from the batch without a gap.
+    after, _ = await store.append_message(message(a.id, "after"))
+    assert after.seq == 5
+
+
+async def test_batch_with_a_deleted_and_an_absent_room_returns_room_gone_for_those_and_stores_the_rest(  # noqa: E501
+    store: Store,  # noqa: F811
+) -> None:
+    live, deleted = await make_room(store), await make_room(store)
+    await store.append_message(message(deleted.id, "kept"))
+    assert await store.delete_room(deleted.id, T0)
+    absent = 10**12
+    batch = [
+        message(live.id, "one"),
+        message(deleted.id, "lost"),
+        message(absent, "nowhere", client_id="x"),
+        message(live.id, "two"),
+        message(deleted.id, "lost again", client_id="y"),
+        message(live.id, "three"),
+    ]
+
+    outcomes = await store.append_batch(batch)
+
+    assert [isinstance(o, RoomGone) for o in outcomes] == [False, True, True, False, True, False]
+    assert [stored(outcomes[i]).seq for i in (0, 3, 5)] == [1, 2, 3]
+    assert [m.content for m in await history(store, live.id)] == ["one", "two", "three"]
+    # The deleted room consumed no seq and stored nothing more.
+    assert [m.content for m in await history(store, deleted.id)] == ["kept"]
+    assert await last_seq(store, deleted.id) == 1
+    assert await history(store, absent) == []
+
+
+async def test_batch_client_id_already_stored_returns_that_message_not_created_and_stores_nothing(
+    store: Store,  # noqa: F811
+) -> None:
+    room = await make_room(store)
+    original, _ = await store.append_message(message(room.id, "first", client_id="abc"))
+    batch = [
+        message(room.id, "new"),
+        message(room.id, "retry", client_id="abc", now=T0 + timedelta(seconds=5)),
+        message(room.id, "other emitter", emitter="bob", client_id="abc"),
+    ]
+
+    outcomes = await store.append_batch(batch)
+
+    assert not isinstance(outcomes[1], RoomGone)
+    assert outcomes[1] == (original, False)
+    assert [(stored(o).seq, stored(o).content) for o in outcomes] == [
+        (2, "new"),
+        (1, "first"),
+        (3, "other emitter"),
+    ]
+    assert [o[1] for o in outcomes if not isinstance(o, RoomGone)] == [True, False, True]
+    assert [m.content for m in await history(store, room.id)] == ["first", "new", "other emitter"]
+    assert await last_seq(store, room.id) == 3
+
+
+async def test_batch_client_id_repeated_inside_one_batch_is_stored_once(
+    store: Store,  # noqa: F811
+) -> None:
+    room = await make_room(store)
+    gone = 10**12
+    batch = [
+        message(room.id, "first copy", client_id="dup"),
+        message(room.id, "plain"),
+        message(room.id, "second copy", client_id="dup"),
+        message(gone, "in no room", client_id="dup"),
+        message(room.id, "third copy", client_id="dup", now=T0 + timedelta(seconds=1)),
+        message(gone, "in no room again", client_id="dup"),
+    ]
+
+    outcomes = await store.append_batch(batch)
+
+    first = stored(outcomes[0])
+    assert outcomes[0] == (first, True)
+    assert outcomes[2] == (first, False)
+    assert outcomes[4] == (first, False)
+    assert stored(outcomes[1]).seq == 2 and first.seq == 1
+    assert isinstance(outcomes[3], RoomGone) and isinstance(outcomes[5], RoomGone)
+    assert [m.content for m in await history(store, room.id)] == ["first copy", "plain"]
+    assert await last_seq(store, room.id) == 2
+
+
+async def test_concurrent_batches_on_the_same_rooms_give_every_room_seqs_one_to_n(
+    store: Store,  # noqa: F811
+) -> None:
+    rooms = [await make_room(store) for _ in range(4)]
+    rng = random.Random(7)
+    # Each batch visits the rooms in its own random order: the rooms' locks must still be
+    # taken in one global order, or concurrent batches would deadlock.
+    batches = [[message(rng.choice(rooms).id, f"b{b}m{i}") for i in range(15)] for b in range(8)]
+
+    results = await asyncio.gather(*(store.append_batch(batch) for batch in batches))
+
+    for batch, outcomes in zip(batches, results, strict=True):
+        messages = [stored(o) for o in outcomes]
+        assert [m.content for m in messages] == [n.content for n in batch]
+        for room in rooms:
+            # Within a batch a room's messages follow batch order with consecutive seqs.
+            seqs = [m.seq for m in messages if m.room_id == room.id]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)) if seqs else [])
+    for room in rooms:
+        sent = sum(n.room_id == room.id for batch in batches for n in batch)
+        assert [m.seq for m in await history(store, room.id)] == list(range(1, sent + 1))
+        assert await last_seq(store, room.id) == sent
+
+
+async def test_batch_is_a_bounded_number_of_statements_whatever_its_size(
+    store: SqliteStore | PostgresStore,  # noqa: F811
+) -> None:
+    rooms = [await make_room(store) for _ in range(30)]
+    await store.append_message(message(rooms[0].id, "known", client_id="known"))
+    batch = [
+        message(rooms[i % 30].id, f"m{i}", client_id=f"c{i}" if i % 3 else None) for i in range(300)
+    ]
+    batch.append(message(rooms[0].id, "retry", client_id="known"))
+
+    async with recorded_sql(store) as statements:
+        outcomes = await store.append_batch(batch)
+
+    created = [o[1] for o in outcomes if not isinstance(o, RoomGone)]
+    assert created == [True] * 300 + [False]
+    if isinstance(store, PostgresStore):
+        # The pool's reset query on handing the connection back is housekeeping, not the batch.
+        sent = [sql for sql in statements if not sql.startswith("SELECT pg_advisory_unlock_all")]
+        assert len(sent) == 1, statements  # one round trip, its commit included
+    else:
+        # BEGIN IMMEDIATE, stored client_ids, seqs of every room, all inserts, COMMIT.
+        assert len(statements) == 5, statements
+
+
+async def test_naive_timestamp_in_a_batch_is_rejected_before_anything_is_stored(
+    store: Store,  # noqa: F811
+) -> None:
+    room = await make_room(store)
+    naive = NewMessage(room.id, "alice", "acme", "naive", None, T0.replace(tzinfo=None))
+
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await store.append_batch([message(room.id, "fine"), naive])
+
+    assert await history(store, room.id) == []
+    assert await last_seq(store, room.id) == 0
+
+
+# -- PostgreSQL adversity ---------------------------------------------------------------------
+BLOCKED_BY_ME = (
+    "SELECT pid FROM pg_stat_activity WHERE pg_backend_pid() = ANY (pg_blocking_pids(pid))"
+)
+
+
+async def test_postgres_batch_locks_its_rooms_in_id_order_whatever_the_batch_order(
+    fresh_pg_url: str,
+) -> None:
+    pg = PostgresStore(fresh_pg_url, pool_size=2)
+    await pg.open()
+    locker = await asyncpg.connect(fresh_pg_url)
+    prober = await asyncpg.connect(fresh_pg_url)
+    try:
+        low, high = await make_room(pg), await make_room(pg)
+        assert low.id < high.id
+        async with locker.transaction():
+            await locker.execute("SELECT 1 FROM rooms WHERE id = $1 FOR UPDATE", high.id)
+            # The batch names the high room first, yet must lock the low one before waiting.
+            pending = asyncio.create_task(
+                pg.append_batch([message(high.id, "h"), message(low.id, "l")])
+            )
+            await wait_for_lock_waiter(locker)
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await prober.execute("SELECT 1 FROM rooms WHERE id = $1 FOR UPDATE NOWAIT", low.id)
+        outcomes = await pending
+        assert [stored(o).seq for o in outcomes] == [1, 1]
+    finally:
+        await prober.close()
+        await locker.close()
+        await pg.close()
+
+
+async def test_postgres_batch_acks_only_after_commit_across_a_crash_of_the_batch(
+    fresh_pg_url: str,
+) -> None:
+    pg = PostgresStore(fresh_pg_url, pool_size=2)
+    await pg.open()
+    locker = await asyncpg.connect(fresh_pg_url)
+    try:
+        low, high = await make_room(pg), await make_room(pg)
+        await pg.append_batch([message(low.id, "one"), message(high.id, "one")])
+        # Block the batch on the high room: by then it holds (and may have bumped) the low one.
+        async with locker.transaction():
+            await locker.execute("SELECT 1 FROM rooms WHERE id = $1 FOR UPDATE", high.id)
+            pending = asyncio.create_task(
+                pg.append_batch(
+                    [
+                        message(low.id, "lost"),
+                        message(high.id, "lost"),
+                        message(low.id, "lost", client_id="lost-1"),
+                    ]
+                )
+            )
+            await wait_for_lock_waiter(locker)
+            await locker.execute("SELECT pg_stat_clear_snapshot()")
+            victims = [row["pid"] for row in await locker.fetch(BLOCKED_BY_ME)]
+            assert len(victims) == 1
+            assert await locker.fetchval("SELECT pg_terminate_backend($1, 5000)", victims[0])
+        # The lock is released; the batch's backend is gone with its uncommitted work.
+        with pytest.raises(StoreUnavailable):
+            await pending
+
+        assert await locker.fetchval("SELECT count(*) FROM messages WHERE content = 'lost'") == 0
+        assert await pg.room_heads([low.id, high.id]) == {low.id: 1, high.id: 1}
+        outcomes = await pg.append_batch(
+            [message(high.id, "two"), message(low.id, "two", client_id="lost-1")]
+        )
+        assert [(stored(o).seq, o[1]) for o in outcomes if not isinstance(o, RoomGone)] == [
+            (2, True),
+            (2, True),
+        ]
+        assert [m.seq for m in await history(pg, low.id)] == [1, 2]
+    finally:
+        await locker.close()
+        await pg.close()
+
+
+async def test_postgres_batches_racing_on_one_client_id_behind_the_room_lock_store_it_once(
+    fresh_pg_url: str,
+) -> None:
+    pg = PostgresStore(fresh_pg_url, pool_size=6)
+    await pg.open()
+    locker = await asyncpg.connect(fresh_pg_url)
+    try:
+        room = await make_room(pg)
+        # Every batch misses the client_id (not stored yet), then queues on the room lock; the
+        # first through stores it, the others collide on the unique index and must retry.
+        async with locker.transaction():
+            await locker.execute("SELECT 1 FROM rooms WHERE id = $1 FOR UPDATE", room.id)
+            batches = [
+                asyncio.create_task(
+                    pg.append_batch(
+                        [message(room.id, f"plain {i}"), message(room.id, client_id="same")]
+                    )
+                )
+                for i in range(4)
+            ]
+            await wait_for_lock_waiter(locker, count=4)
+        results = await asyncio.gather(*batches)
+
+        dup = [outcomes[1] for outcomes in results]
+        assert sum(not isinstance(o, RoomGone) and o[1] for o in dup) == 1
+        assert len({stored(o).id for o in dup}) == 1
+        assert [m.seq for m in await history(pg, room.id)] == list(range(1, 6))
+    finally:
+        await locker.close()
+        await pg.close()

@@ -1,0 +1,256 @@
+"""The per-connection outbox of the WebSocket shell, driven without sockets: a recording
+transport stands in for the kernel, the HTTP upgrade and frames are real bytes through
+websockets' sans-I/O protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from nanomsg.auth import Verifier
+from nanomsg.clock import SystemClock
+from nanomsg.config import Config
+from nanomsg.fanout import Hub, text_frame
+from nanomsg.store.sqlite import SqliteStore
+from nanomsg.store.writer import BatchWriter
+from nanomsg.ws_server import Connection, WsServer
+
+pytestmark = pytest.mark.asyncio
+
+UPGRADE = (
+    b"GET /chat HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class RecordingTransport:
+    """A transport whose peer never reads: everything written stays buffered."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return sum(len(w) for w in self.writes)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+@pytest_asyncio.fixture
+async def server(tmp_path: Path) -> AsyncIterator[WsServer]:
+    store = SqliteStore(str(tmp_path / "outbox.db"))
+    clock = SystemClock()
+    ws = WsServer(
+        config=Config(max_backlog=4096),
+        hub=Hub(store),
+        store=store,
+        writer=BatchWriter(store),
+        verifier=Verifier.from_material(clock=clock, secret="outbox-test-secret-0123456789abcd"),
+        clock=clock,
+    )
+    yield ws
+    for conn in list(ws.connections):
+        conn.connection_lost(None)
+
+
+def connect(server: WsServer) -> tuple[Connection, RecordingTransport]:
+    conn = Connection(server)
+    transport = RecordingTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.data_received(UPGRADE)
+    assert transport.writes[0].startswith(b"HTTP/1.1 101")
+    assert transport.writes[-1] == text_frame(b'{"type":"query","data":"START?"}')
+    transport.writes.clear()
+    return conn, transport
+
+
+def frame(n: int, size: int = 10) -> bytes:
+    return text_frame(b"%d:" % n + b"x" * size)
+
+
+def close_code(data: bytes) -> int:
+    """The status code of the WebSocket close frame at the end of ``data``."""
+    # Close frames from the server are short and unmasked: 0x88, length, code, reason.
+    start = data.rindex(b"\x88")
+    payload_len = data[start + 1]
+    code: int = struct.unpack("!H", data[start + 2 : start + 4])[0]
+    assert start + 2 + payload_len == len(data)
+    return code
+
+
+async def one_pass() -> None:
+    """Let the event loop run the callbacks scheduled so far (the outbox flush among them)."""
+    await asyncio.sleep(0)
+
+
+async def test_frames_of_one_loop_pass_go_out_in_one_write_in_order(server: WsServer) -> None:
+    conn, transport = connect(server)
+    for seq in (1, 2, 3):
+        conn.write_frame(frame(seq), seq)
+    assert transport.writes == []  # nothing is written before the end of the pass
+    await one_pass()
+    assert transport.writes == [frame(1) + frame(2) + frame(3)]
+
+
+async def test_each_receiver_of_a_room_gets_one_write_per_pass(server: WsServer) -> None:
+    members = [connect(server) for _ in range(3)]
+    for conn, _ in members:
+        server.hub.join(conn, room_id=7, last_seq=0)
+    frames = [frame(seq) for seq in range(1, 6)]
+    for seq, data in enumerate(frames, start=1):
+        for conn, _ in members:
+            conn.write_frame(data, seq)
+    await one_pass()
+    for _, transport in members:
+        assert transport.writes == [b"".join(frames)]
+
+
+async def test_passes_after_a_flush_start_a_new_write(server: WsServer) -> None:
+    conn, transport = connect(server)
+    conn.write_frame(frame(1), 1)
+    await one_pass()
+    conn.write_frame(frame(2), 2)
+    conn.write_frame(frame(3), 3)
+    await one_pass()
+    assert transport.writes == [frame(1), frame(2) + frame(3)]
+
+
+async def test_control_frames_keep_their_place_after_queued_frames(server: WsServer) -> None:
+    conn, transport = connect(server)
+    conn.write_frame(frame(1), 1)
+    conn.ping()  # websockets' own output (a ping) is written after what is already queued
+    conn.write_frame(frame(2), 2)
+    await one_pass()
+    stream = b"".join(transport.writes)
+    ping = b"\x89\x07nanomsg"
+    assert stream == frame(1) + ping + frame(2)
+
+
+async def test_frames_already_had_are_not_written(server: WsServer) -> None:
+    conn, transport = connect(server)
+    conn.min_seq = 2  # a resume since seq 2
+    for seq in (1, 2, 3):
+        conn.write_frame(frame(seq), seq)
+    await one_pass()
+    assert transport.writes == [frame(3)]
+
+
+async def test_outbox_over_the_backlog_bound_closes_4000_and_spares_others(
+    server: WsServer,
+) -> None:
+    slow, slow_transport = connect(server)
+    other, other_transport = connect(server)
+    big = frame(0, size=1500)
+    for seq in range(1, 5):  # 4 x ~1.5 KB passes max_backlog=4096 within one pass
+        slow.write_frame(big, seq)
+        other.write_frame(frame(seq), seq)
+    await one_pass()
+    assert slow.closing
+    # The queued frames were dropped; what went out is the close frame, code 4000.
+    assert big not in b"".join(slow_transport.writes)
+    assert close_code(b"".join(slow_transport.writes)) == 4000
+    assert other_transport.writes == [b"".join(frame(s) for s in range(1, 5))]
+    assert not other.closing
+
+
+async def test_reader_that_never_reads_is_closed_when_the_kernel_buffer_fills(
+    server: WsServer,
+) -> None:
+    conn, transport = connect(server)
+    seq = 0
+    while not conn.closing and seq < 100:
+        seq += 1
+        conn.write_frame(frame(seq, size=1000), seq)  # under the bound per pass
+        await one_pass()
+    # The transport keeps everything (the peer never reads): the bound is the sum.
+    assert conn.closing and seq <= 6
+    assert close_code(transport.writes[-1]) == 4000
+
+
+DEFLATE_OFFER = UPGRADE.replace(
+    b"\r\n\r\n",
+    b"\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+)
+
+
+def upgrade_with_offer(server: WsServer) -> tuple[Connection, RecordingTransport]:
+    conn = Connection(server)
+    transport = RecordingTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.data_received(DEFLATE_OFFER)
+    return conn, transport
+
+
+async def test_compression_is_off_by_default_even_when_the_client_offers_it(
+    server: WsServer,
+) -> None:
+    assert server.config.compression is False
+    conn, transport = upgrade_with_offer(server)
+    response = transport.writes[0]
+    assert response.startswith(b"HTTP/1.1 101")
+    assert b"sec-websocket-extensions" not in response.lower()
+    assert conn.deflate_bits is None
+    conn.write_frame(frame(1), 1)
+    await one_pass()
+    assert transport.writes[-1] == frame(1)
+
+
+async def test_with_compression_on_a_room_message_is_compressed_once_for_all_receivers(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(str(tmp_path / "deflate.db"))
+    clock = SystemClock()
+    ws = WsServer(
+        config=Config(compression=True),
+        hub=Hub(store),
+        store=store,
+        writer=BatchWriter(store),
+        verifier=Verifier.from_material(clock=clock, secret="outbox-test-secret-0123456789abcd"),
+        clock=clock,
+    )
+    members = [upgrade_with_offer(ws) for _ in range(3)]
+    for conn, transport in members:
+        assert b"permessage-deflate" in transport.writes[0]
+        assert conn.deflate_bits == 15
+        transport.writes.clear()
+    payload = b'{"type":"message","data":{"content":"' + b"hello " * 50 + b'"}}'
+    plain = text_frame(payload)
+    for conn, _ in members:
+        conn.write_frame(plain, 1)
+    await one_pass()
+
+    assert ws.deflate.compressions == 1
+    for _, transport in members:
+        (data,) = transport.writes
+        assert data[0] == 0xC1  # FIN + RSV1 (compressed) + text
+        assert len(data) < len(plain) // 3
+        body = data[2:] if data[1] < 126 else data[4:]
+        assert zlib.decompressobj(-15).decompress(body + b"\x00\x00\xff\xff") == payload
+    for conn, _ in members:
+        conn.connection_lost(None)
