@@ -131,6 +131,16 @@ class _Worker:
                 with contextlib.suppress(BaseException):
                     await self.sender
 
+    def _send(self, obj: object) -> None:
+        """Send to the coordinator; the event loop made the pipe non-blocking (add_reader), and
+        a large result would not fit the socket buffer in one go, so block for the send."""
+        fd = self.pipe.fileno()
+        os.set_blocking(fd, True)
+        try:
+            self.pipe.send(obj)
+        finally:
+            os.set_blocking(fd, False)
+
     def _pipe_readable(self) -> None:
         try:
             self.inbox.put_nowait(self.pipe.recv())
@@ -139,13 +149,13 @@ class _Worker:
 
     async def _main(self) -> None:
         info = await self._connect_all()
-        self.pipe.send(("ready", info))
+        self._send(("ready", info))
         while True:
             msg = await self.inbox.get()
             if msg[0] == "go":
                 self._go(*msg[1:])
             elif msg[0] == "poll":
-                self.pipe.send(("progress", self._progress()))
+                self._send(("progress", self._progress()))
             elif msg[0] == "stop":
                 if len(msg) > 1:  # the pipe closed: nobody to report to
                     return
@@ -154,7 +164,7 @@ class _Worker:
                     with contextlib.suppress(BaseException):
                         await self.sender
                     self.sender = None
-                self.pipe.send(("result", self._result()))
+                self._send(("result", self._result()))
                 return
 
     # -- connecting ---------------------------------------------------------------------------

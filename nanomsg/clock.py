@@ -52,5 +52,10 @@ def utc_datetime(epoch: float) -> datetime:
 
 def iso_utc(dt: datetime) -> str:
     """ISO-8601 UTC with milliseconds and a ``Z``, as the original's ``createdAt``."""
-    dt = dt.astimezone(UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    if dt.tzinfo is not UTC:
+        dt = dt.astimezone(UTC)
+    # Formatted by hand: strftime costs several times more, and this runs once per message.
+    return (
+        f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:"
+        f"{dt.second:02d}.{dt.microsecond // 1000:03d}Z"
+    )

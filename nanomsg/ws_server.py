@@ -106,7 +106,7 @@ class Connection(asyncio.Protocol):
         self.inbox: deque[Command] = deque()
         self.busy = False  # a LoadRoom / LoadHistory / replay is out: the next command waits
         # Sends in flight and the replies queued behind them, answered strictly in this order.
-        self.pipeline: deque[asyncio.Future[Stored] | list[Effect]] = deque()
+        self.pipeline: deque[_InFlight | list[Effect]] = deque()
         self.outbox: list[bytes] = []
         self.outbox_bytes = 0
         self.paused = False
@@ -299,11 +299,11 @@ class Connection(asyncio.Protocol):
         self.server.spawn(self._run(_Replay(join.room_id, join.since, live_from)))
 
     def _submit(self, effect: StoreMessage) -> None:
-        future = self.server.writer.submit(effect.new)
-        self.pipeline.append(future)
-        future.add_done_callback(self._advance)
+        entry = _InFlight(self)
+        self.pipeline.append(entry)
+        self.server.writer.enqueue(effect.new, entry)
 
-    def _advance(self, _done: object = None) -> None:
+    def _advance(self) -> None:
         """Apply the results at the head of the pipeline that are ready, in command order."""
         pipeline = self.pipeline
         while pipeline:
@@ -313,10 +313,10 @@ class Connection(asyncio.Protocol):
                 if self.session is not None and not self.closing:
                     self.apply(head)
                 continue
-            if not head.done():
+            result = head.result
+            if result is None:
                 break
             pipeline.popleft()
-            result = _stored_result(head)
             if self.session is not None and not self.closing:
                 self.apply(self.session.result(result))
             elif isinstance(result, MessageStored) and result.created:
@@ -467,19 +467,23 @@ class Connection(asyncio.Protocol):
         self._flush()
 
 
-def _stored_result(future: asyncio.Future[Stored]) -> Result:
-    """What the session is told about a resolved send."""
-    if future.cancelled():
-        return StorageFailed()
-    exc = future.exception()
-    if exc is None:
-        message, created = future.result()
-        return MessageStored(message, created)
-    if isinstance(exc, RoomGone):
-        return RoomMissing(int(exc.args[0]) if exc.args else 0)
-    if not isinstance(exc, StoreUnavailable):
-        log.error("storing a message failed unexpectedly", exc_info=exc)
-    return StorageFailed()
+@dataclass(eq=False, slots=True)
+class _InFlight:
+    """A send handed to the batching writer; called with its outcome after the commit."""
+
+    conn: Connection
+    result: Result | None = None
+
+    def __call__(self, outcome: Stored | Exception) -> None:
+        if isinstance(outcome, tuple):
+            self.result = MessageStored(*outcome)
+        elif isinstance(outcome, RoomGone):
+            self.result = RoomMissing(int(outcome.args[0]) if outcome.args else 0)
+        else:
+            if not isinstance(outcome, StoreUnavailable):
+                log.error("storing a message failed unexpectedly", exc_info=outcome)
+            self.result = StorageFailed()
+        self.conn._advance()
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,7 +89,7 @@ WITH input AS (
     SELECT i.ord, m.id, m.seq, m.entity, m.content, m.created_at
     FROM input i JOIN messages m
         ON m.room_id = i.room_id AND m.emitter = i.emitter AND m.client_id = i.client_id
-    WHERE m.client_id IS NOT NULL
+    WHERE i.client_id IS NOT NULL  -- no index probe for the (usual) sends without one
 ), fresh AS (
     SELECT i.*, row_number() OVER (PARTITION BY i.room_id ORDER BY i.ord) AS n
     FROM input i WHERE NOT EXISTS (SELECT 1 FROM existing e WHERE e.ord = i.ord)

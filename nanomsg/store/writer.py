@@ -1,9 +1,11 @@
 """The batching message writer: every send waiting for storage goes out in one transaction.
 
-A send is ``submit``-ted and gets a future; one writer task per shard takes *everything* that
-arrived while the previous batch was being committed (up to ``max_batch``) and stores it with
-``Store.append_batch``: one transaction and, on PostgreSQL, one round trip. Futures resolve
-only after the commit, in submission order, so an acknowledgement always means "stored".
+A send is ``enqueue``-d with a callback (the WebSocket shell: no future and no extra loop
+callback per message) or ``submit``-ted for a future. One writer task per shard takes
+*everything* that arrived while the previous batch was being committed (up to ``max_batch``)
+and stores it with ``Store.append_batch``: one transaction and, on PostgreSQL, one round trip.
+Outcomes are delivered only after the commit, in submission order, so an acknowledgement
+always means "stored".
 
 Rooms are spread over ``shards`` by id, each shard with one batch in flight at a time: a room's
 messages always go through the same shard, so their seqs follow submission order (a
@@ -21,20 +23,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from nanomsg.models import Message
-from nanomsg.store.base import NewMessage, RoomGone, Store, StoreUnavailable
+from nanomsg.store.base import NewMessage, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 Stored = tuple[Message, bool]
+# Called once, after the commit (or the failure), with the outcome: (message, created), or the
+# StoreUnavailable / RoomGone exception.
+Done = Callable[[Stored | Exception], None]
 
 
 @dataclass(eq=False, slots=True)
 class _Shard:
-    queue: deque[tuple[NewMessage, asyncio.Future[Stored]]] = field(default_factory=deque)
+    queue: deque[tuple[NewMessage, Done]] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     busy: bool = False
     task: asyncio.Task[None] | None = None
@@ -66,17 +71,30 @@ class BatchWriter:
         """Messages submitted and not yet resolved (queued or in a batch being committed)."""
         return sum(len(s.queue) + (1 if s.busy else 0) for s in self._shards)
 
-    def submit(self, new: NewMessage) -> asyncio.Future[Stored]:
-        """Queue a message; the future gets ``(message, created)`` after the commit, or
-        StoreUnavailable / RoomGone."""
-        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
+    def enqueue(self, new: NewMessage, done: Done) -> None:
+        """Queue a message; ``done`` is called with its outcome after the commit, in
+        submission order within a room. Refused (StoreUnavailable) once closing."""
         if self._closing:
-            future.set_exception(StoreUnavailable("the server is shutting down"))
-            return future
+            done(StoreUnavailable("the server is shutting down"))
+            return
         shard = self._shards[new.room_id % len(self._shards)]
-        shard.queue.append((new, future))
+        shard.queue.append((new, done))
         self._idle.clear()
         shard.wakeup.set()
+
+    def submit(self, new: NewMessage) -> asyncio.Future[Stored]:
+        """``enqueue`` with a future: ``(message, created)``, or StoreUnavailable / RoomGone."""
+        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
+
+        def resolve(outcome: Stored | Exception) -> None:
+            if future.done():  # the caller gave up (cancelled)
+                return
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+        self.enqueue(new, resolve)
         return future
 
     async def _run(self, shard: _Shard) -> None:
@@ -94,34 +112,35 @@ class BatchWriter:
             finally:
                 shard.busy = False
 
-    async def _store(self, batch: Sequence[tuple[NewMessage, asyncio.Future[Stored]]]) -> None:
+    async def _store(self, batch: Sequence[tuple[NewMessage, Done]]) -> None:
         try:
-            outcomes = await self.store.append_batch([new for new, _ in batch])
+            outcomes: Sequence[Stored | Exception] = await self.store.append_batch(
+                [new for new, _ in batch]
+            )
         except asyncio.CancelledError:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(StoreUnavailable("the writer was stopped"))
+            self._tell(batch, [StoreUnavailable("the writer was stopped")] * len(batch))
             raise
         except StoreUnavailable as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(StoreUnavailable(str(exc)))
+            self._tell(batch, [StoreUnavailable(str(exc))] * len(batch))
             return
         except Exception as exc:
             log.exception("storing a batch of %d messages failed unexpectedly", len(batch))
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(StoreUnavailable(f"unexpected storage error: {exc!r}"))
+            failed = StoreUnavailable(f"unexpected storage error: {exc!r}")
+            self._tell(batch, [failed] * len(batch))
             return
         self.batches += 1
         self.messages += len(batch)
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
-            if future.done():  # the caller gave up (cancelled); the message is stored anyway
-                continue
-            if isinstance(outcome, RoomGone):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
+        self._tell(batch, outcomes)
+
+    @staticmethod
+    def _tell(
+        batch: Sequence[tuple[NewMessage, Done]], outcomes: Sequence[Stored | Exception]
+    ) -> None:
+        for (_, done), outcome in zip(batch, outcomes, strict=True):
+            try:
+                done(outcome)
+            except Exception:  # a bug in one receiver must not cost the others their answer
+                log.exception("a message-stored callback failed")
 
     def _check_idle(self) -> None:
         if self.pending == 0:

@@ -111,3 +111,15 @@ def test_get_past_messages_defaults_and_bounds() -> None:
 
 def test_quit() -> None:
     assert decode('{"type":"quit"}') == Quit()
+
+
+def test_iso_utc_has_milliseconds_a_z_and_converts_other_zones() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from nanomsg.clock import iso_utc
+
+    assert iso_utc(datetime(2026, 3, 1, 12, 0, 5, 123456, tzinfo=UTC)) == "2026-03-01T12:00:05.123Z"
+    paris = timezone(timedelta(hours=2))
+    assert (
+        iso_utc(datetime(2026, 3, 1, 14, 0, 0, 999999, tzinfo=paris)) == "2026-03-01T12:00:00.999Z"
+    )
