@@ -229,7 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rooms", type=int, default=100, help="rooms the connections select")
     p = sub.add_parser("storage", parents=[common], help="4. stored messages/s, ack latency")
     p.add_argument("--rooms", type=int, default=64, help="rooms, one sending connection each")
-    p.add_argument("--window", type=int, default=1, help="messages in flight per connection")
+    p.add_argument(
+        "--window", type=int, default=1, help="closed loop: messages in flight per connection"
+    )
+    p.add_argument(
+        "--rate",
+        type=_floats,
+        default=[0.0],
+        help="open loop: total offered messages/s over all rooms (comma list: a sweep; "
+        "0: closed loop with --window)",
+    )
     p.add_argument("--max-messages", type=int, default=10_000_000, help="stop after this many")
     p = sub.add_parser("history", parents=[common], help="5. history reads of a big room")
     p.add_argument("--messages", type=int, default=1_000_000, help="messages seeded in the room")
@@ -260,6 +269,8 @@ def _points(args: argparse.Namespace) -> list[dict[str, Any]]:
         ]
     if args.scenario in ("chat", "connections"):
         return [{"connections": n} for n in args.connections]
+    if args.scenario == "storage":
+        return [{"rate": r} for r in args.rate]
     return [{}]
 
 
@@ -431,6 +442,8 @@ def summary(scenario: str, kind: str, outcome: Outcome) -> str:
         ]
     elif scenario == "storage":
         lines += [
+            f"  offered {f('offered_rate')} msg/s (0: closed loop, window {f('window')}), "
+            f"skipped {f('skipped')}",
             f"  stored {f('stored_per_s')} msg/s over {f('rooms')} rooms "
             f"(acked {f('acked')}, rows {f('db_rows')}, acks without row "
             f"{f('acks_without_row')})",

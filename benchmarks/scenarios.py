@@ -447,8 +447,13 @@ async def connections(args: argparse.Namespace, target: Target, point: dict[str,
 
 
 async def storage(args: argparse.Namespace, target: Target, point: dict[str, Any]) -> Outcome:
-    """Sustained stored messages/s over many rooms; the echo to the sender is the ack."""
+    """Sustained stored messages/s over many rooms; the echo to the sender is the ack.
+
+    Closed loop (``rate`` 0): ``window`` messages in flight per connection, the most the server
+    stores. Open loop (``rate`` > 0): that many messages/s offered round-robin over the rooms,
+    for ack latency at a given load."""
     rooms_n = max(1, args.rooms)
+    rate = float(point.get("rate", 0.0))
     _check_fds(args, target, rooms_n)
     nonce = new_nonce()
     async with Admin(
@@ -465,6 +470,7 @@ async def storage(args: argparse.Namespace, target: Target, point: dict[str, Any
         for i, room in enumerate(rooms)
     ]
     entity = entity_uuid(nonce, ADMIN_ENTITY)
+    parts = split(specs, args.client_procs)
     jobs = [
         _job(
             args,
@@ -475,9 +481,11 @@ async def storage(args: argparse.Namespace, target: Target, point: dict[str, Any
             entity=entity,
             level=100,
             window=args.window,
+            rate=rate * len(part) / len(specs),
+            max_outstanding=256,
             max_messages=args.max_messages,
         )
-        for part in split(specs, args.client_procs)
+        for part in parts
     ]
     pool = WorkerPool(jobs)
     try:
@@ -498,6 +506,8 @@ async def storage(args: argparse.Namespace, target: Target, point: dict[str, Any
         "rooms": rooms_n,
         "connections": sum(r["connected"] for r in ready),
         "window": args.window,
+        "offered_rate": rate,
+        "skipped": sum(r.get("skipped", 0) for r in timed.results),
         "sent": sent,
         "acked": acks,
         "stored_per_s": round(sum(r["ack_seen"] for r in timed.results) / timed.window_s, 1),
@@ -512,7 +522,13 @@ async def storage(args: argparse.Namespace, target: Target, point: dict[str, Any
         # Every ack must have a committed row behind it; rows without an ack are possible
         # only for sends cut short by the end of the run.
         metrics["acks_without_row"] = max(acks - rows, 0)
-    params = {"db": _backend(target), "rooms": rooms_n, "window": args.window, "size": args.size}
+    params = {
+        "db": _backend(target),
+        "rooms": rooms_n,
+        "window": args.window,
+        "rate": rate,
+        "size": args.size,
+    }
     return Outcome(params, metrics, info)
 
 

@@ -274,6 +274,8 @@ class _Worker:
             self.sender = loop.create_task(self._publish(t0, warm_end, end))
         elif kind == "chat":
             self.sender = loop.create_task(self._chat(t0, warm_end, end))
+        elif kind == "storage" and self.job.rate > 0:
+            self.sender = loop.create_task(self._publish(t0, warm_end, end))
         elif kind == "storage":
             self.sender = loop.create_task(self._closed_loop(t0, warm_end, end))
         elif kind == "history":
