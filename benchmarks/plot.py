@@ -52,8 +52,18 @@ def load(path: Path, label: str | None = None) -> list[dict[str, Any]]:
 
 
 def _key(record: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """What makes a point: its parameters, the label (a variant of the same command, e.g. on
+    another database) and the spawned server's database."""
     params = record.get("params", {})
-    return tuple(sorted((k, v) for k, v in params.items() if k not in BOOKKEEPING))
+    key = [(k, v) for k, v in params.items() if k not in BOOKKEEPING]
+    key.append(("label", record.get("label") or ""))
+    key.append(("server_db", (record.get("server") or {}).get("db")))
+    return tuple(sorted(key, key=lambda kv: kv[0]))
+
+
+def variant(record: dict[str, Any]) -> str:
+    """A short name for a point's label, shown in legends and tables ("" when unlabelled)."""
+    return str(record.get("label") or "")
 
 
 def points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -85,23 +95,28 @@ def _m(record: dict[str, Any], key: str) -> float | None:
 def plot_fanout(records: list[dict[str, Any]], out: Path, name: str) -> None:
     pts = points(records)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    groups = sorted({int(r["params"].get("subscribers", 0)) for r in pts})
+    groups = sorted({(variant(r), int(r["params"].get("subscribers", 0))) for r in pts})
     palette = [f"C{i}" for i in range(10)]
-    for colour, subs in zip(palette * 10, groups, strict=False):
+    for colour, (label, subs) in zip(palette * 10, groups, strict=False):
         rows = sorted(
-            (r for r in pts if int(r["params"].get("subscribers", 0)) == subs),
+            (
+                r
+                for r in pts
+                if int(r["params"].get("subscribers", 0)) == subs and variant(r) == label
+            ),
             key=lambda r: float(r["params"].get("rate", 0)),
         )
         rates = [float(r["params"]["rate"]) for r in rows]
+        name_ = f"{subs} subs" + (f" ({label})" if label else "")
         for pct in PCTS:
             ys = [_m(r, f"latency_{pct}_ms") for r in rows]
-            left.plot(rates, ys, STYLES[pct], marker="o", color=colour, label=f"{subs} subs {pct}")
+            left.plot(rates, ys, STYLES[pct], marker="o", color=colour, label=f"{name_} {pct}")
         right.plot(
             rates,
             [_m(r, "delivered_per_s") for r in rows],
             "-o",
             color=colour,
-            label=f"{subs} subs delivered",
+            label=f"{name_} delivered",
         )
         right.plot(
             rates,
@@ -109,7 +124,7 @@ def plot_fanout(records: list[dict[str, Any]], out: Path, name: str) -> None:
             ":",
             color=colour,
             alpha=0.6,
-            label=f"{subs} subs ideal",
+            label=f"{name_} ideal",
         )
     left.set_xlabel("offered messages/s (all publishers)")
     left.set_ylabel("send -> receive latency, ms")
@@ -169,10 +184,25 @@ def _bars(ax: Axes, groups: list[str], series: dict[str, list[float | None]]) ->
 
 def plot_storage(records: list[dict[str, Any]], out: Path, name: str) -> None:
     pts = points(records)
-    groups = [f"{r['params'].get('db')} / {r['params'].get('rooms')} rooms" for r in pts]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    pts = sorted(
+        pts,
+        key=lambda r: (str(r["params"].get("db")), float(r["params"].get("rate") or 0)),
+    )
+
+    def offered(r: dict[str, Any]) -> str:
+        rate = float(r["params"].get("rate") or 0)
+        if rate > 0:
+            return f"{rate:,.0f}/s offered"
+        return f"closed, window {r['params'].get('window')}"
+
+    groups = [
+        "\n".join((str(r["params"].get("db")), f"{r['params'].get('rooms')} rooms", offered(r)))
+        for r in pts
+    ]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(12.0, 1.6 * len(groups)), 5.2))
     _bars(left, groups, {p: [_m(r, f"ack_{p}_ms") for r in pts] for p in PCTS})
     left.set_ylabel("ack (echo after commit) latency, ms")
+    left.set_yscale("log")
     _title(left, "storage: ack latency", pts)
     _bars(right, groups, {"stored msgs/s": [_m(r, "stored_per_s") for r in pts]})
     right.set_ylabel("messages stored and acknowledged / s")

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from benchmarks.plot import RESULTS, load, points
+from benchmarks.plot import RESULTS, load, points, variant
 
 COLUMNS: dict[str, list[tuple[str, str]]] = {
     "fanout": [
@@ -54,6 +54,8 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     ],
     "storage": [
         ("rooms", "rooms"),
+        ("offered_rate", "offered msg/s (0: closed loop)"),
+        ("window", "in flight per conn (closed loop)"),
         ("stored_per_s", "stored msg/s"),
         ("ack_p50_ms", "ack p50 ms"),
         ("ack_p90_ms", "ack p90 ms"),
@@ -123,6 +125,15 @@ def table(scenario: str, records: list[dict[str, Any]]) -> str:
             if scenario == "storage":
                 row = [str(r["params"].get("db")), *row]
             rows.append(row)
+        if scenario in ("fanout", "crossnode", "chat", "connections"):
+            head = ["db", *head]
+            rows = [
+                [str((r.get("server") or {}).get("db", "?")), *row]
+                for r, row in zip(pts, rows, strict=True)
+            ]
+        if any(variant(r) for r in pts):
+            head = ["label", *head]
+            rows = [[variant(r) or "-", *row] for r, row in zip(pts, rows, strict=True)]
     kinds = sorted({str(r.get("kind")) for r in pts})
     lines = [
         "| " + " | ".join(head) + " |",

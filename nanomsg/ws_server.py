@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
@@ -36,6 +35,7 @@ from websockets.extensions.permessage_deflate import (
 )
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
+from websockets.protocol import Protocol as WsProtocol
 from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
@@ -87,6 +87,7 @@ PIPELINE = 64  # message sends of one connection in flight at once
 # Commands whose READY handler changes no session state (only Send or StoreMessage comes out),
 # so they may be answered behind sends still in flight. Anything else is a barrier.
 PIPELINABLE: frozenset[type] = frozenset({SendMessage, BadArgs, TooLarge, Unknown})
+PING_SLICES = 20  # the keepalive sweep is spread over this many steps per interval
 CLOSE_TIMEOUT = 3.0  # seconds to wait for the client's close frame before dropping the socket
 
 
@@ -103,10 +104,12 @@ class Connection(asyncio.Protocol):
         self.session: Session | None = None
         self.fragments: list[bytes] = []
         self.fragment_binary = False
-        self.inbox: deque[Command] = deque()
+        # Lists, not deques: both are nearly always empty, and an empty deque costs ~600 bytes
+        # (it allocates a block up front), which is most of an idle connection's budget.
+        self.inbox: list[Command] = []
         self.busy = False  # a LoadRoom / LoadHistory / replay is out: the next command waits
         # Sends in flight and the replies queued behind them, answered strictly in this order.
-        self.pipeline: deque[_InFlight | list[Effect]] = deque()
+        self.pipeline: list[_InFlight | list[Effect]] = []
         self.outbox: list[bytes] = []
         self.outbox_bytes = 0
         self.paused = False
@@ -173,10 +176,25 @@ class Connection(asyncio.Protocol):
         self.ws.send_response(response)
         if response.status_code != 101:
             return
+        self._release_request()
         self._disarm(None)
         self.session = Session(self.server.verifier, self.server.clock, self.server.limits)
         self._flush()
         self.apply(self.session.start())
+
+    def _release_request(self) -> None:
+        """Let the parsed upgrade request go (~1.8 KB, a third of an idle connection).
+
+        websockets' server parser is a generator that keeps the request as a local variable for
+        the connection's whole life, although after the handshake it only parses frames. When
+        no frame byte has arrived yet, it is suspended exactly where a fresh frame parser starts,
+        so we swap in one (websockets itself swaps parsers this way when it closes).
+        """
+        ws = self.ws
+        if ws.reader.buffer or ws.reader.eof:
+            return  # frame bytes already consumed or pending: keep the original parser
+        ws.parser = WsProtocol.parse(ws)
+        next(ws.parser)
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -235,14 +253,14 @@ class Connection(asyncio.Protocol):
                     or len(self.pipeline) >= PIPELINE
                 ):
                     break
-                self.inbox.popleft()
+                del self.inbox[0]
                 for effect in session.receive(command):
                     if isinstance(effect, StoreMessage):
                         self._submit(effect)
                     else:  # a reply: it waits behind the sends in flight
                         self.pipeline.append([effect])
             else:
-                self.apply(session.receive(self.inbox.popleft()))
+                self.apply(session.receive(self.inbox.pop(0)))
         if self.draining:
             return
         if self.paused and len(self.inbox) <= INBOX_RESUME and self.transport is not None:
@@ -309,14 +327,14 @@ class Connection(asyncio.Protocol):
         while pipeline:
             head = pipeline[0]
             if isinstance(head, list):
-                pipeline.popleft()
+                del pipeline[0]
                 if self.session is not None and not self.closing:
                     self.apply(head)
                 continue
             result = head.result
             if result is None:
                 break
-            pipeline.popleft()
+            del pipeline[0]
             if self.session is not None and not self.closing:
                 self.apply(self.session.result(result))
             elif isinstance(result, MessageStored) and result.created:
@@ -607,10 +625,18 @@ class WsServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _ping_loop(self) -> None:
+        """Ping every connection once per ``ping_interval``, spread over the interval in
+        ``PING_SLICES`` steps: pinging 10 000 connections at once is 10 000 writes in one
+        callback, a ~50 ms stall for every room message waiting behind it (measured: chat p99
+        134 ms with one sweep, 12 ms without pings)."""
+        interval = self.config.ping_interval
         while True:
-            await asyncio.sleep(self.config.ping_interval)
-            for conn in list(self.connections):
-                conn.ping()
+            conns = list(self.connections)
+            per_slice = -(-len(conns) // PING_SLICES)  # ceiling
+            for start in range(0, PING_SLICES * per_slice or 1, per_slice or 1):
+                await asyncio.sleep(interval / PING_SLICES)
+                for conn in conns[start : start + per_slice]:
+                    conn.ping()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Graceful stop within ``timeout``: stop accepting and reading, let every storage

@@ -494,3 +494,114 @@ def test_token_of_8192_chars_is_not_refused_for_length(verifier: Verifier) -> No
     token = hs256(claims(padding=padding))
     assert 8100 < len(token) <= 8192
     assert verifier.verify(token).user == USER
+
+
+# --- the HS256 fast path agrees with PyJWT ------------------------------------------------------
+
+
+def _flip_last_char(segment: str) -> str:
+    """The same bytes with non-zero unused low bits: a non-canonical base64url spelling."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    if len(segment) % 4 in (2, 3):
+        last = alphabet.index(segment[-1])
+        return segment[:-1] + alphabet[last | 1 if len(segment) % 4 == 3 else last | 3]
+    return segment + "A"
+
+
+def _corpus() -> list[tuple[str, str]]:
+    key = SECRET.encode()
+    good = hs256(claims())
+    h, p, s = good.split(".")
+    header = {"alg": "HS256", "typ": "JWT"}
+    body = json.dumps(claims()).encode()
+    tokens = {
+        "valid": good,
+        "other key": hs256(claims(), key=OTHER_SECRET),
+        "padded segments": f"{h}{'=' * (-len(h) % 4)}.{p}{'=' * (-len(p) % 4)}.{s}=",
+        "too much padding": f"{h}.{p}.{s}===",
+        "junk in signature": f"{h}.{p}.{s[:-2]}!!",
+        "non-canonical signature": f"{h}.{p}.{_flip_last_char(s)}",
+        "non-canonical payload": f"{h}.{_flip_last_char(p)}.{s}",
+        "empty signature": f"{h}.{p}.",
+        "short signature": f"{h}.{p}.{s[:10]}",
+        "payload not json": hand_signed(header, b"{not json", key),
+        "payload a list": hand_signed(header, b"[1]", key),
+        "payload not utf-8": hand_signed(header, b'{"a":"\xff"}', key),
+        "kid string": hand_signed({**header, "kid": "k1"}, body, key),
+        "kid number": hand_signed({**header, "kid": 7}, body, key),
+        "no typ": hand_signed({"alg": "HS256"}, body, key),
+        "extra header": hand_signed({**header, "x5u": "https://x"}, body, key),
+        "crit empty": hand_signed({**header, "crit": []}, body, key),
+        "crit unknown": hand_signed({**header, "crit": ["exp"], "exp": 1}, body, key),
+        "b64 false": hand_signed({**header, "b64": False, "crit": ["b64"]}, body, key),
+        "missing user": hs256(claims(userUUID=...)),
+        "null entity": hs256(claims(entityUUID=None)),
+        "missing exp": hs256(claims(exp=...)),
+        "level string": hs256(claims(levelOnEntity="7")),
+        "level float": hs256(claims(levelOnEntity=1.5)),
+        "expired": hs256(claims(exp=int(NOW) - 60)),
+        "nan exp": hand_signed(
+            header, json.dumps(claims(exp=0)).replace('"exp": 0', '"exp": NaN').encode(), key
+        ),
+        "aud string": hs256(claims(aud="nanomsg")),
+        "aud list": hs256(claims(aud=["other", "nanomsg"])),
+        "aud wrong": hs256(claims(aud="other")),
+        "aud number": hs256(claims(aud=5)),
+        "aud list with number": hs256(claims(aud=["nanomsg", 5])),
+        "aud empty": hs256(claims(aud="")),
+        "iss right": hs256(claims(iss="https://partner.example")),
+        "iss wrong": hs256(claims(iss="https://elsewhere.example")),
+        "iss number": hand_signed(header, json.dumps(claims(iss=5)).encode(), key),
+        "aud and iss": hs256(claims(aud="nanomsg", iss="https://partner.example")),
+        "sub string": hs256(claims(sub="someone")),
+        "sub number": hand_signed(header, json.dumps(claims(sub=5)).encode(), key),
+        "jti number": hand_signed(header, json.dumps(claims(jti=[1])).encode(), key),
+    }
+    return list(tokens.items())
+
+
+def _outcome(call: Any) -> tuple[str, object]:
+    try:
+        return "accepted", call()
+    except AuthError as exc:
+        return "refused", str(exc)
+
+
+@pytest.mark.parametrize("scoped_to", [None, ("nanomsg", "https://partner.example")])
+@pytest.mark.parametrize(("name", "token"), _corpus())
+def test_hs256_fast_path_gives_the_same_outcome_as_pyjwt(
+    clock: FakeClock, scoped_to: tuple[str, str] | None, name: str, token: str
+) -> None:
+    audience, issuer = scoped_to or ("", "")
+    v = Verifier.from_material(clock=clock, secret=SECRET, audience=audience, issuer=issuer)
+    fast = _outcome(lambda: v.verify(token))
+    reference = _outcome(lambda: v._principal(v._pyjwt_claims(token, "HS256")))
+    if name == "b64 false":  # PyJWT refuses it too, but only after the signature check
+        assert fast[0] == reference[0] == "refused"
+        return
+    assert fast == reference, name
+
+
+def test_hs256_fast_path_refuses_any_critical_header_extension(verifier: Verifier) -> None:
+    # PyJWT would accept crit ["b64"] with b64 true; nothing here needs extensions, so refuse.
+    token = hand_signed(
+        {"alg": "HS256", "crit": ["b64"], "b64": True},
+        json.dumps(claims()).encode(),
+        SECRET.encode(),
+    )
+    with pytest.raises(AuthError, match="invalid token"):
+        verifier.verify(token)
+
+
+def test_hs256_tokens_do_not_go_through_pyjwt(
+    verifier: Verifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So the comparison above compares two implementations, not one with itself."""
+    token = hs256(claims())
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("PyJWT called for HS256")
+
+    monkeypatch.setattr(jwt, "decode", forbidden)
+    monkeypatch.setattr(jwt, "get_unverified_header", forbidden)
+    assert verifier.verify(token).user == USER

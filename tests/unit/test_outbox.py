@@ -254,3 +254,36 @@ async def test_with_compression_on_a_room_message_is_compressed_once_for_all_rec
         assert zlib.decompressobj(-15).decompress(body + b"\x00\x00\xff\xff") == payload
     for conn, _ in members:
         conn.connection_lost(None)
+
+
+def client_frame(payload: bytes, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
+    """A masked client text frame (payloads under 126 bytes)."""
+    assert len(payload) < 126
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + mask + masked
+
+
+BAD_TOKEN = client_frame(b'{"type":"token","content":"not-a-jwt"}')
+BADAUTH = text_frame(b'{"type":"status","data":"BADAUTH"}')
+
+
+async def test_the_upgrade_request_is_not_kept_after_the_handshake(server: WsServer) -> None:
+    conn, transport = connect(server)
+    parser = conn.ws.parser
+    assert parser.gi_frame is not None and "request" not in parser.gi_frame.f_locals
+    conn.data_received(BAD_TOKEN[:3])  # frames still parse, across reads
+    conn.data_received(BAD_TOKEN[3:])
+    await one_pass()
+    assert b"".join(transport.writes) == BADAUTH
+
+
+async def test_frame_bytes_arriving_with_the_upgrade_keep_the_original_parser(
+    server: WsServer,
+) -> None:
+    conn = Connection(server)
+    transport = RecordingTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.data_received(UPGRADE + BAD_TOKEN[:5])  # a partial frame right behind the request
+    conn.data_received(BAD_TOKEN[5:])
+    await one_pass()
+    assert b"".join(transport.writes).endswith(BADAUTH)
