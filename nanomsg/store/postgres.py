@@ -11,14 +11,15 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 
 import asyncpg
 
-from nanomsg.models import ROOM_TYPES, RULE_KINDS, Message, Room, RoomAccess, Rule
+from nanomsg.models import Message, Room, RoomAccess, Rule
+from nanomsg.store import common
 from nanomsg.store.base import (
     HistoryQuery,
     NewMessage,
@@ -56,18 +57,6 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.InternalClientError,
 )
-
-_ROOM_COLS = (
-    "r.id, r.uuid, r.name, r.level_admin, r.type, r.entity_owner, r.max_entity_rules, "
-    "r.last_seq, r.created_at, r.updated_at, r.deleted_at"
-)
-_ROOM_WIDTH = 11
-_RULE_COLS = (
-    "rr.room_id, rr.subject, rr.kind, rr.permissions, rr.level, rr.accepted, "
-    "rr.created_at, rr.updated_at"
-)
-_RULE_WIDTH = 8
-_MSG_COLS = "m.id, m.room_id, m.seq, m.emitter, m.entity, m.content, m.created_at, m.client_id"
 
 # One statement, so one round trip with its commit (an implicit transaction): either the
 # whole batch is stored or nothing is. Inputs arrive as parallel arrays; ``ord`` is the
@@ -123,8 +112,6 @@ SELECT ord, id, seq, entity, content, created_at, FALSE AS created FROM existing
 # as a whole, so trying again is safe).
 _BATCH_TRIES = 3
 
-Row = Sequence[Any]
-
 
 def redact(url: str) -> str:
     """The URL without its password, fit for error messages and logs."""
@@ -138,91 +125,19 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + host))
 
 
-def _aware(dt: datetime) -> datetime:
-    """The same instant in UTC; naive datetimes are rejected (their zone is unknown)."""
-    if dt.tzinfo is None or dt.utcoffset() is None:
-        raise ValueError(f"timestamps must be timezone-aware, got {dt!r}")
-    return dt.astimezone(UTC)
+def _timestamptz(value: datetime) -> datetime:
+    """A timestamptz as read: asyncpg already decodes it as an aware UTC datetime."""
+    return value
 
 
-def _room(row: Row) -> Room:
-    return Room(
-        id=int(row[0]),
-        uuid=str(row[1]),
-        name=str(row[2]),
-        level_admin=int(row[3]),
-        type=str(row[4]),
-        entity_owner=str(row[5]),
-        max_entity_rules=int(row[6]),
-        last_seq=int(row[7]),
-        created_at=row[8],
-        updated_at=row[9],
-        deleted_at=row[10],
-    )
-
-
-def _rule(row: Row) -> Rule:
-    return Rule(
-        room_id=int(row[0]),
-        subject=str(row[1]),
-        kind=str(row[2]),
-        permissions=str(row[3]),
-        level=int(row[4]),
-        accepted=bool(row[5]),
-        created_at=row[6],
-        updated_at=row[7],
-    )
-
-
-def _message(row: Row) -> Message:
-    return Message(
-        id=int(row[0]),
-        room_id=int(row[1]),
-        seq=int(row[2]),
-        emitter=str(row[3]),
-        entity=str(row[4]),
-        content=str(row[5]),
-        created_at=row[6],
-        client_id=row[7],
-    )
-
-
-def _first_copies(batch: Sequence[NewMessage]) -> list[int]:
-    """For each input, the index of the first input with its (room, emitter, client_id) key.
-
-    An input without client_id is its own first copy. A client_id repeated inside one batch
-    is stored once; the later copies report that message (as a retry would).
-    """
-    firsts: dict[tuple[int, str, str], int] = {}
-    out: list[int] = []
-    for index, new in enumerate(batch):
-        if new.client_id is None:
-            out.append(index)
-        else:
-            out.append(firsts.setdefault((new.room_id, new.emitter, new.client_id), index))
-    return out
-
-
-def _repeated(outcome: tuple[Message, bool] | RoomGone) -> tuple[Message, bool] | RoomGone:
-    """The outcome of a later copy of a client_id: the first copy's message, not created."""
-    if isinstance(outcome, RoomGone):
-        return RoomGone(*outcome.args)
-    return outcome[0], False
+def _placeholder(n: int) -> str:
+    """PostgreSQL's numbered placeholder for the nth parameter."""
+    return f"${n}"
 
 
 def _affected(status: Any) -> int:
     """Rows touched according to a command status such as ``UPDATE 1``."""
     return int(str(status).rsplit(" ", 1)[-1])
-
-
-def _check_page(limit: int, offset: int = 0) -> None:
-    if limit < 0 or offset < 0:
-        raise ValueError(f"limit and offset must be >= 0, got {limit}, {offset}")
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in RULE_KINDS:
-        raise ValueError(f"rule kind must be one of {RULE_KINDS}, got {kind!r}")
 
 
 class PostgresStore:
@@ -375,9 +290,8 @@ class PostgresStore:
     # -- rooms -------------------------------------------------------------------------------
     async def create_room(self, new: NewRoom) -> Room:
         """Insert the room (uuid4 made here) and its creator rules in one transaction."""
-        if new.type not in ROOM_TYPES:
-            raise ValueError(f"room type must be one of {ROOM_TYPES}, got {new.type!r}")
-        now = _aware(new.now)
+        common.check_room_type(new.type)
+        now = common.utc(new.now)
         room_uuid = str(uuid4())
         async with self._connection() as conn, conn.transaction():
             room_id = int(
@@ -394,42 +308,23 @@ class PostgresStore:
                     now,
                 )
             )
-            rules = [(room_id, "user", new.creator_user, "rwa", new.creator_level, True, now)]
-            if new.type == "group":
-                rules.append((room_id, "entity", new.entity_owner, "rw", 100, True, now))
             await conn.executemany(
                 "INSERT INTO room_rules (room_id, kind, subject, permissions, level, accepted,"
                 " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
-                rules,
+                [(room_id, *rule, True, now) for rule in common.creator_rules(new)],
             )
-        return Room(
-            id=room_id,
-            uuid=room_uuid,
-            name=new.name,
-            level_admin=new.level_admin,
-            type=new.type,
-            entity_owner=new.entity_owner,
-            max_entity_rules=new.max_entity_rules,
-            last_seq=0,
-            created_at=now,
-            updated_at=now,
-        )
+        return common.created_room(new, room_id, room_uuid, now)
 
     async def room_access(self, room_id: int) -> RoomAccess | None:
         """The live room and all its rules in one LEFT JOIN query."""
         rows = await self._fetch(
-            f"SELECT {_ROOM_COLS}, {_RULE_COLS} FROM rooms r"
+            f"SELECT {common.ROOM_COLS}, {common.RULE_COLS} FROM rooms r"
             " LEFT JOIN room_rules rr ON rr.room_id = r.id"
             # COLLATE "C": byte order, the same as SQLite's, so both backends agree.
             ' WHERE r.id = $1 AND r.deleted_at IS NULL ORDER BY rr.kind, rr.subject COLLATE "C"',
             room_id,
         )
-        if not rows:
-            return None
-        rules = tuple(
-            _rule(tuple(row)[_ROOM_WIDTH:]) for row in rows if row[_ROOM_WIDTH] is not None
-        )
-        return RoomAccess(room=_room(rows[0]), rules=rules)
+        return common.room_access_from_rows(rows, _timestamptz)
 
     async def room_heads(self, room_ids: Sequence[int]) -> dict[int, int]:
         """Each existing room's last_seq, by primary key lookups in one statement."""
@@ -447,7 +342,7 @@ class PostgresStore:
                 "UPDATE rooms SET deleted_at = $2, updated_at = $2"
                 " WHERE id = $1 AND deleted_at IS NULL",
                 room_id,
-                _aware(now),
+                common.utc(now),
             )
         return _affected(status) == 1
 
@@ -460,9 +355,9 @@ class PostgresStore:
         where the caller is an owner-entity admin (no rule can ban them), and rooms whose
         applying accepted rules, grouped per room, hold ``r`` or ``a`` and no ``b``.
         """
-        _check_page(limit, offset)
+        common.check_page(limit, offset)
         rows = await self._fetch(
-            f"SELECT {_ROOM_COLS} FROM rooms r WHERE r.deleted_at IS NULL AND r.id IN ("
+            f"SELECT {common.ROOM_COLS} FROM rooms r WHERE r.deleted_at IS NULL AND r.id IN ("
             " SELECT id FROM rooms"
             "  WHERE entity_owner = $2 AND level_admin <= $3 AND deleted_at IS NULL"
             " UNION SELECT room_id FROM room_rules"
@@ -479,16 +374,16 @@ class PostgresStore:
             limit,
             offset,
         )
-        return [_room(row) for row in rows]
+        return [common.room_from_row(row, _timestamptz) for row in rows]
 
     # -- rules -------------------------------------------------------------------------------
     async def rules_of(
         self, user: str, entity: str, level: int, accepted: bool | None, limit: int, offset: int
     ) -> list[tuple[Rule, Room]]:
         """The caller's user rules and entity rules at or below ``level`` in live rooms."""
-        _check_page(limit, offset)
+        common.check_page(limit, offset)
         rows = await self._fetch(
-            f"SELECT {_RULE_COLS}, {_ROOM_COLS} FROM room_rules rr"
+            f"SELECT {common.RULE_COLS}, {common.ROOM_COLS} FROM room_rules rr"
             " JOIN rooms r ON r.id = rr.room_id WHERE r.deleted_at IS NULL"
             " AND ((rr.kind = 'user' AND rr.subject = $1)"
             "  OR (rr.kind = 'entity' AND rr.subject = $2 AND rr.level <= $3))"
@@ -501,7 +396,7 @@ class PostgresStore:
             limit,
             offset,
         )
-        return [(_rule(tuple(row)[:_RULE_WIDTH]), _room(tuple(row)[_RULE_WIDTH:])) for row in rows]
+        return [common.rule_and_room_from_row(row, _timestamptz) for row in rows]
 
     async def put_rule(
         self,
@@ -514,8 +409,8 @@ class PostgresStore:
         now: datetime,
     ) -> tuple[Rule, bool]:
         """Create or update one rule, enforcing max_entity_rules under the room's row lock."""
-        _check_kind(kind)
-        now = _aware(now)
+        common.check_kind(kind)
+        now = common.utc(now)
         async with self._connection() as conn, conn.transaction():
             # Lock first, count in a later statement: under READ COMMITTED the later statement
             # gets a fresh snapshot that includes rules committed by the previous lock holder.
@@ -580,7 +475,7 @@ class PostgresStore:
     async def delete_rule(self, room_id: int, subject: str, kind: str | None) -> bool:
         """Delete the subject's rule of ``kind`` (or of every kind)."""
         if kind is not None:
-            _check_kind(kind)
+            common.check_kind(kind)
         async with self._connection() as conn:
             status = await conn.execute(
                 "DELETE FROM room_rules WHERE room_id = $1 AND subject = $2"
@@ -595,40 +490,34 @@ class PostgresStore:
         self, room_id: int, subject: str, kind: str, accepted: bool, now: datetime
     ) -> Rule | None:
         """Flip ``accepted`` on one rule of a live room."""
-        _check_kind(kind)
+        common.check_kind(kind)
         async with self._connection() as conn:
             row = await conn.fetchrow(
                 "UPDATE room_rules rr SET accepted = $4, updated_at = $5 FROM rooms r"
                 " WHERE r.id = rr.room_id AND r.deleted_at IS NULL"
                 " AND rr.room_id = $1 AND rr.kind = $2 AND rr.subject = $3"
-                f" RETURNING {_RULE_COLS}",
+                f" RETURNING {common.RULE_COLS}",
                 room_id,
                 kind,
                 subject,
                 accepted,
-                _aware(now),
+                common.utc(now),
             )
-        return None if row is None else _rule(row)
+        return None if row is None else common.rule_from_row(row, _timestamptz)
 
     # -- messages ----------------------------------------------------------------------------
     async def append_message(self, new: NewMessage) -> tuple[Message, bool]:
         """Store one message: a batch of one (see _APPEND_BATCH_SQL), RoomGone raised."""
-        (outcome,) = await self.append_batch([new])
-        if isinstance(outcome, RoomGone):
-            raise outcome
-        return outcome
+        return common.sole_outcome(await self.append_batch([new]))
 
-    async def append_batch(
-        self, batch: Sequence[NewMessage]
-    ) -> list[tuple[Message, bool] | RoomGone]:
+    async def append_batch(self, batch: Sequence[NewMessage]) -> list[common.Outcome]:
         """Store the batch in one statement (see _APPEND_BATCH_SQL), hence one round trip.
 
         Repeated client_ids are dropped here, before sending, so the statement never inserts
         the same key twice; the copies get the first one's outcome.
         """
-        stamps = [_aware(new.now) for new in batch]  # rejects naive timestamps up front
-        firsts = _first_copies(batch)
-        sent = [index for index in range(len(batch)) if firsts[index] == index]
+        stamps = [common.utc(new.now) for new in batch]  # rejects naive timestamps up front
+        firsts, sent = common.first_copies(batch)
         if not sent:
             return []
         columns = (
@@ -641,16 +530,12 @@ class PostgresStore:
         )
         rows = await self._run_batch(columns)
         by_ord = {int(row["ord"]): row for row in rows}
-        outcomes: list[tuple[Message, bool] | RoomGone] = []
-        position = 0  # index in ``sent`` of the next first copy
-        for index, new in enumerate(batch):
-            if firsts[index] != index:
-                outcomes.append(_repeated(outcomes[firsts[index]]))
-                continue
-            position += 1
+        outcomes: dict[int, common.Outcome] = {}  # by batch index, for the first copies
+        for position, index in enumerate(sent, start=1):  # ``ord`` is the position in ``sent``
+            new = batch[index]
             row = by_ord.get(position)
             if row is None:
-                outcomes.append(RoomGone(new.room_id))
+                outcomes[index] = RoomGone(new.room_id)
                 continue
             message = Message(
                 id=int(row["id"]),
@@ -662,8 +547,8 @@ class PostgresStore:
                 created_at=row["created_at"],
                 client_id=new.client_id,
             )
-            outcomes.append((message, bool(row["created"])))
-        return outcomes
+            outcomes[index] = (message, bool(row["created"]))
+        return common.with_copies(outcomes, firsts)
 
     async def _run_batch(self, columns: tuple[list[Any], ...]) -> list[Any]:
         """Run _APPEND_BATCH_SQL, again when it collided with a concurrent writer.
@@ -691,31 +576,6 @@ class PostgresStore:
 
     async def history(self, query: HistoryQuery) -> list[Message]:
         """Walk the (room_id, seq) index from the requested end, return oldest first."""
-        _check_page(query.limit)
-        conditions = ["m.room_id = $1"]
-        args: list[Any] = [query.room_id]
-
-        def add(condition: str, value: Any) -> None:
-            args.append(value)
-            conditions.append(condition.replace("?", f"${len(args)}"))
-
-        # Only the bounds given make it into the SQL, so the planner sees a plain index range.
-        if query.before is not None:
-            add("m.seq < ?", query.before)
-        if query.after is not None:
-            add("m.seq > ?", query.after)
-        if query.date_from is not None:
-            add("m.created_at >= ?", _aware(query.date_from))
-        if query.date_to is not None:
-            add("m.created_at <= ?", _aware(query.date_to))
-        args.append(query.limit)
-        order = "DESC" if query.newest else "ASC"
-        rows = await self._fetch(
-            f"SELECT {_MSG_COLS} FROM messages m WHERE {' AND '.join(conditions)}"
-            f" ORDER BY m.seq {order} LIMIT ${len(args)}",
-            *args,
-        )
-        messages = [_message(row) for row in rows]
-        if query.newest:
-            messages.reverse()
-        return messages
+        sql, args = common.history_sql(query, common.utc, _placeholder)
+        rows = await self._fetch(sql, *args)
+        return common.history_messages(rows, query, _timestamptz)

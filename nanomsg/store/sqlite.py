@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from nanomsg.models import ROOM_TYPES, RULE_KINDS, Message, Room, RoomAccess, Rule
+from nanomsg.models import Message, Room, RoomAccess, Rule
+from nanomsg.store import common
 from nanomsg.store.base import (
     HistoryQuery,
     NewMessage,
@@ -34,36 +35,16 @@ from nanomsg.store.migrate import load_migrations, sqlite_schema_path
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
-_ROOM_COLS = (
-    "r.id, r.uuid, r.name, r.level_admin, r.type, r.entity_owner, r.max_entity_rules, "
-    "r.last_seq, r.created_at, r.updated_at, r.deleted_at"
-)
-_ROOM_WIDTH = 11
-_RULE_COLS = (
-    "rr.room_id, rr.subject, rr.kind, rr.permissions, rr.level, rr.accepted, "
-    "rr.created_at, rr.updated_at"
-)
-_MSG_COLS = "m.id, m.room_id, m.seq, m.emitter, m.entity, m.content, m.created_at, m.client_id"
-
 # Bound parameters per statement: SQLite's default SQLITE_MAX_VARIABLE_NUMBER since 3.32
 # (RETURNING, used throughout, already needs 3.35). Batches are split to stay within it.
 _MAX_VARIABLES = 32766
 
 _T = TypeVar("_T")
 
-Row = Sequence[Any]
-
-
-def utc(dt: datetime) -> datetime:
-    """The same instant in UTC; naive datetimes are a caller bug (their zone is unknown)."""
-    if dt.tzinfo is None or dt.utcoffset() is None:
-        raise ValueError(f"timestamps must be timezone-aware, got {dt!r}")
-    return dt.astimezone(UTC)
-
 
 def to_micros(dt: datetime) -> int:
     """Microseconds since the epoch for an aware datetime."""
-    return (utc(dt) - _EPOCH) // _MICROSECOND
+    return (common.utc(dt) - _EPOCH) // _MICROSECOND
 
 
 def from_micros(value: int) -> datetime:
@@ -71,46 +52,9 @@ def from_micros(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=value)
 
 
-def _room(row: Row) -> Room:
-    return Room(
-        id=int(row[0]),
-        uuid=str(row[1]),
-        name=str(row[2]),
-        level_admin=int(row[3]),
-        type=str(row[4]),
-        entity_owner=str(row[5]),
-        max_entity_rules=int(row[6]),
-        last_seq=int(row[7]),
-        created_at=from_micros(row[8]),
-        updated_at=from_micros(row[9]),
-        deleted_at=None if row[10] is None else from_micros(row[10]),
-    )
-
-
-def _rule(row: Row) -> Rule:
-    return Rule(
-        room_id=int(row[0]),
-        subject=str(row[1]),
-        kind=str(row[2]),
-        permissions=str(row[3]),
-        level=int(row[4]),
-        accepted=bool(row[5]),
-        created_at=from_micros(row[6]),
-        updated_at=from_micros(row[7]),
-    )
-
-
-def _message(row: Row) -> Message:
-    return Message(
-        id=int(row[0]),
-        room_id=int(row[1]),
-        seq=int(row[2]),
-        emitter=str(row[3]),
-        entity=str(row[4]),
-        content=str(row[5]),
-        created_at=from_micros(row[6]),
-        client_id=None if row[7] is None else str(row[7]),
-    )
+def _placeholder(n: int) -> str:
+    """SQLite's positional placeholder, the same for every parameter."""
+    return "?"
 
 
 def _unavailable(exc: BaseException) -> bool:
@@ -136,16 +80,6 @@ def split_statements(sql: str) -> list[str]:
     if any(ln.strip() and not ln.strip().startswith("--") for ln in pending.splitlines()):
         raise ValueError(f"incomplete SQL statement at the end of a migration: {pending!r}")
     return statements
-
-
-def _check_page(limit: int, offset: int = 0) -> None:
-    if limit < 0 or offset < 0:
-        raise ValueError(f"limit and offset must be >= 0, got {limit}, {offset}")
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in RULE_KINDS:
-        raise ValueError(f"rule kind must be one of {RULE_KINDS}, got {kind!r}")
 
 
 class SqliteStore:
@@ -282,9 +216,8 @@ class SqliteStore:
     # -- rooms -------------------------------------------------------------------------------
     async def create_room(self, new: NewRoom) -> Room:
         """Insert the room and its creator rules in one transaction."""
-        if new.type not in ROOM_TYPES:
-            raise ValueError(f"room type must be one of {ROOM_TYPES}, got {new.type!r}")
-        created = utc(new.now)
+        common.check_room_type(new.type)
+        created = common.utc(new.now)
         now = to_micros(created)
         room_uuid = str(uuid.uuid4())
         async with self._write() as db:
@@ -304,42 +237,25 @@ class SqliteStore:
                 ),
             )
             room_id = int(next(iter(rows))[0])
-            rules = [(room_id, "user", new.creator_user, "rwa", new.creator_level, 1, now, now)]
-            if new.type == "group":
-                rules.append((room_id, "entity", new.entity_owner, "rw", 100, 1, now, now))
             await db.executemany(
                 "INSERT INTO room_rules (room_id, kind, subject, permissions, level, accepted,"
                 " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                rules,
+                [(room_id, *rule, 1, now, now) for rule in common.creator_rules(new)],
             )
-        return Room(
-            id=room_id,
-            uuid=room_uuid,
-            name=new.name,
-            level_admin=new.level_admin,
-            type=new.type,
-            entity_owner=new.entity_owner,
-            max_entity_rules=new.max_entity_rules,
-            last_seq=0,
-            created_at=created,
-            updated_at=created,
-        )
+        return common.created_room(new, room_id, room_uuid, created)
 
     async def room_access(self, room_id: int) -> RoomAccess | None:
         """The live room and all its rules in one LEFT JOIN query."""
         async with self._read() as db:
             rows = list(
                 await db.execute_fetchall(
-                    f"SELECT {_ROOM_COLS}, {_RULE_COLS} FROM rooms r"
+                    f"SELECT {common.ROOM_COLS}, {common.RULE_COLS} FROM rooms r"
                     " LEFT JOIN room_rules rr ON rr.room_id = r.id"
                     " WHERE r.id = ? AND r.deleted_at IS NULL ORDER BY rr.kind, rr.subject",
                     (room_id,),
                 )
             )
-        if not rows:
-            return None
-        rules = tuple(_rule(row[_ROOM_WIDTH:]) for row in rows if row[_ROOM_WIDTH] is not None)
-        return RoomAccess(room=_room(rows[0]), rules=rules)
+        return common.room_access_from_rows(rows, from_micros)
 
     async def room_heads(self, room_ids: Sequence[int]) -> dict[int, int]:
         """Each existing room's last_seq, in one statement."""
@@ -379,10 +295,10 @@ class SqliteStore:
         admin (no rule can ban them), and rooms whose applying accepted rules, grouped per
         room, hold ``r`` or ``a`` and no ``b``.
         """
-        _check_page(limit, offset)
+        common.check_page(limit, offset)
         async with self._read() as db:
             rows = await db.execute_fetchall(
-                f"SELECT {_ROOM_COLS} FROM rooms r WHERE r.deleted_at IS NULL AND r.id IN ("
+                f"SELECT {common.ROOM_COLS} FROM rooms r WHERE r.deleted_at IS NULL AND r.id IN ("
                 " SELECT id FROM rooms"
                 "  WHERE entity_owner = :entity AND level_admin <= :level AND deleted_at IS NULL"
                 " UNION SELECT room_id FROM room_rules"
@@ -401,16 +317,16 @@ class SqliteStore:
                     "offset": offset,
                 },
             )
-        return [_room(row) for row in rows]
+        return [common.room_from_row(row, from_micros) for row in rows]
 
     # -- rules -------------------------------------------------------------------------------
     async def rules_of(
         self, user: str, entity: str, level: int, accepted: bool | None, limit: int, offset: int
     ) -> list[tuple[Rule, Room]]:
         """The caller's user rules and entity rules at or below ``level`` in live rooms."""
-        _check_page(limit, offset)
+        common.check_page(limit, offset)
         sql = (
-            f"SELECT {_RULE_COLS}, {_ROOM_COLS} FROM room_rules rr"
+            f"SELECT {common.RULE_COLS}, {common.ROOM_COLS} FROM room_rules rr"
             " JOIN rooms r ON r.id = rr.room_id WHERE r.deleted_at IS NULL"
             " AND ((rr.kind = 'user' AND rr.subject = ?)"
             "  OR (rr.kind = 'entity' AND rr.subject = ? AND rr.level <= ?))"
@@ -423,7 +339,7 @@ class SqliteStore:
         params += [limit, offset]
         async with self._read() as db:
             rows = await db.execute_fetchall(sql, params)
-        return [(_rule(row[:8]), _room(row[8:])) for row in rows]
+        return [common.rule_and_room_from_row(row, from_micros) for row in rows]
 
     async def put_rule(
         self,
@@ -436,8 +352,8 @@ class SqliteStore:
         now: datetime,
     ) -> tuple[Rule, bool]:
         """Create or update one rule; the limit check and insert share a write transaction."""
-        _check_kind(kind)
-        now = utc(now)
+        common.check_kind(kind)
+        now = common.utc(now)
         stamp = to_micros(now)
         async with self._write() as db:
             rows = list(
@@ -486,7 +402,7 @@ class SqliteStore:
         sql = "DELETE FROM room_rules WHERE room_id = ? AND subject = ?"
         params: list[Any] = [room_id, subject]
         if kind is not None:
-            _check_kind(kind)
+            common.check_kind(kind)
             sql += " AND kind = ?"
             params.append(kind)
         async with self._write() as db, db.execute(sql, params) as cursor:
@@ -496,7 +412,7 @@ class SqliteStore:
         self, room_id: int, subject: str, kind: str, accepted: bool, now: datetime
     ) -> Rule | None:
         """Flip ``accepted`` on one rule of a live room."""
-        _check_kind(kind)
+        common.check_kind(kind)
         async with self._write() as db:
             rows = list(
                 await db.execute_fetchall(
@@ -508,19 +424,14 @@ class SqliteStore:
                     (int(accepted), to_micros(now), room_id, kind, subject, room_id),
                 )
             )
-        return _rule(rows[0]) if rows else None
+        return common.rule_from_row(rows[0], from_micros) if rows else None
 
     # -- messages ----------------------------------------------------------------------------
     async def append_message(self, new: NewMessage) -> tuple[Message, bool]:
         """Store one message: a batch of one, RoomGone raised."""
-        (outcome,) = await self.append_batch([new])
-        if isinstance(outcome, RoomGone):
-            raise outcome
-        return outcome
+        return common.sole_outcome(await self.append_batch([new]))
 
-    async def append_batch(
-        self, batch: Sequence[NewMessage]
-    ) -> list[tuple[Message, bool] | RoomGone]:
+    async def append_batch(self, batch: Sequence[NewMessage]) -> list[common.Outcome]:
         """Store the batch in one BEGIN IMMEDIATE transaction, in few statements.
 
         Each aiosqlite call hops to its thread, so the work is one lookup of the client_ids
@@ -528,11 +439,10 @@ class SqliteStore:
         all the messages (each split only past SQLite's limit on bound parameters).
         """
         stamps = [to_micros(new.now) for new in batch]  # rejects naive timestamps up front
-        firsts = _first_copies(batch)
-        sent = [index for index in range(len(batch)) if firsts[index] == index]
+        firsts, sent = common.first_copies(batch)
         if not sent:
             return []
-        outcomes: dict[int, tuple[Message, bool] | RoomGone] = {}
+        outcomes: dict[int, common.Outcome] = {}
         async with self._write() as db:
             stored = await _stored_client_ids(db, [batch[i] for i in sent])
             fresh: list[int] = []
@@ -567,63 +477,14 @@ class SqliteStore:
                 client_id=new.client_id,
             )
             outcomes[index] = (message, True)
-        return [
-            outcomes[index] if firsts[index] == index else _repeated(outcomes[firsts[index]])
-            for index in range(len(batch))
-        ]
+        return common.with_copies(outcomes, firsts)
 
     async def history(self, query: HistoryQuery) -> list[Message]:
         """Walk the (room_id, seq) index from the requested end, return oldest first."""
-        _check_page(query.limit)
-        conditions = ["m.room_id = ?"]
-        params: list[Any] = [query.room_id]
-        if query.before is not None:
-            conditions.append("m.seq < ?")
-            params.append(query.before)
-        if query.after is not None:
-            conditions.append("m.seq > ?")
-            params.append(query.after)
-        if query.date_from is not None:
-            conditions.append("m.created_at >= ?")
-            params.append(to_micros(query.date_from))
-        if query.date_to is not None:
-            conditions.append("m.created_at <= ?")
-            params.append(to_micros(query.date_to))
-        order = "DESC" if query.newest else "ASC"
-        params.append(query.limit)
+        sql, params = common.history_sql(query, to_micros, _placeholder)
         async with self._read() as db:
-            rows = await db.execute_fetchall(
-                f"SELECT {_MSG_COLS} FROM messages m WHERE {' AND '.join(conditions)}"
-                f" ORDER BY m.seq {order} LIMIT ?",
-                params,
-            )
-        messages = [_message(row) for row in rows]
-        if query.newest:
-            messages.reverse()
-        return messages
-
-
-def _first_copies(batch: Sequence[NewMessage]) -> list[int]:
-    """For each input, the index of the first input with its (room, emitter, client_id) key.
-
-    An input without client_id is its own first copy. A client_id repeated inside one batch
-    is stored once; the later copies report that message (as a retry would).
-    """
-    firsts: dict[tuple[int, str, str], int] = {}
-    out: list[int] = []
-    for index, new in enumerate(batch):
-        if new.client_id is None:
-            out.append(index)
-        else:
-            out.append(firsts.setdefault((new.room_id, new.emitter, new.client_id), index))
-    return out
-
-
-def _repeated(outcome: tuple[Message, bool] | RoomGone) -> tuple[Message, bool] | RoomGone:
-    """The outcome of a later copy of a client_id: the first copy's message, not created."""
-    if isinstance(outcome, RoomGone):
-        return RoomGone(*outcome.args)
-    return outcome[0], False
+            rows = await db.execute_fetchall(sql, params)
+        return common.history_messages(list(rows), query, from_micros)
 
 
 def _chunks(items: Sequence[_T], width: int) -> list[Sequence[_T]]:
@@ -651,13 +512,13 @@ async def _stored_client_ids(
     for chunk in _chunks(keys, 3):
         rows = await db.execute_fetchall(
             f"WITH k(room_id, emitter, client_id) AS (VALUES {_values(len(chunk), 3)})"
-            f" SELECT {_MSG_COLS} FROM k JOIN messages m ON m.room_id = k.room_id"
+            f" SELECT {common.MSG_COLS} FROM k JOIN messages m ON m.room_id = k.room_id"
             " AND m.emitter = k.emitter AND m.client_id = k.client_id"
             " WHERE m.client_id IS NOT NULL",
             [value for key in chunk for value in key],
         )
         for row in rows:
-            message = _message(row)
+            message = common.message_from_row(row, from_micros)
             stored[message.room_id, message.emitter, message.client_id] = message
     return stored
 
