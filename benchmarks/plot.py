@@ -79,11 +79,13 @@ def points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _title(ax: Axes, text: str, records: Sequence[dict[str, Any]]) -> None:
-    labels = sorted({r.get("label") or "" for r in records} - {""})
+    # A label names the whole plot only when every point has it; mixed plots name their
+    # labelled series in the legend instead (plot_fanout).
+    labels = {r.get("label") or "" for r in records}
     machine = records[0].get("machine", {}) if records else {}
     sub = f"{machine.get('cpu_model', '')}, {machine.get('nproc', '?')} cores"
-    if labels:
-        sub = f"{', '.join(labels)} | {sub}"
+    if len(labels) == 1 and "" not in labels:
+        sub = f"{labels.pop()} | {sub}"
     ax.set_title(f"{text}\n{sub}", fontsize=9)
 
 
