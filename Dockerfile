@@ -1,7 +1,10 @@
 # nanomsg container image.
 #
 #   docker build -t nanomsg .
-#   docker run --rm -p 7777:7777 -p 7778:7778 -e NANOMSG_JWT_SECRET=... nanomsg
+#   docker run --rm -p 7777:7777 -p 127.0.0.1:7778:7778 --ulimit nofile=65536:65536 \
+#       -e NANOMSG_JWT_SECRET=... nanomsg
+#
+# The side-port (7778) administers rooms: publish it where only partner backends reach it.
 #
 # Stage 1 builds the wheel; stage 2 installs it (and its dependencies, all published as binary
 # wheels for linux/amd64 and linux/arm64) into a virtualenv and runs it as an unprivileged user.

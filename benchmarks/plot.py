@@ -18,64 +18,30 @@ runs on the Agg backend (no display needed); install it with ``pip install -e '.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+from benchmarks.records import RESULTS, load, points, variant
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from matplotlib.axes import Axes
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
-RESULTS = Path(__file__).resolve().parent / "results"
-BOOKKEEPING = {"duration", "warmup", "client_procs", "sample_every"}
+try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError as exc:
+    # Only drawing needs matplotlib; main() says so in one line instead of a traceback, and
+    # the tables (benchmarks.report) never import it.
+    MISSING: str | None = f"matplotlib cannot be imported ({exc})"
+else:
+    MISSING = None
+
 PCTS = ("p50", "p90", "p99")
 STYLES = {"p50": "-", "p90": "--", "p99": ":"}
-
-
-def load(path: Path, label: str | None = None) -> list[dict[str, Any]]:
-    """The records of one JSONL file (optionally only those with ``label``)."""
-    records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if label is None or record.get("label") == label:
-            records.append(record)
-    return records
-
-
-def _key(record: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """What makes a point: its parameters, the label (a variant of the same command, e.g. on
-    another database) and the spawned server's database."""
-    params = record.get("params", {})
-    key = [(k, v) for k, v in params.items() if k not in BOOKKEEPING]
-    key.append(("label", record.get("label") or ""))
-    key.append(("server_db", (record.get("server") or {}).get("db")))
-    return tuple(sorted(key, key=lambda kv: kv[0]))
-
-
-def variant(record: dict[str, Any]) -> str:
-    """A short name for a point's label, shown in legends and tables ("" when unlabelled)."""
-    return str(record.get("label") or "")
-
-
-def points(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per distinct point: the latest median, else the latest run."""
-    best: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
-    for record in records:
-        key = _key(record)
-        current = best.get(key)
-        is_median = record.get("kind") == "median"
-        if current is None or is_median or current.get("kind") != "median":
-            best[key] = record
-    return list(best.values())
 
 
 def _title(ax: Axes, text: str, records: Sequence[dict[str, Any]]) -> None:
@@ -259,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="PNG directory (default: same)")
     parser.add_argument("--label", default=None, help="only records with this --label")
     args = parser.parse_args(argv)
+    if MISSING is not None:
+        print(
+            f"benchmarks.plot: no plots drawn: {MISSING}; install it with "
+            "pip install -e '.[bench]' (the tables of python -m benchmarks.report need no plots)",
+            file=sys.stderr,
+        )
+        return 1
     out_dir = args.out or args.results
     out_dir.mkdir(parents=True, exist_ok=True)
     made = 0

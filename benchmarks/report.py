@@ -3,7 +3,8 @@
 
 Uses the same point selection as the plots (latest ``median`` record per point, else the
 latest run), so the tables and the PNGs always show the same numbers. Nothing is computed
-here that the harness did not measure: every cell is a field of a result line.
+here that the harness did not measure: every cell is a field of a result line. Needs only the
+standard library: matplotlib (for the PNGs of ``benchmarks.plot``) is not imported.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from benchmarks.plot import RESULTS, load, points, variant
+from benchmarks.records import RESULTS, load, points, variant
 
 COLUMNS: dict[str, list[tuple[str, str]]] = {
     "fanout": [

@@ -17,12 +17,14 @@ from typing import Any
 from nanomsg.app import App, build_verifier, url_host
 from nanomsg.auth import is_uuid, mint
 from nanomsg.clock import SystemClock, utc_datetime
-from nanomsg.config import Config, ConfigError, add_options, duration, from_namespace
+from nanomsg.config import OPTIONS, Config, ConfigError, add_options, duration, from_namespace
 from nanomsg.store.base import NewRoom, StoreUnavailable
 from nanomsg.supervisor import Supervisor
 
 DEV_ENTITY = "00000000-0000-4000-8000-00000000d3e7"
 DEV_USERS = ("00000000-0000-4000-8000-0000000000a1", "00000000-0000-4000-8000-0000000000b2")
+# The settings `nanomsg token` signs with; the only server flags its --help lists.
+TOKEN_SETTINGS = ("jwt_secret", "jwt_audience", "jwt_issuer")
 
 
 def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
@@ -32,24 +34,69 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     add_options(serve, environ)
     migrate = sub.add_parser("migrate", help="apply pending database migrations and exit")
     add_options(migrate, environ)
-    token = sub.add_parser("token", help="mint an HS256 token for testing")
-    add_options(token, environ)
-    token.add_argument("--user", required=True, help="userUUID claim")
-    token.add_argument("--entity", required=True, help="entityUUID claim")
+    token = sub.add_parser(
+        "token",
+        help="mint an HS256 token for testing",
+        description="Print an HS256 token signed with the server's secret, with the server's "
+        "audience and issuer (if set), on one line.",
+    )
+    token.add_argument("--user", required=True, help="userUUID claim (a UUID)")
+    token.add_argument("--entity", required=True, help="entityUUID claim (a UUID)")
     token.add_argument("--level", type=int, default=100, help="levelOnEntity claim")
     token.add_argument("--ttl", type=duration, default=3600.0, help="lifetime: 3600, 30m, 1h")
+    _add_settings(token, environ, TOKEN_SETTINGS)
     return parser
 
 
+def _add_settings(
+    parser: argparse.ArgumentParser, environ: dict[str, str], names: Sequence[str]
+) -> None:
+    """Add the flags of the settings ``names`` only, after the command's own, each defaulting
+    to its variable.
+
+    ``token`` shows its own flags and the three settings it signs with, not the server's ~30
+    (``add_options`` adds every setting); the rest of its Config keeps the defaults, unused.
+    """
+    group = parser.add_argument_group("signing (the server's settings)")
+    for opt in OPTIONS:
+        if opt.name not in names:
+            continue
+        raw = environ.get(opt.env)
+        try:
+            default = opt.default if raw is None else opt.kind(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{opt.env}: {exc}") from None
+        group.add_argument(
+            opt.flag,
+            dest=opt.name,
+            type=opt.kind,
+            default=default,
+            help=f"{opt.help} [env {opt.env}]",
+        )
+
+
+def _secret_source(config: Config, environ: dict[str, str]) -> str:
+    """Where a set signing secret came from: its variable, else the flag (which overrides it)."""
+    return (
+        "NANOMSG_JWT_SECRET"
+        if environ.get("NANOMSG_JWT_SECRET") == config.jwt_secret
+        else "--jwt-secret"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    environ = dict(os.environ)
     try:
-        args = build_parser(dict(os.environ)).parse_args(argv)
+        args = build_parser(environ).parse_args(argv)
         config = from_namespace(args)
         if args.command == "token":
             return _token(config, args)
         if args.command == "migrate":
             config.validate(need_key=False)
             return _run(_migrate(config))
+        # The dev banner prints a secret it generated; one the operator set is not printed
+        # (it may be a real one), the banner names where it came from instead.
+        secret_source = _secret_source(config, environ) if config.jwt_secret else ""
         if config.dev and not config.jwt_secret:
             config = replace(config, jwt_secret=secrets.token_hex(32))
         config.validate()
@@ -62,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if config.workers > 1:
         return _run(Supervisor(config).run())
-    return _run(_serve(config))
+    return _run(_serve(config, secret_source))
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -115,7 +162,7 @@ async def _migrate(config: Config) -> int:
     return 0
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, secret_source: str = "") -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -130,15 +177,19 @@ async def _serve(config: Config) -> int:
         raise
     try:
         if config.dev:
-            await _dev_banner(app, config)
+            await _dev_banner(app, config, secret_source)
         await stop.wait()
     finally:
         await app.stop()
     return 0
 
 
-async def _dev_banner(app: App, config: Config) -> None:
-    """Print ready tokens, a room to select and a wscat line, for trying the server by hand."""
+async def _dev_banner(app: App, config: Config, secret_source: str) -> None:
+    """Print ready tokens, a room to select and a wscat line, for trying the server by hand.
+
+    ``secret_source`` names the variable or flag the signing secret came from; empty when the
+    secret was generated for this run, which is then printed so other tools can sign with it.
+    """
     clock = app.clock
     rooms = await app.store.rooms_visible_to(DEV_USERS[0], DEV_ENTITY, 100, 1, 0)
     if rooms:
@@ -174,8 +225,14 @@ async def _dev_banner(app: App, config: Config) -> None:
     print(
         "\n".join(
             [
-                "nanomsg dev mode: a fresh signing secret for this run only.",
-                f"  NANOMSG_JWT_SECRET={config.jwt_secret}",
+                *(
+                    [
+                        "nanomsg dev mode: a fresh signing secret for this run only.",
+                        f"  NANOMSG_JWT_SECRET={config.jwt_secret}",
+                    ]
+                    if not secret_source
+                    else [f"nanomsg dev mode: tokens signed with the secret from {secret_source}."]
+                ),
                 f"  room {room.id} ({room.name}) is open to both users below",
                 f"  token A: {tokens[0]}",
                 f"  token B: {tokens[1]}",

@@ -337,6 +337,25 @@ async def test_token_refuses_a_user_that_is_not_a_uuid(tmp_path: Path) -> None:
     assert done.stdout == ""
 
 
+async def test_token_help_lists_its_own_flags_first_and_only_the_signing_settings(
+    tmp_path: Path,
+) -> None:
+    done = await run_cli("token", "--help", env=cli_env(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done
+    text = done.stdout
+    own = [text.find(f"\n  {flag} ") for flag in ("--user", "--entity", "--level", "--ttl")]
+    signing = [text.find(f"\n  {flag} ") for flag in ("--jwt-secret", "--jwt-audience")]
+    signing.append(text.find("\n  --jwt-issuer "))
+    assert -1 not in own + signing, text
+    assert max(own) < min(signing), text
+    server_only = [
+        opt.flag
+        for opt in OPTIONS
+        if opt.name not in ("jwt_secret", "jwt_audience", "jwt_issuer") and opt.flag in text
+    ]
+    assert server_only == [], text
+
+
 # -- migrate -------------------------------------------------------------------------------------
 
 
@@ -451,3 +470,52 @@ async def test_sigterm_closes_clients_with_1001_and_serve_exits_0(
     assert await server.exit_status() == 0, server.output()
     assert time.monotonic() - started < STOP_TIMEOUT
     assert "Traceback" not in "\n".join(server.stderr), server.output()
+
+
+def banner_tokens(stdout: str) -> tuple[str, str]:
+    found = re.search(r"^\s*token A: (\S+)$\n^\s*token B: (\S+)$", stdout, re.MULTILINE)
+    assert found, f"no tokens in the dev banner:\n{stdout}"
+    return found.group(1), found.group(2)
+
+
+async def test_serve_dev_with_the_secret_in_the_environment_names_it_and_does_not_print_it(
+    start_serve: StartServe,
+) -> None:
+    server = await start_serve(
+        "--dev", "--port", "0", "--http-port", "0", NANOMSG_JWT_SECRET=SECRET
+    )
+    await server.ports()
+    await server.wait_for_line(server.stdout, BANNER_END)
+    stdout = "\n".join(server.stdout)
+    assert stdout.splitlines()[0] == (
+        "nanomsg dev mode: tokens signed with the secret from NANOMSG_JWT_SECRET."
+    ), stdout
+    assert "fresh" not in stdout
+    assert SECRET not in server.output()
+    verifier = Verifier.from_material(clock=SystemClock(), secret=SECRET)
+    assert {verifier.verify(token).user for token in banner_tokens(stdout)} == {
+        "00000000-0000-4000-8000-0000000000a1",
+        "00000000-0000-4000-8000-0000000000b2",
+    }
+
+
+async def test_serve_dev_with_jwt_secret_flag_names_the_flag_and_does_not_print_it(
+    start_serve: StartServe,
+) -> None:
+    flag_secret = "f" * 40
+    server = await start_serve(
+        "--dev",
+        f"--jwt-secret={flag_secret}",
+        *("--port", "0", "--http-port", "0"),
+        NANOMSG_JWT_SECRET=SECRET,  # the flag overrides it; the banner must say so
+    )
+    await server.ports()
+    await server.wait_for_line(server.stdout, BANNER_END)
+    stdout = "\n".join(server.stdout)
+    assert stdout.splitlines()[0] == (
+        "nanomsg dev mode: tokens signed with the secret from --jwt-secret."
+    ), stdout
+    assert flag_secret not in server.output()
+    token_a, _ = banner_tokens(stdout)
+    principal = Verifier.from_material(clock=SystemClock(), secret=flag_secret).verify(token_a)
+    assert principal.user == "00000000-0000-4000-8000-0000000000a1"
