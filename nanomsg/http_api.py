@@ -480,8 +480,11 @@ class HttpApi:
             hi=MAX_ENTITY_RULES_MAX,
             default=MAX_ENTITY_RULES_DEFAULT,
         )
-        entity_level = body.integer(
-            "entity_level", lo=0, hi=RULE_LEVEL_MAX, default=ROOM_ENTITY_LEVEL_DEFAULT
+        # Given means given: null is not "the default" for a field added with a clear type.
+        entity_level = (
+            body.integer("entity_level", lo=0, hi=RULE_LEVEL_MAX)
+            if "entity_level" in body.data
+            else ROOM_ENTITY_LEVEL_DEFAULT
         )
         if "entity_level" in body.data and room_type != "group":
             # Only a group room gets the owner entity's rule; a level for no rule is a mistake.

@@ -204,13 +204,9 @@ def _schemas() -> dict[str, Any]:
             "minProperties": 1,
             "description": "At least one field; the others stay as they are.",
             "properties": {
-                "name": {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": NAME_MAX_LEN,
-                    "description": "Not blank; no control characters.",
-                },
-                "level_admin": {"type": "integer", "minimum": 0, "maximum": LEVEL_ADMIN_MAX},
+                # The same rules as on creation, by reference, so the two cannot drift.
+                "name": {"$ref": "#/components/schemas/NewRoom/properties/name"},
+                "level_admin": {"$ref": "#/components/schemas/NewRoom/properties/level_admin"},
                 "max_entity_rules": {
                     "type": "integer",
                     "minimum": MAX_ENTITY_RULES_MIN,
@@ -268,6 +264,9 @@ def _schemas() -> dict[str, Any]:
                     "the room (unless they reach level_admin or hold a rule of their own).",
                 },
             },
+            # entity_level sets the level of a rule only group rooms get.
+            "if": {"required": ["type"], "properties": {"type": {"const": "user2user"}}},
+            "then": {"not": {"required": ["entity_level"]}},
         },
         "PutMember": {
             "type": "object",

@@ -10,6 +10,9 @@ import uuid
 from typing import Any
 
 import pytest
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 from tests.integration.conftest import Server, User
 
@@ -370,6 +373,7 @@ async def test_entity_level_sets_the_lowest_level_of_the_organisation_admitted(
         ({"entity_level": 1_000_001}, "field 'entity_level' must be between 0 and 1000000"),
         ({"entity_level": "10"}, "field 'entity_level' must be an integer"),
         ({"entity_level": 1.5}, "field 'entity_level' must be an integer"),
+        ({"entity_level": None}, "field 'entity_level' must be an integer"),
         (
             {"entity_level": 10, "type": "user2user"},
             "field 'entity_level' applies only to group rooms",
@@ -404,3 +408,44 @@ async def test_openapi_documents_members_listing_patch_and_history_paging(server
     history = paths["/rooms/{id}/messages"]["get"]["responses"]["200"]
     meta = history["content"]["application/json"]["schema"]["properties"]["meta"]
     assert {"has_more", "next_before", "next_after"} <= set(meta["properties"])
+
+
+def answer_schema(doc: dict[str, Any], path: str, method: str, status: str) -> Any:
+    """A validator for one answer of the published document, its $refs resolved in it."""
+    registry: Registry[Any] = Registry().with_resource(
+        "urn:nanomsg", Resource.from_contents(doc, default_specification=DRAFT202012)
+    )
+    answer = doc["paths"][path][method]["responses"][status]
+    if "$ref" in answer:  # a shared error answer: "#/components/responses/E409"
+        where = answer["$ref"].removeprefix("#")
+    else:
+        escaped = path.replace("~", "~0").replace("/", "~1")
+        where = f"/paths/{escaped}/{method}/responses/{status}"
+    schema = {"$ref": f"urn:nanomsg#{where}/content/application~1json/schema"}
+    return Draft202012Validator(schema, registry=registry)
+
+
+async def test_members_patch_and_paged_history_answers_match_the_published_schemas(
+    server: Server,
+) -> None:
+    async with server.http.get(server.http_url + "/openapi.json") as resp:
+        doc = await resp.json()
+    admin = server.user()
+    room_id = await server.create_room(admin, entity_level=5)
+    await server.grant(admin, room_id, str(uuid.uuid4()), "rw", invite=True)
+    await post(server, admin, room_id, 3)
+    answers = [
+        ("/rooms/{id}/members", "get", f"/rooms/{room_id}/members?limit=1", None),
+        ("/rooms/{id}", "patch", f"/rooms/{room_id}", {"name": "n", "max_entity_rules": 3}),
+        ("/rooms/{id}/messages", "get", f"/rooms/{room_id}/messages?limit=2", None),
+        ("/rooms/{id}/messages", "get", f"/rooms/{room_id}/messages?after=0&limit=2", None),
+    ]
+    for path, method, url, body in answers:
+        code, data = await server.call(method.upper(), url, admin, body)
+        assert code == 200, data
+        errors = list(answer_schema(doc, path, method, "200").iter_errors(data))
+        assert errors == [], (url, [error.message for error in errors])
+        assert data["meta"].get("has_more", True) is True  # each of these has a next page
+    code, data = await server.call("PATCH", f"/rooms/{room_id}", admin, {"max_entity_rules": 2})
+    assert code == 409
+    assert not list(answer_schema(doc, "/rooms/{id}", "patch", "409").iter_errors(data))
