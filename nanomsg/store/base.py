@@ -119,7 +119,11 @@ class Store(Protocol):
         """
 
     async def room_access(self, room_id: int) -> RoomAccess | None:
-        """The live (not deleted) room with all its rules, in one query; None if absent."""
+        """The live (not deleted) room with all its rules, in one query; None if absent.
+
+        Rules come ordered by kind, then subject in byte order, on both backends (the members
+        listing pages them in that order).
+        """
 
     async def room_heads(self, room_ids: Sequence[int]) -> dict[int, int]:
         """The current ``last_seq`` of each given room that exists, in one query (the hubs'
