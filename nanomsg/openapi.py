@@ -272,7 +272,8 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "additionalProperties": False,
             "required": ["permissions"],
-            "description": "Exactly one of entity_UUID and userUUID (an alias).",
+            "description": "Exactly one of entity_UUID and userUUID (an alias). A UUID in any "
+            "case names the same subject; it is stored and answered in lower case.",
             "oneOf": [{"required": ["entity_UUID"]}, {"required": ["userUUID"]}],
             "properties": {
                 "entity_UUID": _UUID,
@@ -482,7 +483,13 @@ def _paths(room_create_level: int) -> dict[str, Any]:
         "/rooms/{id}/members/{uuid}": {
             "parameters": [
                 _ROOM_ID,
-                {"name": "uuid", "in": "path", "required": True, "schema": _UUID},
+                {
+                    "name": "uuid",
+                    "in": "path",
+                    "required": True,
+                    "schema": _UUID,
+                    "description": "The rule's subject, in any case.",
+                },
             ],
             "delete": {
                 "summary": "Delete a subject's rules (admins); no body needed",
