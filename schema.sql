@@ -69,3 +69,48 @@ CREATE UNIQUE INDEX messages_client_id_idx
 
 -- History reads filtered by date range.
 CREATE INDEX messages_room_created_idx ON messages (room_id, created_at);
+
+-- migration: 2 lower-case uuids
+-- UUIDs are compared as text, so one UUID spelled in two cases was two users, and a ban on
+-- the upper-case spelling banned nobody. The server now writes only the lower-case form; this
+-- brings stored UUIDs to it. Rules that then name one subject twice in a room are merged into
+-- the one that grants least: an accepted ban first, then a rule that grants nothing yet
+-- (pending), then the fewest flags (admin last), then the highest level (admits fewest
+-- members), then the latest change.
+DELETE FROM room_rules rr
+USING (
+    SELECT room_id, kind, subject,
+           row_number() OVER (
+               PARTITION BY room_id, kind, lower(subject)
+               ORDER BY (accepted AND strpos(permissions, 'b') > 0) DESC,
+                        accepted ASC,
+                        (strpos(permissions, 'a') > 0) ASC,
+                        length(permissions) ASC,
+                        level DESC,
+                        updated_at DESC,
+                        subject COLLATE "C" ASC
+           ) AS rank
+    FROM room_rules
+) ranked
+WHERE ranked.rank > 1
+  AND rr.room_id = ranked.room_id AND rr.kind = ranked.kind AND rr.subject = ranked.subject;
+
+UPDATE room_rules SET subject = lower(subject) WHERE subject <> lower(subject);
+
+UPDATE rooms SET entity_owner = lower(entity_owner) WHERE entity_owner <> lower(entity_owner);
+
+-- Two spellings of one emitter may have used one client_id in a room: the first message keeps
+-- it (a resend returns that one), the later ones keep their text but lose the key.
+UPDATE messages SET client_id = NULL
+WHERE id IN (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (
+                   PARTITION BY room_id, lower(emitter), client_id ORDER BY seq
+               ) AS rank
+        FROM messages WHERE client_id IS NOT NULL
+    ) ranked
+    WHERE ranked.rank > 1
+);
+
+UPDATE messages SET emitter = lower(emitter), entity = lower(entity)
+WHERE emitter <> lower(emitter) OR entity <> lower(entity);

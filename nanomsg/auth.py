@@ -44,6 +44,21 @@ def is_uuid(value: object) -> bool:
     return str(parsed) == value.lower()
 
 
+def canonical_uuid(value: object) -> str | None:
+    """The one spelling of a UUID the server uses (lower-case 8-4-4-4-12), or None when
+    ``value`` is not a UUID string.
+
+    UUIDs name users, entities and rule subjects, and are compared as strings everywhere
+    (rules, bans, idempotency keys). The same UUID in another case must be the same user, so
+    every UUID that enters the server (token claims, path parameters, body fields) passes
+    through here, and storage holds only this form.
+    """
+    if not is_uuid(value):
+        return None
+    assert isinstance(value, str)
+    return value.lower()
+
+
 def parse_level(value: object) -> int:
     """levelOnEntity is an int, or a string of digits as the original's partners send it."""
     if isinstance(value, bool):
@@ -246,10 +261,11 @@ class Verifier:
         nbf = claims.get("nbf")
         if isinstance(nbf, int | float) and not isinstance(nbf, bool) and now + self.leeway < nbf:
             raise AuthError("token not yet valid")
-        user, entity = claims["userUUID"], claims["entityUUID"]
-        if not is_uuid(user):
+        user = canonical_uuid(claims["userUUID"])
+        if user is None:
             raise AuthError("userUUID must be a UUID")
-        if not is_uuid(entity):
+        entity = canonical_uuid(claims["entityUUID"])
+        if entity is None:
             raise AuthError("entityUUID must be a UUID")
         level = parse_level(claims["levelOnEntity"])
         return Principal(user=user, entity=entity, level=level, exp=int(exp), claims=claims)

@@ -24,10 +24,10 @@ from typing import Any, NoReturn
 import orjson
 from aiohttp import web
 
-from nanomsg.auth import AuthError, Verifier, is_uuid
+from nanomsg.auth import AuthError, Verifier, canonical_uuid
 from nanomsg.clock import Clock, utc_datetime
 from nanomsg.config import Config
-from nanomsg.models import ROOM_TYPES, RULE_KINDS, Principal, Room
+from nanomsg.models import ROOM_TYPES, RULE_KINDS, Principal, Room, Rule
 from nanomsg.openapi import (
     HISTORY_LIMIT_DEFAULT,
     LEVEL_ADMIN_MAX,
@@ -36,8 +36,10 @@ from nanomsg.openapi import (
     MAX_ENTITY_RULES_MAX,
     MAX_ENTITY_RULES_MIN,
     MAX_ID,
+    MEMBERS_LIMIT_DEFAULT,
     NAME_MAX_LEN,
     PAGE_LIMIT_MAX,
+    ROOM_ENTITY_LEVEL_DEFAULT,
     ROOMS_LIMIT_DEFAULT,
     RULE_LEVEL_MAX,
     build_openapi,
@@ -45,7 +47,9 @@ from nanomsg.openapi import (
 from nanomsg.permissions import Access, evaluate, is_valid_flags
 from nanomsg.store.base import (
     HistoryQuery,
+    LimitBelowRules,
     NewRoom,
+    RoomChanges,
     RoomGone,
     Store,
     StoreUnavailable,
@@ -87,11 +91,18 @@ def envelope(
     *,
     reason: str | None = None,
     headers: Mapping[str, str] | None = None,
+    page: Mapping[str, Any] | None = None,
 ) -> web.Response:
-    """The original's envelope; ``content`` defaults to ``{}``; errors carry ``meta.reason``."""
+    """The original's envelope; ``content`` defaults to ``{}``; errors carry ``meta.reason``.
+
+    ``page`` adds paging fields (``has_more`` and the cursor to pass next) to ``meta``, so a
+    paged list keeps ``content`` a bare list, as it was before paging was reported.
+    """
     meta: dict[str, Any] = {"code": status, "message": HTTPStatus(status).phrase}
     if reason is not None:
         meta["reason"] = reason
+    if page is not None:
+        meta.update(page)
     body = orjson.dumps({"meta": meta, "content": {} if content is None else content})
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
@@ -158,6 +169,12 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         response = envelope(404, reason="no such room")
     except TooManyRules:
         response = envelope(403, reason="TOO_MANY_RULES")
+    except LimitBelowRules as exc:
+        response = envelope(
+            409,
+            reason=f"max_entity_rules {exc.requested} is below the {exc.rules} rules"
+            " the room holds; delete rules first",
+        )
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         response = envelope(500, reason="internal error")
@@ -246,10 +263,9 @@ class JsonBody:
         given = [name for name in names if name in self.data]
         if len(given) != 1:
             raise bad_request(f"exactly one of {', '.join(names)} is required")
-        value = self.data[given[0]]
-        if not is_uuid(value):
+        value = canonical_uuid(self.data[given[0]])
+        if value is None:
             raise bad_request(f"field '{given[0]}' must be a UUID")
-        assert isinstance(value, str)
         return value
 
 
@@ -334,8 +350,9 @@ def path_room_id(request: web.Request) -> int:
 
 
 def path_uuid(request: web.Request, name: str) -> str:
-    value = request.match_info[name]
-    if not is_uuid(value):
+    """A UUID path segment, in its canonical lower-case form; else 400."""
+    value = canonical_uuid(request.match_info[name])
+    if value is None:
         raise bad_request(f"{name} must be a UUID")
     return value
 
@@ -353,6 +370,7 @@ class Granted:
 
     room: Room
     access: Access
+    rules: tuple[Rule, ...]
 
 
 class HttpApi:
@@ -410,7 +428,7 @@ class HttpApi:
             _no_such_room()
         if admin and not access.admin:
             raise HttpError(403, "admin permission required")
-        return Granted(room=found.room, access=access)
+        return Granted(room=found.room, access=access, rules=found.rules)
 
     async def changed(self, room_id: int) -> None:
         """Tell every process to re-check live connections of the room.
@@ -450,7 +468,8 @@ class HttpApi:
     async def create_room(self, request: web.Request, principal: Principal) -> web.StreamResponse:
         QueryArgs(request, ())
         body = JsonBody(
-            await read_json_object(request), ("name", "level_admin", "type", "max_entity_rules")
+            await read_json_object(request),
+            ("name", "level_admin", "type", "max_entity_rules", "entity_level"),
         )
         name = body.text("name", max_len=NAME_MAX_LEN)
         level_admin = body.integer("level_admin", lo=0, hi=LEVEL_ADMIN_MAX)
@@ -461,6 +480,15 @@ class HttpApi:
             hi=MAX_ENTITY_RULES_MAX,
             default=MAX_ENTITY_RULES_DEFAULT,
         )
+        # Given means given: null is not "the default" for a field added with a clear type.
+        entity_level = (
+            body.integer("entity_level", lo=0, hi=RULE_LEVEL_MAX)
+            if "entity_level" in body.data
+            else ROOM_ENTITY_LEVEL_DEFAULT
+        )
+        if "entity_level" in body.data and room_type != "group":
+            # Only a group room gets the owner entity's rule; a level for no rule is a mistake.
+            raise bad_request("field 'entity_level' applies only to group rooms")
         if principal.level < self.config.room_create_level:
             raise HttpError(
                 403, f"levelOnEntity {self.config.room_create_level} needed to create rooms"
@@ -475,9 +503,61 @@ class HttpApi:
                 creator_user=principal.user,
                 creator_level=principal.level,
                 now=self.now(),
+                entity_level=entity_level,
             )
         )
         return envelope(200, {"room": room.to_json()})
+
+    async def patch_room(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        """Rename a room, or change its ``level_admin`` or rule limit (admins).
+
+        A changed ``level_admin`` changes who is an owner-entity admin, so live connections
+        are re-checked as after a rule change.
+        """
+        QueryArgs(request, ())
+        room_id = path_room_id(request)
+        fields = ("name", "level_admin", "max_entity_rules")
+        body = JsonBody(await read_json_object(request), fields)
+        if not any(name in body.data for name in fields):
+            raise bad_request(f"at least one of {', '.join(fields)} is required")
+        changes = RoomChanges(
+            name=body.text("name", max_len=NAME_MAX_LEN) if "name" in body.data else None,
+            level_admin=(
+                body.integer("level_admin", lo=0, hi=LEVEL_ADMIN_MAX)
+                if "level_admin" in body.data
+                else None
+            ),
+            max_entity_rules=(
+                body.integer("max_entity_rules", lo=MAX_ENTITY_RULES_MIN, hi=MAX_ENTITY_RULES_MAX)
+                if "max_entity_rules" in body.data
+                else None
+            ),
+        )
+        await self.room_for(principal, room_id, admin=True)
+        room = await self.store.update_room(room_id, changes, self.now())
+        await self.changed(room_id)
+        return envelope(200, {"room": room.to_json()})
+
+    async def list_members(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        """The room's rules (users and entities), for its admins, paged.
+
+        A room holds at most ``max_entity_rules`` (<= 1000) rules and every permission check
+        reads them all, so the page is cut from that one read: entity rules first, then user
+        rules, each by subject.
+        """
+        limit, offset = QueryArgs(request, ("limit", "offset")).page(MEMBERS_LIMIT_DEFAULT)
+        room_id = path_room_id(request)
+        granted = await self.room_for(principal, room_id, admin=True)
+        rules = granted.rules[offset : offset + limit]
+        has_more = offset + len(rules) < len(granted.rules)
+        page: dict[str, Any] = {"has_more": has_more}
+        if has_more:
+            page["next_offset"] = offset + len(rules)
+        content = [
+            {**rule.to_json(), "status": "accepted" if rule.accepted else "pending"}
+            for rule in rules
+        ]
+        return envelope(200, content, page=page)
 
     async def list_rules(self, request: web.Request, principal: Principal) -> web.StreamResponse:
         query = QueryArgs(request, ("accepted", "limit", "offset"))
@@ -577,17 +657,16 @@ class HttpApi:
         after = query.integer("after", lo=0, hi=MAX_ID)
         limit = query.integer("limit", lo=1, hi=PAGE_LIMIT_MAX, default=HISTORY_LIMIT_DEFAULT)
         assert limit is not None
-        if (date_from or date_to) and (before is not None or after is not None):
-            raise bad_request("use either dateFrom/dateTo or before/after, not both")
         if date_from and date_to and date_from > date_to:
             raise bad_request("dateFrom is after dateTo")
         await self.room_for(principal, room_id, admin=False)
         # A date window or ``after`` reads forwards from its start; otherwise the latest ones.
+        # A date window combines with the seq cursors, so it can be paged like the rest.
         newest = after is None and date_from is None
         found = await self.store.history(
             HistoryQuery(
                 room_id=room_id,
-                limit=limit,
+                limit=limit + 1,  # one more than asked: whether another page follows
                 before=before,
                 after=after,
                 date_from=date_from,
@@ -595,7 +674,17 @@ class HttpApi:
                 newest=newest,
             )
         )
-        return envelope(200, [message.to_json() for message in found])
+        has_more = len(found) > limit
+        page: dict[str, Any] = {"has_more": has_more}
+        if newest:
+            found = found[-limit:]  # the extra one is the oldest
+            if has_more:
+                page["next_before"] = found[0].seq
+        else:
+            found = found[:limit]  # the extra one is the newest
+            if has_more:
+                page["next_after"] = found[-1].seq
+        return envelope(200, [message.to_json() for message in found], page=page)
 
     # -- routes -----------------------------------------------------------------------------
 
@@ -613,6 +702,8 @@ class HttpApi:
             web.route("GET", "/rooms/all", a(self.list_rooms)),
             web.route("GET", "/rooms/{id}", a(self.get_room)),
             web.route("DELETE", "/rooms/{id}", a(self.delete_room)),
+            web.route("PATCH", "/rooms/{id}", a(self.patch_room)),
+            web.route("GET", "/rooms/{id}/members", a(self.list_members)),
             web.route("PUT", "/rooms/{id}/members", a(self.put_member)),
             web.route("DELETE", "/rooms/{id}/members/{uuid}", a(self.delete_member)),
             web.route("PUT", "/rooms/{id}/invitation", a(self.put_invitation)),

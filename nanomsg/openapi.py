@@ -18,6 +18,8 @@ MAX_ENTITY_RULES_DEFAULT = 100
 RULE_LEVEL_MAX = 1_000_000
 PAGE_LIMIT_MAX = 500
 ROOMS_LIMIT_DEFAULT = 100
+MEMBERS_LIMIT_DEFAULT = 100
+ROOM_ENTITY_LEVEL_DEFAULT = 100  # the original's fixed level of a group room's entity rule
 HISTORY_LIMIT_DEFAULT = 50
 
 _JSON = "application/json"
@@ -41,6 +43,33 @@ def _ok(description: str, content: dict[str, Any], status: str = "200") -> dict[
     return {
         status: {"description": description, "content": {_JSON: {"schema": _envelope(content)}}}
     }
+
+
+def _paged(description: str, items: dict[str, Any], cursors: dict[str, str]) -> dict[str, Any]:
+    """A 200 whose ``content`` is a list and whose ``meta`` says whether another page follows
+    and, when one does, the cursor to pass for it (``cursors``: name -> description)."""
+    meta = {
+        "type": "object",
+        "required": ["code", "message", "has_more"],
+        "properties": {
+            "code": {"type": "integer"},
+            "message": {"type": "string"},
+            "has_more": {
+                "type": "boolean",
+                "description": "Whether another page follows; its cursor is given only then.",
+            },
+            **{
+                name: {"type": "integer", "minimum": 0, "description": text}
+                for name, text in cursors.items()
+            },
+        },
+    }
+    schema = {
+        "type": "object",
+        "required": ["meta", "content"],
+        "properties": {"meta": meta, "content": {"type": "array", "items": items}},
+    }
+    return {"200": {"description": description, "content": {_JSON: {"schema": schema}}}}
 
 
 def _errors(*codes: int) -> dict[str, Any]:
@@ -83,6 +112,8 @@ _ERROR_TEXT = {
     403: "The caller may read the room but lacks the right (or, for POST /rooms, the level); "
     "meta.reason `TOO_MANY_RULES` when the room holds max_entity_rules rules.",
     404: "No such room, or a room the caller may not read (indistinguishable on purpose).",
+    409: "The change conflicts with the room's state: a max_entity_rules below the number of "
+    "rules the room holds (meta.reason says how many).",
     413: f"Body larger than {MAX_BODY_BYTES} bytes.",
     415: "Body is not application/json (multipart is never accepted).",
     503: "Storage unavailable.",
@@ -151,6 +182,39 @@ def _schemas() -> dict[str, Any]:
                 "updatedAt": _STAMP,
             },
         },
+        "Member": {
+            "allOf": [
+                _ref("Rule"),
+                {
+                    "type": "object",
+                    "required": ["status"],
+                    "properties": {
+                        "status": {
+                            "enum": ["accepted", "pending"],
+                            "description": "pending: not accepted (an open or declined "
+                            "invitation), grants nothing.",
+                        }
+                    },
+                },
+            ]
+        },
+        "RoomChanges": {
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "description": "At least one field; the others stay as they are.",
+            "properties": {
+                # The same rules as on creation, by reference, so the two cannot drift.
+                "name": {"$ref": "#/components/schemas/NewRoom/properties/name"},
+                "level_admin": {"$ref": "#/components/schemas/NewRoom/properties/level_admin"},
+                "max_entity_rules": {
+                    "type": "integer",
+                    "minimum": MAX_ENTITY_RULES_MIN,
+                    "maximum": MAX_ENTITY_RULES_MAX,
+                    "description": "Not below the number of rules the room holds (else 409).",
+                },
+            },
+        },
         "RuleWithRoom": {
             "allOf": [_ref("Rule"), {"type": "object", "properties": {"room": _ref("Room")}}]
         },
@@ -190,13 +254,26 @@ def _schemas() -> dict[str, Any]:
                     "default": MAX_ENTITY_RULES_DEFAULT,
                     "description": "Counts every rule, the creator's automatic ones included.",
                 },
+                "entity_level": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": RULE_LEVEL_MAX,
+                    "default": ROOM_ENTITY_LEVEL_DEFAULT,
+                    "description": "Group rooms only: the lowest levelOnEntity of the owner "
+                    "entity admitted by its automatic `rw` rule. Members below it do not see "
+                    "the room (unless they reach level_admin or hold a rule of their own).",
+                },
             },
+            # entity_level sets the level of a rule only group rooms get.
+            "if": {"required": ["type"], "properties": {"type": {"const": "user2user"}}},
+            "then": {"not": {"required": ["entity_level"]}},
         },
         "PutMember": {
             "type": "object",
             "additionalProperties": False,
             "required": ["permissions"],
-            "description": "Exactly one of entity_UUID and userUUID (an alias).",
+            "description": "Exactly one of entity_UUID and userUUID (an alias). A UUID in any "
+            "case names the same subject; it is stored and answered in lower case.",
             "oneOf": [{"required": ["entity_UUID"]}, {"required": ["userUUID"]}],
             "properties": {
                 "entity_UUID": _UUID,
@@ -297,7 +374,8 @@ def _paths(room_create_level: int) -> dict[str, Any]:
                 "summary": "Create a room owned by the caller's entity",
                 "description": f"Needs levelOnEntity >= {room_create_level}. Also creates an "
                 "accepted `rwa` user rule for the creator and, for group rooms, an accepted `rw` "
-                "entity rule at level 100 for the owning entity. Answers 200, as the original.",
+                "entity rule for the owning entity at level `entity_level` (default 100: members "
+                "below it do not see the room). Answers 200, as the original.",
                 "requestBody": _body(_ref("NewRoom")),
                 "responses": {
                     **_ok("Created.", room_content),
@@ -347,6 +425,16 @@ def _paths(room_create_level: int) -> dict[str, Any]:
                     **_errors(400, 401, 404, 503),
                 },
             },
+            "patch": {
+                "summary": "Rename a room or change its level_admin or rule limit (admins)",
+                "description": "Live connections are re-checked at once, as after a rule "
+                "change (a higher level_admin can take the room from owner-entity members).",
+                "requestBody": _body(_ref("RoomChanges")),
+                "responses": {
+                    **_ok("The updated room.", room_content),
+                    **_errors(400, 401, 403, 404, 409, 413, 415, 503),
+                },
+            },
             "delete": {
                 "summary": "Soft-delete a room (admins); history is kept but the room is gone",
                 "responses": {
@@ -357,6 +445,31 @@ def _paths(room_create_level: int) -> dict[str, Any]:
         },
         "/rooms/{id}/members": {
             "parameters": [_ROOM_ID],
+            "get": {
+                "summary": "The room's rules, users and entities (admins), paged",
+                "description": "Entity rules first, then user rules, each by subject.",
+                "parameters": [
+                    _query(
+                        "limit",
+                        {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": PAGE_LIMIT_MAX,
+                            "default": MEMBERS_LIMIT_DEFAULT,
+                        },
+                        "Page size.",
+                    ),
+                    _OFFSET,
+                ],
+                "responses": {
+                    **_paged(
+                        "Rules.",
+                        _ref("Member"),
+                        {"next_offset": "The offset of the next page."},
+                    ),
+                    **_errors(400, 401, 403, 404, 503),
+                },
+            },
             "put": {
                 "summary": "Create or update a rule (admins)",
                 "requestBody": _body(_ref("PutMember")),
@@ -370,7 +483,13 @@ def _paths(room_create_level: int) -> dict[str, Any]:
         "/rooms/{id}/members/{uuid}": {
             "parameters": [
                 _ROOM_ID,
-                {"name": "uuid", "in": "path", "required": True, "schema": _UUID},
+                {
+                    "name": "uuid",
+                    "in": "path",
+                    "required": True,
+                    "schema": _UUID,
+                    "description": "The rule's subject, in any case.",
+                },
             ],
             "delete": {
                 "summary": "Delete a subject's rules (admins); no body needed",
@@ -404,9 +523,11 @@ def _paths(room_create_level: int) -> dict[str, Any]:
             "parameters": [_ROOM_ID],
             "get": {
                 "summary": "History of a room the caller may read, oldest first",
-                "description": "Either a date window (dateFrom/dateTo: the oldest `limit` "
-                "messages in it) or seq cursors (after: the oldest `limit` after it; before, "
-                "or nothing: the latest `limit` before it), not both.",
+                "description": "A date window (dateFrom/dateTo) and seq cursors (before, "
+                "after) may be combined; all given bounds apply. With dateFrom or after: the "
+                "oldest `limit` matches, and meta.next_after to page forwards. Otherwise: the "
+                "latest `limit` matches, and meta.next_before to page backwards. "
+                "meta.has_more says whether another page follows.",
                 "parameters": [
                     _query(
                         "dateFrom",
@@ -432,7 +553,16 @@ def _paths(room_create_level: int) -> dict[str, Any]:
                     ),
                 ],
                 "responses": {
-                    **_ok("Messages, oldest first.", {"type": "array", "items": _ref("Message")}),
+                    **_paged(
+                        "Messages, oldest first.",
+                        _ref("Message"),
+                        {
+                            "next_before": "Pass as `before` for the older page (pages read "
+                            "backwards).",
+                            "next_after": "Pass as `after` for the newer page (pages read "
+                            "forwards, with dateFrom or after).",
+                        },
+                    ),
                     **_errors(400, 401, 404, 503),
                 },
             },

@@ -2,8 +2,10 @@
 
 from nanomsg.store.base import (
     HistoryQuery,
+    LimitBelowRules,
     NewMessage,
     NewRoom,
+    RoomChanges,
     RoomGone,
     Store,
     StoreUnavailable,
@@ -12,8 +14,10 @@ from nanomsg.store.base import (
 
 __all__ = [
     "HistoryQuery",
+    "LimitBelowRules",
     "NewMessage",
     "NewRoom",
+    "RoomChanges",
     "RoomGone",
     "Store",
     "StoreUnavailable",

@@ -27,6 +27,18 @@ class TooManyRules(Exception):
     """Adding a rule would pass the room's ``max_entity_rules``."""
 
 
+class LimitBelowRules(Exception):
+    """A new ``max_entity_rules`` would be below the number of rules the room already holds.
+
+    ``rules`` is that number, so the caller can say how low the limit may go.
+    """
+
+    def __init__(self, room_id: int, rules: int, requested: int) -> None:
+        super().__init__(f"room {room_id} holds {rules} rules; max_entity_rules {requested}")
+        self.rules = rules
+        self.requested = requested
+
+
 @dataclass(frozen=True, slots=True)
 class NewRoom:
     name: str
@@ -37,6 +49,17 @@ class NewRoom:
     creator_user: str
     creator_level: int
     now: datetime
+    # Level of the owner entity's rule in a group room: members below it do not see the room.
+    entity_level: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class RoomChanges:
+    """What ``update_room`` changes; None leaves a field as it is."""
+
+    name: str | None = None
+    level_admin: int | None = None
+    max_entity_rules: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +107,23 @@ class Store(Protocol):
 
         Rules created: an accepted ``user`` rule ``rwa`` for ``creator_user`` at
         ``creator_level``; for ``group`` rooms also an accepted ``entity`` rule ``rw`` at level
-        100 for ``entity_owner``.
+        ``entity_level`` (100 unless asked) for ``entity_owner``.
+        """
+
+    async def update_room(self, room_id: int, changes: RoomChanges, now: datetime) -> Room:
+        """Apply ``changes`` to a live room (stamping updated_at) and return the room.
+
+        Raises RoomGone when the room is absent or deleted, and LimitBelowRules when the new
+        ``max_entity_rules`` is below the number of rules the room holds; the count and the
+        update are one transaction, serialised with ``put_rule``.
         """
 
     async def room_access(self, room_id: int) -> RoomAccess | None:
-        """The live (not deleted) room with all its rules, in one query; None if absent."""
+        """The live (not deleted) room with all its rules, in one query; None if absent.
+
+        Rules come ordered by kind, then subject in byte order, on both backends (the members
+        listing pages them in that order).
+        """
 
     async def room_heads(self, room_ids: Sequence[int]) -> dict[int, int]:
         """The current ``last_seq`` of each given room that exists, in one query (the hubs'

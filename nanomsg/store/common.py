@@ -14,7 +14,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nanomsg.models import ROOM_TYPES, RULE_KINDS, Message, Room, RoomAccess, Rule
-from nanomsg.store.base import HistoryQuery, NewMessage, NewRoom, RoomGone
+from nanomsg.store.base import (
+    HistoryQuery,
+    LimitBelowRules,
+    NewMessage,
+    NewRoom,
+    RoomChanges,
+    RoomGone,
+)
 
 Row = Sequence[Any]
 # A stored timestamp as read back from a row, made an aware UTC datetime.
@@ -127,11 +134,12 @@ def room_access_from_rows(rows: Sequence[Row], stamp: Stamp) -> RoomAccess | Non
 def creator_rules(new: NewRoom) -> list[tuple[str, str, str, int]]:
     """The (kind, subject, permissions, level) rules a new room starts with, all accepted.
 
-    The creator administers the room; a group room also lets its owner entity read and write.
+    The creator administers the room; a group room also lets its owner entity read and write,
+    from ``entity_level`` up (100 unless the creator asked otherwise).
     """
     rules = [("user", new.creator_user, "rwa", new.creator_level)]
     if new.type == "group":
-        rules.append(("entity", new.entity_owner, "rw", 100))
+        rules.append(("entity", new.entity_owner, "rw", new.entity_level))
     return rules
 
 
@@ -149,6 +157,13 @@ def created_room(new: NewRoom, room_id: int, room_uuid: str, now: datetime) -> R
         created_at=now,
         updated_at=now,
     )
+
+
+def check_changes(room_id: int, changes: RoomChanges, rules: int) -> None:
+    """Refuse a ``max_entity_rules`` below the ``rules`` the room already holds."""
+    wanted = changes.max_entity_rules
+    if wanted is not None and wanted < rules:
+        raise LimitBelowRules(room_id, rules, wanted)
 
 
 def history_sql(

@@ -24,6 +24,7 @@ from nanomsg.store.base import (
     HistoryQuery,
     NewMessage,
     NewRoom,
+    RoomChanges,
     RoomGone,
     StoreUnavailable,
     TooManyRules,
@@ -314,6 +315,32 @@ class PostgresStore:
                 [(room_id, *rule, True, now) for rule in common.creator_rules(new)],
             )
         return common.created_room(new, room_id, room_uuid, now)
+
+    async def update_room(self, room_id: int, changes: RoomChanges, now: datetime) -> Room:
+        """Lock the room as ``put_rule`` does, count its rules, check the new limit, update."""
+        async with self._connection() as conn, conn.transaction():
+            locked = await conn.fetchval(
+                "SELECT id FROM rooms WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE",
+                room_id,
+            )
+            if locked is None:
+                raise RoomGone(room_id)
+            count = await conn.fetchval(
+                "SELECT count(*) FROM room_rules WHERE room_id = $1", room_id
+            )
+            common.check_changes(room_id, changes, int(count))
+            row = await conn.fetchrow(
+                "UPDATE rooms r SET name = coalesce($2, r.name),"
+                " level_admin = coalesce($3, r.level_admin),"
+                " max_entity_rules = coalesce($4, r.max_entity_rules), updated_at = $5"
+                f" WHERE r.id = $1 RETURNING {common.ROOM_COLS}",
+                room_id,
+                changes.name,
+                changes.level_admin,
+                changes.max_entity_rules,
+                common.utc(now),
+            )
+        return common.room_from_row(row, _timestamptz)
 
     async def room_access(self, room_id: int) -> RoomAccess | None:
         """The live room and all its rules in one LEFT JOIN query."""

@@ -58,3 +58,44 @@ CREATE UNIQUE INDEX messages_client_id_idx
     ON messages (room_id, emitter, client_id) WHERE client_id IS NOT NULL;
 
 CREATE INDEX messages_room_created_idx ON messages (room_id, created_at);
+
+-- migration: 2 lower-case uuids
+-- Stored UUIDs to their lower-case form; colliding rules merged into the one that grants
+-- least (schema.sql explains the order); a client_id shared by two spellings of one emitter
+-- stays on the first message only.
+DELETE FROM room_rules
+WHERE rowid IN (
+    SELECT rowid FROM (
+        SELECT rowid,
+               row_number() OVER (
+                   PARTITION BY room_id, kind, lower(subject)
+                   ORDER BY (accepted = 1 AND instr(permissions, 'b') > 0) DESC,
+                            accepted ASC,
+                            (instr(permissions, 'a') > 0) ASC,
+                            length(permissions) ASC,
+                            level DESC,
+                            updated_at DESC,
+                            subject ASC
+               ) AS rank
+        FROM room_rules
+    )
+    WHERE rank > 1
+);
+
+UPDATE room_rules SET subject = lower(subject) WHERE subject <> lower(subject);
+
+UPDATE rooms SET entity_owner = lower(entity_owner) WHERE entity_owner <> lower(entity_owner);
+
+UPDATE messages SET client_id = NULL
+WHERE id IN (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (
+                   PARTITION BY room_id, lower(emitter), client_id ORDER BY seq
+               ) AS rank
+        FROM messages WHERE client_id IS NOT NULL
+    )
+    WHERE rank > 1
+);
+
+UPDATE messages SET emitter = lower(emitter), entity = lower(entity)
+WHERE emitter <> lower(emitter) OR entity <> lower(entity);

@@ -26,6 +26,7 @@ from nanomsg.store.base import (
     HistoryQuery,
     NewMessage,
     NewRoom,
+    RoomChanges,
     RoomGone,
     StoreUnavailable,
     TooManyRules,
@@ -243,6 +244,33 @@ class SqliteStore:
                 [(room_id, *rule, 1, now, now) for rule in common.creator_rules(new)],
             )
         return common.created_room(new, room_id, room_uuid, created)
+
+    async def update_room(self, room_id: int, changes: RoomChanges, now: datetime) -> Room:
+        """Count the rules, check the new limit and update, in one write transaction."""
+        stamp = to_micros(now)
+        async with self._write() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT (SELECT count(*) FROM room_rules WHERE room_id = r.id)"
+                    " FROM rooms r WHERE r.id = ? AND r.deleted_at IS NULL",
+                    (room_id,),
+                )
+            )
+            if not rows:
+                raise RoomGone(room_id)
+            common.check_changes(room_id, changes, int(rows[0][0]))
+            await db.execute(
+                "UPDATE rooms SET name = coalesce(?, name),"
+                " level_admin = coalesce(?, level_admin),"
+                " max_entity_rules = coalesce(?, max_entity_rules), updated_at = ? WHERE id = ?",
+                (changes.name, changes.level_admin, changes.max_entity_rules, stamp, room_id),
+            )
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {common.ROOM_COLS} FROM rooms r WHERE r.id = ?", (room_id,)
+                )
+            )
+        return common.room_from_row(rows[0], from_micros)
 
     async def room_access(self, room_id: int) -> RoomAccess | None:
         """The live room and all its rules in one LEFT JOIN query."""

@@ -32,6 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from nanomsg.auth import Verifier
 from nanomsg.clock import SystemClock
 from nanomsg.config import OPTIONS
+from nanomsg.store.migrate import load_migrations, postgres_schema_path, sqlite_schema_path
 from tests.conftest import SECRET
 
 pytestmark = pytest.mark.asyncio
@@ -375,12 +376,13 @@ async def test_migrate_creates_the_sqlite_schema_and_is_idempotent(tmp_path: Pat
     first = await run_cli("migrate", env=env, cwd=tmp_path)
     assert first.returncode == 0, first
     versions, tables = sqlite_state(path)
-    assert versions == [1]
+    every = [m.version for m in load_migrations(sqlite_schema_path())]
+    assert versions == every
     assert {"rooms", "room_rules", "messages", "schema_migrations"} <= tables
 
     second = await run_cli("migrate", env=env, cwd=tmp_path)
     assert second.returncode == 0, second
-    assert sqlite_state(path)[0] == [1]
+    assert sqlite_state(path)[0] == every
 
 
 async def test_migrate_applies_the_schema_to_a_fresh_postgres_database_twice(
@@ -401,7 +403,7 @@ async def test_migrate_applies_the_schema_to_a_fresh_postgres_database_twice(
         }
     finally:
         await conn.close()
-    assert versions == [1]
+    assert versions == [m.version for m in load_migrations(postgres_schema_path())]
     assert {"rooms", "room_rules", "messages"} <= tables
 
 

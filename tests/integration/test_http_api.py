@@ -1088,8 +1088,6 @@ async def test_history_date_window_covers_whole_utc_days_inclusive(api: Api) -> 
         "dateFrom=2026-11-24&dateTo=2026-11-23",
         "dateFrom=yesterday",
         "dateTo=2026-13-01",
-        "dateFrom=2026-11-23&after=3",
-        "dateTo=2026-11-23&before=3",
         "before=-1",
         "after=x",
         "limit=0",

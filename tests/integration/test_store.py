@@ -26,8 +26,10 @@ from nanomsg.models import Message, Principal, Room
 from nanomsg.permissions import evaluate
 from nanomsg.store.base import (
     HistoryQuery,
+    LimitBelowRules,
     NewMessage,
     NewRoom,
+    RoomChanges,
     RoomGone,
     Store,
     StoreUnavailable,
@@ -533,6 +535,81 @@ async def test_concurrent_rule_creates_never_pass_max_entity_rules(store: Store)
     assert sum(isinstance(r, TooManyRules) for r in results) == 7
     access = await store.room_access(room.id)
     assert access is not None and len(access.rules) == 5
+
+
+@pytest.mark.asyncio
+async def test_update_room_changes_only_the_given_fields_and_stamps_updated_at(
+    store: Store,
+) -> None:
+    room = await make_room(store, max_rules=10)
+    later = T0 + timedelta(minutes=5)
+
+    renamed = await store.update_room(room.id, RoomChanges(name="renamed"), later)
+    changed = await store.update_room(
+        room.id, RoomChanges(level_admin=7, max_entity_rules=4), later + timedelta(seconds=1)
+    )
+
+    assert (renamed.name, renamed.level_admin, renamed.max_entity_rules) == ("renamed", 80, 10)
+    assert renamed.updated_at == later and renamed.created_at == room.created_at
+    assert (changed.name, changed.level_admin, changed.max_entity_rules) == ("renamed", 7, 4)
+    access = await store.room_access(room.id)
+    assert access is not None and access.room == changed
+
+
+@pytest.mark.asyncio
+async def test_update_room_refuses_a_limit_below_the_rules_held_and_changes_nothing(
+    store: Store,
+) -> None:
+    room = await make_room(store, max_rules=10)  # 2 creator rules
+    await store.put_rule(room.id, new_id(), "user", "r", 1, True, T0)
+
+    with pytest.raises(LimitBelowRules) as refused:
+        await store.update_room(room.id, RoomChanges(name="x", max_entity_rules=2), T0)
+
+    assert (refused.value.rules, refused.value.requested) == (3, 2)
+    access = await store.room_access(room.id)
+    assert access is not None and access.room == room
+    exact = await store.update_room(room.id, RoomChanges(max_entity_rules=3), T0)
+    assert exact.max_entity_rules == 3
+
+
+@pytest.mark.asyncio
+async def test_update_room_on_absent_or_deleted_room_raises_room_gone(store: Store) -> None:
+    room = await make_room(store)
+    await store.delete_room(room.id, T0)
+    for room_id in (room.id, 2**62):
+        with pytest.raises(RoomGone):
+            await store.update_room(room_id, RoomChanges(name="x"), T0)
+
+
+@pytest.mark.asyncio
+async def test_rule_creates_racing_a_lowered_limit_never_leave_more_rules_than_it(
+    store: Store,
+) -> None:
+    room = await make_room(store, max_rules=20)  # 2 creator rules
+
+    results = await asyncio.gather(
+        *(store.put_rule(room.id, new_id(), "user", "r", 1, True, T0) for _ in range(6)),
+        store.update_room(room.id, RoomChanges(max_entity_rules=5), T0),
+        *(store.put_rule(room.id, new_id(), "user", "r", 1, True, T0) for _ in range(6)),
+        return_exceptions=True,
+    )
+
+    assert all(isinstance(r, tuple | Room | TooManyRules | LimitBelowRules) for r in results)
+    access = await store.room_access(room.id)
+    assert access is not None
+    assert len(access.rules) <= access.room.max_entity_rules
+
+
+@pytest.mark.asyncio
+async def test_group_room_entity_rule_takes_the_requested_entity_level(store: Store) -> None:
+    owner = new_id()
+    room = await store.create_room(
+        NewRoom("r", 80, "group", owner, 10, new_id(), 50, T0, entity_level=0)
+    )
+    access = await store.room_access(room.id)
+    assert access is not None
+    assert [(r.subject, r.level) for r in access.rules if r.kind == "entity"] == [(owner, 0)]
 
 
 @pytest.mark.asyncio

@@ -121,9 +121,9 @@ def test_level_as_int_or_digit_string_is_accepted(
     assert verifier.verify(hs256(claims(levelOnEntity=raw))).level == expected
 
 
-def test_uppercase_uuids_are_accepted(verifier: Verifier) -> None:
+def test_uppercase_uuids_are_accepted_and_used_in_lower_case(verifier: Verifier) -> None:
     principal = verifier.verify(hs256(claims(userUUID=USER.upper(), entityUUID=ENTITY.upper())))
-    assert principal.user == USER.upper()
+    assert (principal.user, principal.entity) == (USER, ENTITY)
 
 
 # --- claim contents ----------------------------------------------------------------------------
