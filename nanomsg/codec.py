@@ -91,9 +91,10 @@ def _int_field(obj: dict[str, Any], key: str, *, minimum: int, digits_ok: bool) 
     if isinstance(value, str) and digits_ok and value.isascii() and value.isdigit():
         # int() refuses strings of over 4300 digits (it raises); anything past 19 significant
         # digits is out of range anyway.
-        if len(value.lstrip("0")) > MAX_ID_DIGITS:
+        digits = value.lstrip("0") or "0"  # int() counts leading zeros towards its limit
+        if len(digits) > MAX_ID_DIGITS:
             return None
-        value = int(value)
+        value = int(digits)
     if isinstance(value, bool) or not isinstance(value, int):
         return None
     if not minimum <= value <= MAX_ID:
