@@ -130,17 +130,20 @@ class BatchWriter:
         except asyncio.CancelledError:
             self._tell(batch, [StoreUnavailable("the writer was stopped")] * len(batch))
             raise
-        except ContentRefused as exc:
+        except (ContentRefused, UnicodeError) as exc:
+            # UnicodeError: text no backend can encode (a lone surrogate), raised by the driver
+            # before the database sees it; SQLite's driver raises it as such.
+            refused = exc if isinstance(exc, ContentRefused) else ContentRefused(type(exc).__name__)
             if not part:
                 log.warning(
                     "storage refused a batch of %d messages for their content (%s);"
                     " storing them in parts to find the message at fault",
                     len(batch),
-                    exc,
+                    refused,
                 )
             if len(batch) == 1:
                 self.refused += 1
-                self._tell(batch, [exc])
+                self._tell(batch, [refused])
                 return
             # Halves in order: a room's messages keep their order, hence their seqs.
             middle = len(batch) // 2

@@ -215,3 +215,20 @@ async def test_postgres_a_refused_message_takes_no_seq_and_the_next_one_is_store
     finally:
         await w.close()
         await pg.close()
+
+
+async def test_text_no_backend_can_encode_fails_only_its_own_message(
+    store: Store,  # noqa: F811
+    writer: BatchWriter,
+) -> None:
+    """A lone surrogate (the codec refuses it; this goes around the codec) cannot be encoded
+    for SQLite or PostgreSQL: on both, that message alone is refused."""
+    room = await make_room(store)
+    before = writer.submit(message(room.id, "before"))
+    bad = writer.submit(message(room.id, "lone \ud800"))
+    after = writer.submit(message(room.id, "after"))
+    assert (await before)[0].seq == 1
+    with pytest.raises(ContentRefused):
+        await bad
+    assert (await after)[0].seq == 2
+    assert await contents(store, room.id) == [(1, "before"), (2, "after")]
