@@ -102,9 +102,13 @@ class Relay(Protocol):
 class RoomChannel:
     room_id: int
     next_seq: int
-    # Receiver -> the first seq it is written live (its floor): a receiver never gets a seq
-    # below the position it joined at, whatever this channel delivers (or fills) later.
-    members: dict[Receiver, int] = field(default_factory=dict)
+    members: dict[Receiver, None] = field(default_factory=dict)  # insertion-ordered set
+    # Receivers that joined ahead of the channel's position (their select read storage after
+    # messages this process has not delivered yet) -> the first seq each is written live. A
+    # receiver never gets a seq below the position it joined at; one that joined at the
+    # channel's position needs no entry (the channel only moves forward), so this is nearly
+    # always empty and the delivery loop stays a plain loop. Entries go once reached.
+    floors: dict[Receiver, int] = field(default_factory=dict)
     pending: dict[int, Message] = field(default_factory=dict)
     gap_timer: asyncio.TimerHandle | None = None
     filling: bool = False
@@ -152,7 +156,11 @@ class Hub:
         elif channel.access is None:
             channel.access = access
         live_from = max(channel.next_seq, last_seq + 1)
-        channel.members[receiver] = live_from
+        channel.members[receiver] = None
+        if live_from > channel.next_seq:
+            channel.floors[receiver] = live_from
+        else:
+            channel.floors.pop(receiver, None)
         return live_from
 
     def cached_access(self, room_id: int) -> RoomAccess | None:
@@ -175,6 +183,7 @@ class Hub:
         if channel is None:
             return
         channel.members.pop(receiver, None)
+        channel.floors.pop(receiver, None)
         if not channel.members:
             if channel.gap_timer is not None:
                 channel.gap_timer.cancel()
@@ -231,9 +240,16 @@ class Hub:
         seq = message.seq
         channel.next_seq = seq + 1
         # Copy: a write can close a slow consumer, which leaves the room while we iterate.
-        for receiver, floor in list(channel.members.items()):
-            if seq >= floor:
+        floors = channel.floors
+        if not floors:
+            for receiver in list(channel.members):
                 receiver.write_frame(frame, seq)
+            return
+        for receiver in list(channel.members):
+            if seq >= floors.get(receiver, 0):
+                receiver.write_frame(frame, seq)
+        for receiver in [r for r, floor in floors.items() if floor <= seq + 1]:
+            del floors[receiver]  # from the next seq on, it gets what everyone gets
 
     def _fill(self, channel: RoomChannel) -> None:
         if channel.gap_timer is not None:
