@@ -25,6 +25,7 @@ from nanomsg.models import Principal
 
 REQUIRED_CLAIMS = ("userUUID", "entityUUID", "levelOnEntity", "exp")
 MAX_LEVEL = 1_000_000_000
+MAX_LEVEL_DIGITS = len(str(MAX_LEVEL))
 MAX_EXP = 2**53  # seconds; beyond this a float loses whole seconds
 
 
@@ -66,7 +67,12 @@ def parse_level(value: object) -> int:
     if isinstance(value, int):
         level = value
     elif isinstance(value, str) and value.isascii() and value.isdigit():
-        level = int(value)
+        # int() raises on strings of over 4300 digits; past 10 significant digits the level
+        # is out of range anyway, so it is never parsed.
+        digits = value.lstrip("0") or "0"  # int() counts leading zeros towards its limit
+        if len(digits) > MAX_LEVEL_DIGITS:
+            raise AuthError("levelOnEntity out of range")
+        level = int(digits)
     else:
         raise AuthError("levelOnEntity must be an integer")
     if not 0 <= level <= MAX_LEVEL:

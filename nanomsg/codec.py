@@ -1,9 +1,14 @@
 """Frames <-> events. All validation of incoming frames happens here, once; the session never
 sees a raw dict. Server frames that never change are encoded once at import.
+
+``decode`` never raises, whatever the text: valid JSON always becomes a command, and a field
+the command reads that is out of range, of the wrong type or not storable gets ``BADARGS``
+naming it, while fields the command does not read are ignored whatever they hold.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -23,6 +28,7 @@ from nanomsg.events import (
 from nanomsg.models import Message
 
 MAX_ID = 2**63 - 1
+MAX_ID_DIGITS = len(str(MAX_ID))  # a longer digit string is out of range without parsing it
 HISTORY_DEFAULT = 50
 HISTORY_MAX = 500
 CLIENT_ID_MAX = 64
@@ -67,14 +73,28 @@ def revoked(room_id: int) -> bytes:
 
 
 def message_frame(message: Message) -> bytes:
+    """A live room message (and the echo that acknowledges a send)."""
     return orjson.dumps({"type": "message", "data": message.to_json()})
+
+
+def history_frame(message: Message) -> bytes:
+    """A stored message sent again on request (``get_past_messages`` or a resume replay): the
+    live frame's ``data`` plus ``"history": true``, so a client can tell it from new traffic."""
+    data = message.to_json()
+    data["history"] = True
+    return orjson.dumps({"type": "message", "data": data})
 
 
 def _int_field(obj: dict[str, Any], key: str, *, minimum: int, digits_ok: bool) -> int | None:
     """An integer field (bool is not one); a string of digits only where the original took it."""
     value = obj[key]
     if isinstance(value, str) and digits_ok and value.isascii() and value.isdigit():
-        value = int(value)
+        # int() refuses strings of over 4300 digits (it raises); anything past 19 significant
+        # digits is out of range anyway.
+        digits = value.lstrip("0") or "0"  # int() counts leading zeros towards its limit
+        if len(digits) > MAX_ID_DIGITS:
+            return None
+        value = int(digits)
     if isinstance(value, bool) or not isinstance(value, int):
         return None
     if not minimum <= value <= MAX_ID:
@@ -82,12 +102,57 @@ def _int_field(obj: dict[str, Any], key: str, *, minimum: int, digits_ok: bool) 
     return value
 
 
+def _text_problem(value: str, lenient: bool) -> str | None:
+    """Why a string cannot be stored and sent on, or None. PostgreSQL refuses U+0000 in text,
+    and a lone surrogate (``"\\ud800"`` is valid JSON) cannot be encoded as UTF-8 at all.
+    Only the fallback parser (``lenient``) lets a lone surrogate through; orjson refuses them,
+    so text it parsed needs no encoding test (which would cost ~4 us per 1 000 characters)."""
+    if "\x00" in value:
+        return "must not contain U+0000"
+    if lenient and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "must not contain a lone surrogate"
+    return None
+
+
+def _lenient_int(digits: str) -> int | float:
+    """JSON integers for the fallback parser: beyond 20 digits they become floats (possibly
+    infinite), as orjson reads them, instead of raising in int() past 4300 digits."""
+    return int(digits) if len(digits) <= 20 else float(digits)
+
+
+def _not_json(constant: str) -> None:
+    """NaN and Infinity are not JSON; the standard library would accept them."""
+    raise ValueError(f"{constant} is not JSON")
+
+
+_MISSING = object()
+
+
+def _loads(data: str) -> tuple[object, bool]:
+    """Parse JSON: (the value, or ``_MISSING`` when it is not JSON; whether the lenient
+    fallback parser read it).
+
+    orjson refuses some valid JSON: numbers beyond a double (``1e400``, long integers) and
+    escaped lone surrogates (``"\\ud800"``). Those are read again with the standard library,
+    so that only the field holding them is refused, and only if the command reads it. The
+    second parse costs nothing on the usual path: it runs only for text orjson refused.
+    """
+    try:
+        return orjson.loads(data), False
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(data, parse_int=_lenient_int, parse_constant=_not_json), True
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        return _MISSING, True
+
+
 def decode(data: str, *, max_content: int) -> Command:
     """Turn one text frame into a command; never raises."""
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return BadJson()
+    obj, lenient = _loads(data)
     if not isinstance(obj, dict):
         return BadJson()
     kind = obj.get("type")
@@ -96,14 +161,14 @@ def decode(data: str, *, max_content: int) -> Command:
     decoder = _DECODERS.get(kind)
     if decoder is None:
         return Unknown()
-    return decoder(obj, max_content)
+    return decoder(obj, max_content, lenient)
 
 
-def _token(obj: dict[str, Any], max_content: int) -> Command:
+def _token(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
     return Token(obj.get("content"))
 
 
-def _select_room(obj: dict[str, Any], max_content: int) -> Command:
+def _select_room(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
     if "room_id" not in obj:
         return BadArgs("select_room", "room_id is required")
     room_id = _int_field(obj, "room_id", minimum=1, digits_ok=True)
@@ -117,7 +182,7 @@ def _select_room(obj: dict[str, Any], max_content: int) -> Command:
     return SelectRoom(room_id, since)
 
 
-def _message(obj: dict[str, Any], max_content: int) -> Command:
+def _message(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
     content = obj.get("content")
     if not isinstance(content, str):
         return BadArgs("message", "content must be a string")
@@ -125,15 +190,20 @@ def _message(obj: dict[str, Any], max_content: int) -> Command:
         return BadArgs("message", "content must not be empty")
     if len(content) > max_content:
         return TooLarge()
+    problem = _text_problem(content, lenient)
+    if problem is not None:
+        return BadArgs("message", f"content {problem}")
     client_id = obj.get("client_id")
-    if client_id is not None and (
-        not isinstance(client_id, str) or not 1 <= len(client_id) <= CLIENT_ID_MAX
-    ):
-        return BadArgs("message", f"client_id must be a string of 1-{CLIENT_ID_MAX} characters")
+    if client_id is not None:
+        if not isinstance(client_id, str) or not 1 <= len(client_id) <= CLIENT_ID_MAX:
+            return BadArgs("message", f"client_id must be a string of 1-{CLIENT_ID_MAX} characters")
+        problem = _text_problem(client_id, lenient)
+        if problem is not None:
+            return BadArgs("message", f"client_id {problem}")
     return SendMessage(content, client_id)
 
 
-def _get_past_messages(obj: dict[str, Any], max_content: int) -> Command:
+def _get_past_messages(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
     limit = HISTORY_DEFAULT
     if obj.get("limit") is not None:
         got = _int_field(obj, "limit", minimum=1, digits_ok=False)
@@ -148,7 +218,7 @@ def _get_past_messages(obj: dict[str, Any], max_content: int) -> Command:
     return GetPastMessages(limit, before)
 
 
-def _quit(obj: dict[str, Any], max_content: int) -> Command:
+def _quit(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
     return Quit()
 
 

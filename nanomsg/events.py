@@ -117,7 +117,23 @@ class StorageFailed:
     pass
 
 
-Result = RoomLoaded | MessageStored | HistoryLoaded | Replayed | RoomMissing | StorageFailed
+@dataclass(frozen=True, slots=True)
+class MessageRefused:
+    """Storage refused this one message for its content (the others of its batch were stored);
+    ``reason`` is safe to show the sender."""
+
+    reason: str
+
+
+Result = (
+    RoomLoaded
+    | MessageStored
+    | HistoryLoaded
+    | Replayed
+    | RoomMissing
+    | StorageFailed
+    | MessageRefused
+)
 
 
 class Timer(Enum):
@@ -202,6 +218,14 @@ class Publish:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthRefused:
+    """A token was refused. The client gets ``BADAUTH``, byte for byte the original's, so the
+    reason (an ``AuthError`` text, safe to show) goes to the server's log instead."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class SetReceiving:
     """Whether live room messages are written to this connection (not while EXPIRED)."""
 
@@ -221,5 +245,6 @@ Effect = (
     | Leave
     | Publish
     | SetReceiving
+    | AuthRefused
 )
 AWAITING = (LoadRoom, StoreMessage, LoadHistory)  # effects whose result the session waits for

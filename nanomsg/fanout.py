@@ -18,7 +18,7 @@ import logging
 import struct
 import zlib
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from nanomsg import codec
@@ -103,6 +103,12 @@ class RoomChannel:
     room_id: int
     next_seq: int
     members: dict[Receiver, None] = field(default_factory=dict)  # insertion-ordered set
+    # Receivers that joined ahead of the channel's position (their select read storage after
+    # messages this process has not delivered yet) -> the first seq each is written live. A
+    # receiver never gets a seq below the position it joined at; one that joined at the
+    # channel's position needs no entry (the channel only moves forward), so this is nearly
+    # always empty and the delivery loop stays a plain loop. Entries go once reached.
+    floors: dict[Receiver, int] = field(default_factory=dict)
     pending: dict[int, Message] = field(default_factory=dict)
     gap_timer: asyncio.TimerHandle | None = None
     filling: bool = False
@@ -131,10 +137,16 @@ class Hub:
     def join(
         self, receiver: Receiver, room_id: int, last_seq: int, access: RoomAccess | None = None
     ) -> int:
-        """Add a receiver; returns the first seq it will be written live.
+        """Add a receiver (or move one already in the room); returns the first seq it will be
+        written live: every seq from there on, each once, and none below.
 
-        ``access`` (the rules the receiver was admitted on) is remembered for the room when it
-        has none yet; ``last_seq`` matters only when the room is not live here yet."""
+        ``last_seq`` is the room's position as the caller knows it (every message up to it is
+        stored). A new channel starts after it. A channel already live here keeps its own
+        position, since its other receivers are owed what follows it; when ``last_seq`` is
+        ahead of it (messages stored but not delivered here yet), this receiver's floor is
+        set past ``last_seq``, so those reach it through the caller's own read (a resume
+        replay) and never again as live. ``access`` (the rules the receiver was admitted on)
+        is remembered for the room when it has none yet."""
         channel = self.rooms.get(room_id)
         if channel is None:
             channel = RoomChannel(room_id=room_id, next_seq=last_seq + 1, access=access)
@@ -143,19 +155,35 @@ class Hub:
                 self.relay.watch(room_id)
         elif channel.access is None:
             channel.access = access
+        live_from = max(channel.next_seq, last_seq + 1)
         channel.members[receiver] = None
-        return channel.next_seq
+        if live_from > channel.next_seq:
+            channel.floors[receiver] = live_from
+        else:
+            channel.floors.pop(receiver, None)
+        return live_from
 
     def cached_access(self, room_id: int) -> RoomAccess | None:
-        """The rules of a room live on this process, as of its last change; else None."""
+        """The rules of a room live on this process, as of its last change; else None.
+
+        The room's ``last_seq`` in the answer is where delivery here stands (the rules were
+        read when the room went live here, and its position has moved on since)."""
         channel = self.rooms.get(room_id)
-        return channel.access if channel is not None else None
+        if channel is None or channel.access is None:
+            return None
+        access = channel.access
+        position = channel.next_seq - 1
+        if access.room.last_seq != position:
+            access = replace(access, room=replace(access.room, last_seq=position))
+            channel.access = access
+        return access
 
     def leave(self, receiver: Receiver, room_id: int) -> None:
         channel = self.rooms.get(room_id)
         if channel is None:
             return
         channel.members.pop(receiver, None)
+        channel.floors.pop(receiver, None)
         if not channel.members:
             if channel.gap_timer is not None:
                 channel.gap_timer.cancel()
@@ -209,10 +237,19 @@ class Hub:
 
     def _write(self, channel: RoomChannel, message: Message) -> None:
         frame = text_frame(codec.message_frame(message))
-        channel.next_seq = message.seq + 1
+        seq = message.seq
+        channel.next_seq = seq + 1
         # Copy: a write can close a slow consumer, which leaves the room while we iterate.
+        floors = channel.floors
+        if not floors:
+            for receiver in list(channel.members):
+                receiver.write_frame(frame, seq)
+            return
         for receiver in list(channel.members):
-            receiver.write_frame(frame, message.seq)
+            if seq >= floors.get(receiver, 0):
+                receiver.write_frame(frame, seq)
+        for receiver in [r for r, floor in floors.items() if floor <= seq + 1]:
+            del floors[receiver]  # from the next seq on, it gets what everyone gets
 
     def _fill(self, channel: RoomChannel) -> None:
         if channel.gap_timer is not None:

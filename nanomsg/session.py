@@ -20,6 +20,7 @@ from nanomsg.auth import AuthError, Verifier
 from nanomsg.clock import Clock, utc_datetime
 from nanomsg.events import (
     Arm,
+    AuthRefused,
     BadArgs,
     BadJson,
     Close,
@@ -33,6 +34,7 @@ from nanomsg.events import (
     Leave,
     LoadHistory,
     LoadRoom,
+    MessageRefused,
     MessageStored,
     Publish,
     Quit,
@@ -56,6 +58,7 @@ from nanomsg.permissions import Access, evaluate
 from nanomsg.store.base import HistoryQuery, NewMessage
 
 MAX_TRIALS = 3  # bad tokens plus other commands before auth, as in the original
+MAX_CLOSE_REASON = 123  # bytes of UTF-8 a WebSocket close reason may hold (RFC 6455 5.5)
 
 
 class CloseCode:
@@ -98,6 +101,7 @@ class Session:
         self.state = State.AWAIT_TOKEN
         self.principal: Principal | None = None
         self.trials = 0
+        self.refusal: str | None = None  # why the last token was refused, for the close reason
         self.room_id: int | None = None
         self.access: Access | None = None
         # The room a LoadRoom is out for, and whether it is a re-check (after a token refresh
@@ -131,15 +135,17 @@ class Session:
                 return [Publish(result.message)]
             # An idempotent resend: everyone already has it; answer the sender alone.
             return [Send(codec.message_frame(result.message))]
+        if isinstance(result, MessageRefused):
+            return [Send(codec.badargs(result.reason))]
         if isinstance(result, HistoryLoaded):
-            out: list[Effect] = [Send(codec.message_frame(m)) for m in result.messages]
+            out: list[Effect] = [Send(codec.history_frame(m)) for m in result.messages]
             out.append(Send(codec.history_end(len(result.messages))))
             return out
         if isinstance(result, Replayed):
             self._replaying = False
             if result.room_id != self.room_id:  # the room was lost while reading the replay
                 return [EndReplay()]
-            out = [Send(codec.message_frame(m)) for m in result.messages]
+            out = [Send(codec.history_frame(m)) for m in result.messages]
             out.append(Send(codec.resumed(result.room_id, len(result.messages), result.complete)))
             out.append(EndReplay())
             return out
@@ -195,11 +201,11 @@ class Session:
         assert isinstance(command, Token)
         try:
             principal = self.verifier.verify(command.token)
-        except AuthError:
-            return self._trial(codec.BADAUTH)
+        except AuthError as exc:
+            return self._refused(str(exc))
         self.principal = _kept(principal)
         self.state = State.READY
-        self.trials = 0
+        self.trials, self.refusal = 0, None
         return [
             Disarm(Timer.AUTH),
             Send(codec.READY),
@@ -211,10 +217,15 @@ class Session:
         assert isinstance(command, Token) and self.principal is not None
         try:
             principal = self.verifier.verify(command.token)
-        except AuthError:
-            return self._trial(codec.BADAUTH)
+        except AuthError as exc:
+            return self._refused(str(exc))
         if principal.user != self.principal.user:
-            return [Send(codec.BADAUTH), *self._close(CloseCode.POLICY, "token for another user")]
+            reason = "token for another user"
+            return [
+                Send(codec.BADAUTH),
+                AuthRefused(reason),
+                *self._close(CloseCode.POLICY, reason),
+            ]
         changed = (principal.entity, principal.level) != (
             self.principal.entity,
             self.principal.level,
@@ -222,7 +233,7 @@ class Session:
         was_expired = self.state is State.EXPIRED
         self.principal = _kept(principal)
         self.state = State.READY
-        self.trials = 0
+        self.trials, self.refusal = 0, None
         out: list[Effect] = []
         if was_expired:
             out += [Disarm(Timer.REFRESH), SetReceiving(True)]
@@ -289,12 +300,22 @@ class Session:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _trial(self, reply: bytes) -> list[Effect]:
-        """A failed auth attempt or a command before auth; the third one closes."""
+    def _refused(self, reason: str) -> list[Effect]:
+        """A token refused: ``BADAUTH`` as the original sent it, and the reason for the log
+        (and for the close reason, should this try be the last)."""
+        self.refusal = reason
+        return self._trial(codec.BADAUTH, AuthRefused(reason))
+
+    def _trial(self, reply: bytes, *why: Effect) -> list[Effect]:
+        """A failed auth attempt or a command before auth; the third one closes, naming why the
+        last token was refused, if one was."""
         self.trials += 1
-        out: list[Effect] = [Send(reply)]
+        out: list[Effect] = [Send(reply), *why]
         if self.trials >= MAX_TRIALS:
-            out += self._close(CloseCode.POLICY, "too many failed attempts")
+            reason = "too many failed attempts"
+            if self.refusal is not None:
+                reason = _close_reason(f"{reason}: {self.refusal}")
+            out += self._close(CloseCode.POLICY, reason)
         return out
 
     def _close(self, code: int, reason: str) -> list[Effect]:
@@ -325,9 +346,11 @@ class Session:
             out.append(Send(codec.NOTAUTHORIZED))
             return out
         since = self._since
-        # A resume of the current room rejoins too, so its replay and live stream line up.
+        # A resume of the current room joins again (to get its replay lined up with the live
+        # stream) but does not leave first: leaving could drop the room's channel on this
+        # process, and the join would then rebuild it from a position that may be stale.
         rejoin = self.room_id != loaded.room_id or since is not None
-        if self.room_id is not None and rejoin:
+        if self.room_id is not None and self.room_id != loaded.room_id:
             out.append(Leave(self.room_id))
         self.room_id, self.access = loaded.room_id, decision
         out.append(Send(codec.CONNECTED))
@@ -346,6 +369,14 @@ class Session:
     @staticmethod
     def _rules(access: RoomAccess | None) -> tuple[Rule, ...]:
         return access.rules if access else ()
+
+
+def _close_reason(text: str) -> str:
+    """``text`` cut to what a close frame can carry."""
+    data = text.encode("utf-8")
+    if len(data) <= MAX_CLOSE_REASON:
+        return text
+    return data[:MAX_CLOSE_REASON].decode("utf-8", "ignore")
 
 
 def _kept(principal: Principal) -> Principal:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from nanomsg.clock import Clock
 from nanomsg.config import Config
 from nanomsg.events import (
     Arm,
+    AuthRefused,
     BadArgs,
     BadJson,
     Close,
@@ -57,6 +59,7 @@ from nanomsg.events import (
     Leave,
     LoadHistory,
     LoadRoom,
+    MessageRefused,
     MessageStored,
     Publish,
     Replayed,
@@ -75,7 +78,7 @@ from nanomsg.events import (
 from nanomsg.fanout import DeflateCache, Hub, text_frame
 from nanomsg.models import RoomAccess
 from nanomsg.session import CloseCode, Limits, Session, State
-from nanomsg.store.base import HistoryQuery, RoomGone, Store, StoreUnavailable
+from nanomsg.store.base import ContentRefused, HistoryQuery, RoomGone, Store, StoreUnavailable
 from nanomsg.store.writer import BatchWriter, Stored
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: WsServer) -> None:
         self.server = server
+        self.conn_id: str = server.new_conn_id()  # names the connection in the log
         self.ws = ServerProtocol(
             extensions=server.extensions, max_size=server.config.max_frame, logger=_quiet
         )
@@ -303,6 +307,8 @@ class Connection(asyncio.Protocol):
                 self.receiving = effect.on
             elif isinstance(effect, Close):
                 self.close(effect.code, effect.reason)
+            elif isinstance(effect, AuthRefused):
+                log.info("connection %s: token refused: %s", self.conn_id, effect.reason)
 
     def _join(self, join: Join) -> None:
         self.joined = join.room_id
@@ -497,6 +503,8 @@ class _InFlight:
             self.result = MessageStored(*outcome)
         elif isinstance(outcome, RoomGone):
             self.result = RoomMissing(int(outcome.args[0]) if outcome.args else 0)
+        elif isinstance(outcome, ContentRefused):
+            self.result = MessageRefused("content refused by storage")
         else:
             if not isinstance(outcome, StoreUnavailable):
                 log.error("storing a message failed unexpectedly", exc_info=outcome)
@@ -562,6 +570,7 @@ class WsServer:
         self.clock = clock
         self.limits = Limits(auth_timeout=config.auth_timeout, refresh_grace=config.refresh_grace)
         self.connections: set[Connection] = set()
+        self._conn_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._keepalive: asyncio.Task[None] | None = None
@@ -584,6 +593,11 @@ class WsServer:
             else None
         )
         self._flush_handle: asyncio.Handle | None = None
+
+    def new_conn_id(self) -> str:
+        """A name for a new connection, unique on this process (node id, then a counter)."""
+        number = next(self._conn_ids)
+        return f"{self.node_id}-{number}" if self.node_id else str(number)
 
     def mark_dirty(self, conn: Connection) -> None:
         """``conn`` has an outbox to write: flush all such at the end of this loop pass."""

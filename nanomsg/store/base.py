@@ -19,6 +19,12 @@ class StoreUnavailable(Exception):
     """The database cannot be reached or failed; the operation had no effect."""
 
 
+class ContentRefused(Exception):
+    """The database refused a write for what it holds, not for being unavailable (PostgreSQL's
+    data errors, such as U+0000 in text); nothing of the write was stored. Trying the same
+    write again fails the same way; the other messages of a batch can be stored without it."""
+
+
 class RoomGone(Exception):
     """The room does not exist or was deleted."""
 
@@ -199,7 +205,8 @@ class Store(Protocol):
         transaction. A client_id already stored for (room, emitter) returns that stored message
         with created=False and stores nothing; a client_id repeated inside the batch is stored
         once (the first occurrence) and the later ones return that message with created=False.
-        Raises StoreUnavailable when the batch failed as a whole: then nothing of it is stored.
+        Raises StoreUnavailable when the batch failed as a whole, ContentRefused when the
+        database refused what one of its messages holds: either way nothing of it is stored.
         """
 
     async def history(self, query: HistoryQuery) -> list[Message]:

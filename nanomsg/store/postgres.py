@@ -21,6 +21,7 @@ import asyncpg
 from nanomsg.models import Message, Room, RoomAccess, Rule
 from nanomsg.store import common
 from nanomsg.store.base import (
+    ContentRefused,
     HistoryQuery,
     NewMessage,
     NewRoom,
@@ -596,6 +597,10 @@ class PostgresStore:
                         raise StoreUnavailable(
                             f"batch kept colliding with concurrent writers: {exc!r}"
                         ) from exc
+                except asyncpg.DataError as exc:
+                    # Class 22: a value PostgreSQL will not store (U+0000 in text, text that
+                    # is not encodable). The statement was rolled back as a whole.
+                    raise ContentRefused(type(exc).__name__) from exc
                 except asyncpg.DeadlockDetectedError as exc:
                     if attempt == _BATCH_TRIES:
                         raise StoreUnavailable(f"batch kept deadlocking: {exc!r}") from exc

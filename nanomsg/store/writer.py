@@ -13,6 +13,13 @@ connection's sends stay in the order it sent them), while different shards commi
 There is no timer: under light load a batch is one message and waits for nothing; under heavy
 load batches grow by themselves, which is what amortises the commit.
 
+A batch the database refuses for what one of its messages holds (``ContentRefused``; the
+codec keeps such content out, so this is a last line of defence) is split in halves and each
+half stored on its own, down to the single message at fault, which alone gets the refusal: one
+sender's content can never fail the other senders of its batch, and costs them a few round
+trips at most (about two per halving). It is logged once per refused batch, without a
+traceback.
+
 The queue is bounded by the connections themselves (each has at most
 ``ws_server.PIPELINE`` sends in flight and stops reading beyond that), so it needs no policy
 of its own.
@@ -27,13 +34,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from nanomsg.models import Message
-from nanomsg.store.base import NewMessage, Store, StoreUnavailable
+from nanomsg.store.base import ContentRefused, NewMessage, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 Stored = tuple[Message, bool]
 # Called once, after the commit (or the failure), with the outcome: (message, created), or the
-# StoreUnavailable / RoomGone exception.
+# StoreUnavailable / RoomGone / ContentRefused exception.
 Done = Callable[[Stored | Exception], None]
 
 
@@ -60,6 +67,7 @@ class BatchWriter:
         # What the benchmarks and operators want to know: how well batching amortises.
         self.batches = 0
         self.messages = 0
+        self.refused = 0  # messages the database refused for their content
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -112,7 +120,9 @@ class BatchWriter:
             finally:
                 shard.busy = False
 
-    async def _store(self, batch: Sequence[tuple[NewMessage, Done]]) -> None:
+    async def _store(self, batch: Sequence[tuple[NewMessage, Done]], *, part: bool = False) -> None:
+        """Store ``batch`` and tell each sender its outcome; ``part``: a half of a refused
+        batch (already logged)."""
         try:
             outcomes: Sequence[Stored | Exception] = await self.store.append_batch(
                 [new for new, _ in batch]
@@ -120,6 +130,26 @@ class BatchWriter:
         except asyncio.CancelledError:
             self._tell(batch, [StoreUnavailable("the writer was stopped")] * len(batch))
             raise
+        except (ContentRefused, UnicodeError) as exc:
+            # UnicodeError: text no backend can encode (a lone surrogate), raised by the driver
+            # before the database sees it; SQLite's driver raises it as such.
+            refused = exc if isinstance(exc, ContentRefused) else ContentRefused(type(exc).__name__)
+            if not part:
+                log.warning(
+                    "storage refused a batch of %d messages for their content (%s);"
+                    " storing them in parts to find the message at fault",
+                    len(batch),
+                    refused,
+                )
+            if len(batch) == 1:
+                self.refused += 1
+                self._tell(batch, [refused])
+                return
+            # Halves in order: a room's messages keep their order, hence their seqs.
+            middle = len(batch) // 2
+            await self._store(batch[:middle], part=True)
+            await self._store(batch[middle:], part=True)
+            return
         except StoreUnavailable as exc:
             self._tell(batch, [StoreUnavailable(str(exc))] * len(batch))
             return

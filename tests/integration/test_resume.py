@@ -133,3 +133,68 @@ async def test_resume_with_a_bad_since_is_badargs(server: Server) -> None:
     client = await server.login(owner)
     reply = await client.ask({"type": "select_room", "room_id": room, "since": "x"})
     assert reply["data"] == "BADARGS" and "since" in reply["reason"]
+
+
+async def test_resuming_the_room_already_selected_replays_before_resumed_and_nothing_after(
+    server: Server,
+) -> None:
+    """The connection is the room's only reader on its process: resuming must not rebuild the
+    room here from the position of the first select (which replayed nothing, then sent the
+    missed messages late, as live)."""
+    owner = server.user()
+    room = await server.create_room(owner)
+    client = await server.join(owner, room)
+    assert await send_many(client, 5, "m") == [1, 2, 3, 4, 5]
+    reply = await client.ask({"type": "select_room", "room_id": room, "since": 2})
+    assert reply == {"type": "status", "data": "CONNECTED"}
+    replayed, end = await read_until_resumed(client)
+    assert replayed == [3, 4, 5]
+    assert end == {
+        "type": "status",
+        "data": "RESUMED",
+        "room_id": room,
+        "count": 3,
+        "complete": True,
+    }
+    assert await client.silent(0.8)  # nothing late: no message of 1-5 comes again
+    echo = await client.ask({"type": "message", "content": "six"})
+    assert echo["data"]["seq"] == 6 and "history" not in echo["data"]
+    assert await client.silent(0.8)
+
+
+async def test_a_user_selecting_after_a_resume_gets_only_new_messages_as_live(
+    server: Server,
+) -> None:
+    owner = server.user()
+    mate = server.user(entity=owner.entity)
+    room = await server.create_room(owner)
+    client = await server.join(owner, room)
+    await send_many(client, 5, "m")
+    await client.send({"type": "select_room", "room_id": room, "since": 2})
+    assert await client.recv() == {"type": "status", "data": "CONNECTED"}
+    await read_until_resumed(client)
+    other = await server.join(mate, room)  # selected after seq 5: gets 6 on, nothing older
+    echo = await client.ask({"type": "message", "content": "six"})
+    assert echo["data"]["seq"] == 6
+    assert (await other.recv())["data"]["seq"] == 6
+    assert await other.silent(0.8)
+    assert await client.silent(0.3)
+
+
+async def test_resuming_the_selected_room_twice_delivers_each_message_once_in_order(
+    server: Server,
+) -> None:
+    owner = server.user()
+    room = await server.create_room(owner)
+    client = await server.join(owner, room)
+    sender = await server.join(owner, room)
+    await send_many(sender, 3, "a")
+    assert [(await client.recv())["data"]["seq"] for _ in range(3)] == [1, 2, 3]
+    for since in (3, 3):
+        await client.send({"type": "select_room", "room_id": room, "since": since})
+        assert await client.recv() == {"type": "status", "data": "CONNECTED"}
+        replayed, end = await read_until_resumed(client)
+        assert replayed == [] and end["count"] == 0
+    await send_many(sender, 2, "b")
+    assert [(await client.recv())["data"]["seq"] for _ in range(2)] == [4, 5]
+    assert await client.silent(0.5)

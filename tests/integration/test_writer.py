@@ -4,13 +4,14 @@ batching, acknowledgement only after commit, and a batch killed mid-flight."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 import pytest_asyncio
 
-from nanomsg.store.base import HistoryQuery, RoomGone, Store, StoreUnavailable
+from nanomsg.store.base import ContentRefused, HistoryQuery, RoomGone, Store, StoreUnavailable
 from nanomsg.store.postgres import PostgresStore
 from nanomsg.store.writer import BatchWriter, Stored
 from tests.integration.test_store import (
@@ -161,3 +162,73 @@ async def test_postgres_batch_killed_mid_flight_is_never_acknowledged_and_leaves
         await locker.close()
         await w.close()
         await pg.close()
+
+
+@pytest.mark.parametrize("bad", ["bad\x00content", "lone \ud800"], ids=["nul", "surrogate"])
+async def test_postgres_refusing_one_messages_content_fails_that_message_alone(
+    pg_url: str, caplog: pytest.LogCaptureFixture, bad: str
+) -> None:
+    """PostgreSQL refuses U+0000 in text, and text with a lone surrogate cannot be sent to it
+    (the codec keeps both out; this goes around the codec).
+    The batch holding it is split until the message at fault is alone: it gets ContentRefused,
+    every other message of the batch, in its own or other rooms, is stored and acknowledged in
+    submission order, and the log gets one line, no traceback."""
+    pg = PostgresStore(pg_url, pool_size=2)
+    await pg.open()
+    w = BatchWriter(pg, shards=1, max_batch=500)
+    w.start()
+    try:
+        rooms = [await make_room(pg) for _ in range(3)]
+        contents_sent = [f"m{i}" if i != 37 else bad for i in range(90)]
+        futures = [  # all queued before the writer task runs: one batch
+            w.submit(message(rooms[i % 3].id, text)) for i, text in enumerate(contents_sent)
+        ]
+        with caplog.at_level(logging.INFO, logger="nanomsg.store.writer"):
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        refused = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, Exception)]
+        assert refused == [37] and isinstance(outcomes[37], ContentRefused)
+        assert w.refused == 1
+        for r, room in enumerate(rooms):
+            kept = [t for i, t in enumerate(contents_sent) if i % 3 == r and i != 37]
+            assert await contents(pg, room.id) == list(enumerate(kept, start=1))
+        records = [rec for rec in caplog.records if rec.name == "nanomsg.store.writer"]
+        assert len(records) == 1 and records[0].exc_info is None
+        assert "refused a batch of 90 messages" in records[0].getMessage()
+    finally:
+        await w.close()
+        await pg.close()
+
+
+async def test_postgres_a_refused_message_takes_no_seq_and_the_next_one_is_stored(
+    pg_url: str,
+) -> None:
+    pg = PostgresStore(pg_url, pool_size=2)
+    await pg.open()
+    w = BatchWriter(pg, shards=1)
+    w.start()
+    try:
+        room = await make_room(pg)
+        with pytest.raises(ContentRefused):
+            await w.submit(message(room.id, "\x00"))
+        stored, created = await w.submit(message(room.id, "after"))
+        assert created and stored.seq == 1  # the refused message took no seq
+    finally:
+        await w.close()
+        await pg.close()
+
+
+async def test_text_no_backend_can_encode_fails_only_its_own_message(
+    store: Store,  # noqa: F811
+    writer: BatchWriter,
+) -> None:
+    """A lone surrogate (the codec refuses it; this goes around the codec) cannot be encoded
+    for SQLite or PostgreSQL: on both, that message alone is refused."""
+    room = await make_room(store)
+    before = writer.submit(message(room.id, "before"))
+    bad = writer.submit(message(room.id, "lone \ud800"))
+    after = writer.submit(message(room.id, "after"))
+    assert (await before)[0].seq == 1
+    with pytest.raises(ContentRefused):
+        await bad
+    assert (await after)[0].seq == 2
+    assert await contents(store, room.id) == [(1, "before"), (2, "after")]

@@ -605,3 +605,30 @@ def test_hs256_tokens_do_not_go_through_pyjwt(
     monkeypatch.setattr(jwt, "decode", forbidden)
     monkeypatch.setattr(jwt, "get_unverified_header", forbidden)
     assert verifier.verify(token).user == USER
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param("9" * 5000, id="5000-digit-string"),
+        pytest.param("0" * 4999 + "7", id="5000-chars-leading-zeros"),
+        pytest.param("1" + "0" * 10, id="11-digit-string"),
+    ],
+)
+def test_level_digit_strings_of_any_length_are_refused_or_read_never_crashing(
+    verifier: Verifier, raw: str
+) -> None:
+    token = hs256(claims(levelOnEntity=raw))
+    if raw.lstrip("0") == "7":
+        assert verifier.verify(token).level == 7
+        return
+    with pytest.raises(AuthError, match="levelOnEntity out of range"):
+        verifier.verify(token)
+
+
+def test_a_5000_digit_level_number_is_refused_not_crashing(verifier: Verifier) -> None:
+    text = json.dumps(claims(levelOnEntity=0)).replace(
+        '"levelOnEntity": 0', '"levelOnEntity": ' + "9" * 5000
+    )
+    with pytest.raises(AuthError):
+        verifier.verify(hand_signed({"alg": "HS256", "typ": "JWT"}, text.encode(), SECRET.encode()))

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import uuid
+from dataclasses import dataclass
+
+import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nanomsg import codec
+from nanomsg.auth import Verifier, mint
+from nanomsg.clock import FakeClock
 from nanomsg.events import (
     BadArgs,
     BadJson,
@@ -16,6 +25,25 @@ from nanomsg.events import (
     TooLarge,
     Unknown,
 )
+from nanomsg.session import Limits, Session
+
+COMMAND_TYPES = (
+    BadArgs,
+    BadJson,
+    GetPastMessages,
+    Quit,
+    SelectRoom,
+    SendMessage,
+    Token,
+    TooLarge,
+    Unknown,
+)
+
+
+def short_id(value: object) -> str:
+    """A test id that stays readable for 5 000-character parameters."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} chars)"
 
 
 def decode(text: str, max_content: int = 10) -> object:
@@ -123,3 +151,204 @@ def test_iso_utc_has_milliseconds_a_z_and_converts_other_zones() -> None:
     assert (
         iso_utc(datetime(2026, 3, 1, 14, 0, 0, 999999, tzinfo=paris)) == "2026-03-01T12:00:00.999Z"
     )
+
+
+# -- content that cannot be stored, and valid JSON orjson alone would refuse -------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "raw", "reason"),
+    [
+        ("content", r'"a\u0000b"', "content must not contain U+0000"),
+        ("content", r'"\ud800"', "content must not contain a lone surrogate"),
+        ("content", r'"ok \udfff then"', "content must not contain a lone surrogate"),
+        ("client_id", r'"c\u0000"', "client_id must not contain U+0000"),
+        ("client_id", r'"\udc00"', "client_id must not contain a lone surrogate"),
+    ],
+)
+def test_text_no_storage_can_keep_is_badargs_naming_the_field(
+    field: str, raw: str, reason: str
+) -> None:
+    fields = {"content": '"hello"', field: raw}
+    text = '{"type":"message",' + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}"
+    assert decode(text, max_content=100) == BadArgs("message", reason)
+
+
+@pytest.mark.parametrize(
+    "unread",
+    ["1e400", "-1e400", "1" * 5000, r'"\ud800"', r'{"deep":[1e999]}', r'"\u0000"'],
+    ids=short_id,
+)
+def test_fields_a_command_does_not_read_are_ignored_whatever_they_hold(unread: str) -> None:
+    assert decode(f'{{"type":"message","content":"hi","x":{unread}}}') == SendMessage("hi", None)
+    assert decode(f'{{"type":"select_room","room_id":4,"x":{unread}}}') == SelectRoom(4)
+    assert decode(f'{{"type":"quit","content":{unread}}}') == Quit()
+    assert decode(f'{{"type":"get_past_messages","x":{unread}}}') == GetPastMessages(50, None)
+    assert decode(f'{{"type":"nope","x":{unread}}}') == Unknown()
+
+
+@pytest.mark.parametrize(
+    "huge", ["1e400", "-1e400", "1E+999", "1" * 5000, "-" + "1" * 5000], ids=short_id
+)
+def test_numbers_beyond_a_double_in_a_read_field_are_badargs_for_that_field(huge: str) -> None:
+    for command, field in [
+        ("select_room", "room_id"),
+        ("get_past_messages", "limit"),
+        ("get_past_messages", "before"),
+        ("message", "content"),
+        ("message", "client_id"),
+    ]:
+        extra = ',"content":"x"' if field == "client_id" else ""
+        got = decode(f'{{"type":"{command}","{field}":{huge}{extra}}}')
+        assert isinstance(got, BadArgs) and got.reason.startswith(field), (command, field)
+    got = decode(f'{{"type":"select_room","room_id":1,"since":{huge}}}')
+    assert isinstance(got, BadArgs) and got.reason.startswith("since")
+
+
+def test_a_lone_surrogate_type_or_token_is_not_a_json_error() -> None:
+    assert decode(r'{"type":"\ud800"}') == Unknown()
+    assert decode(r'{"type":"token","content":"\ud800"}') == Token("\ud800")
+
+
+@pytest.mark.parametrize(
+    "digits", ["1" * 5000, "9" * 20, "9223372036854775808", "0" * 5000], ids=short_id
+)
+def test_room_id_digit_strings_of_any_length_are_badargs_not_a_crash(digits: str) -> None:
+    assert decode(f'{{"type":"select_room","room_id":"{digits}"}}') == BadArgs(
+        "select_room", "room_id must be a positive integer"
+    )
+
+
+def test_room_id_digit_strings_with_leading_zeros_are_read() -> None:
+    assert decode(f'{{"type":"select_room","room_id":"{"0" * 5000}42"}}') == SelectRoom(42)
+
+
+@pytest.mark.parametrize(
+    "text", ["NaN", '{"type":"quit","x":NaN}', "[Infinity]", '{"a":-Infinity}']
+)
+def test_nan_and_infinity_are_not_json(text: str) -> None:
+    assert decode(text) == BadJson()
+
+
+def test_nesting_beyond_what_the_parsers_follow_is_badjson_not_a_crash() -> None:
+    assert decode("[" * 5000 + "]" * 5000) == BadJson()
+    assert decode('{"type":"quit","x":' + "[" * 5000 + "]" * 5000 + "}") == BadJson()
+
+
+def test_history_frames_add_history_true_to_the_live_frame() -> None:
+    from datetime import UTC, datetime
+
+    from nanomsg.models import Message
+
+    msg = Message(1, 7, 3, "u", "e", "hi", datetime(2026, 1, 1, tzinfo=UTC), "c")
+    live = orjson.loads(codec.message_frame(msg))
+    assert live == {"type": "message", "data": msg.to_json()}
+    assert orjson.loads(codec.history_frame(msg)) == {
+        "type": "message",
+        "data": {**msg.to_json(), "history": True},
+    }
+
+
+# -- decode never raises: property-based ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A JSON number written out as is: beyond a double, or longer than int() parses."""
+
+    text: str
+
+
+ANY_CHAR = st.characters(exclude_categories=())  # lone surrogates and NUL included
+RAW_NUMBERS = st.one_of(
+    st.sampled_from(["1e400", "-1e400", "1E+999", "0.0", "-0", "1e-400", "12.50"]),
+    st.sampled_from([19, 20, 21, 400, 4300, 4301, 6000]).map(lambda n: Raw("9" * n)),
+).map(lambda v: v if isinstance(v, Raw) else Raw(v))
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(ANY_CHAR, max_size=30),
+    st.from_regex(r"\A[0-9]{1,40}\Z"),  # digit strings, which some fields accept
+    RAW_NUMBERS,
+)
+JSON_VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.text(ANY_CHAR, max_size=8), inner, max_size=4),
+    ),
+    max_leaves=12,
+)
+FIELDS = ["type", "content", "room_id", "since", "limit", "before", "client_id"]
+COMMANDS = ["token", "select_room", "message", "get_past_messages", "quit"]
+
+
+def dump(value: object) -> str:
+    """JSON text for ``value`` (``Raw`` numbers verbatim, surrogates as escapes)."""
+    if isinstance(value, Raw):
+        return value.text
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{dump(k)}:{dump(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(dump(v) for v in value) + "]"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return json.dumps(value)  # ensure_ascii: "\ud800" comes out as an escape
+
+
+SESSION_SECRET = "unit-secret-0123456789abcdef-0123456789"
+SESSION_CLOCK = FakeClock(now=1_800_000_000)
+SESSION_TOKEN = Token(
+    mint(
+        secret=SESSION_SECRET,
+        user=str(uuid.uuid4()),
+        entity=str(uuid.uuid4()),
+        level=100,
+        now=SESSION_CLOCK.wall(),
+    )
+)
+
+
+def session_in(state: str) -> Session:
+    verifier = Verifier.from_material(clock=SESSION_CLOCK, secret=SESSION_SECRET)
+    session = Session(verifier, SESSION_CLOCK, Limits())
+    session.start()
+    if state != "AWAIT_TOKEN":
+        session.receive(SESSION_TOKEN)
+    return session
+
+
+def check_command(command: object) -> None:
+    """What a decoded command may be, and what the session makes of it: never an exception,
+    and a send only with content every store keeps and orjson writes."""
+    assert isinstance(command, COMMAND_TYPES)
+    if isinstance(command, SendMessage):
+        for text in (command.content, command.client_id or "x"):
+            assert "\x00" not in text
+            text.encode("utf-8")
+        orjson.dumps(command.content)
+    for state in ("AWAIT_TOKEN", "READY"):
+        session_in(state).receive(command)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.one_of(st.text(ANY_CHAR), st.binary().map(lambda b: b.decode("utf-8", "replace"))))
+def test_decode_never_raises_on_any_text(text: str) -> None:
+    check_command(codec.decode(text, max_content=4096))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.one_of(st.sampled_from(COMMANDS), JSON_VALUES),
+    fields=st.dictionaries(st.one_of(st.sampled_from(FIELDS), st.text(max_size=5)), JSON_VALUES),
+    max_content=st.integers(min_value=1, max_value=4096),
+)
+def test_decode_never_raises_on_any_json_value_in_any_field_of_any_command(
+    kind: object, fields: dict[str, object], max_content: int
+) -> None:
+    text = dump({"type": kind, **{k: v for k, v in fields.items() if k != "type"}})
+    command = codec.decode(text, max_content=max_content)
+    check_command(command)
+    assert not isinstance(command, BadJson), text  # all of it is valid JSON

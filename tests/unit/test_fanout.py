@@ -11,9 +11,12 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from nanomsg.clock import utc_datetime
+from nanomsg.auth import Verifier, mint
+from nanomsg.clock import FakeClock, utc_datetime
+from nanomsg.events import Effect, Join, Leave, LoadRoom, RoomLoaded, SelectRoom, Token
 from nanomsg.fanout import Hub, text_frame
 from nanomsg.models import Message, RoomAccess
+from nanomsg.session import Limits, Session
 from nanomsg.store.base import NewMessage, NewRoom
 from nanomsg.store.sqlite import SqliteStore
 
@@ -184,4 +187,99 @@ async def test_room_changed_forgets_the_rules_at_once_and_the_recheck_stores_new
     after = hub.cached_access(room)
     assert after is not None and after != before
     assert {r.subject for r in after.rules} == {r.subject for r in before.rules} | {"someone"}
+    await hub.close()
+
+
+async def test_a_receiver_never_gets_seqs_below_the_position_it_joined_at(
+    store: SqliteStore,
+) -> None:
+    room, msgs = await room_with(store, 6)
+    hub, behind, fresh = Hub(store, gap_timeout=0.05), Recorder(), Recorder()
+    assert hub.join(behind, room, last_seq=0) == 1  # the channel starts at 1
+    # A join that read storage after seq 5 was stored: it must not get 1-5 as live.
+    assert hub.join(fresh, room, last_seq=5) == 6
+    hub.deliver(msgs[5])  # seq 6 arrives; 1-5 are filled from storage for ``behind``
+    for _ in range(100):
+        if behind.seqs == [1, 2, 3, 4, 5, 6]:
+            break
+        await asyncio.sleep(0.02)
+    assert behind.seqs == [1, 2, 3, 4, 5, 6]
+    assert fresh.seqs == [6]
+    assert hub.rooms[room].floors == {}  # reached: delivery is the plain loop again
+    await hub.close()
+
+
+async def test_kept_rules_carry_the_position_delivered_here_not_the_one_first_read(
+    store: SqliteStore,
+) -> None:
+    room, _ = await room_with(store, 0)
+    access = await store.room_access(room)
+    assert access is not None and access.room.last_seq == 0
+    hub, rec = Hub(store), Recorder()
+    hub.join(rec, room, 0, access)
+    for i in range(3):
+        msg, _ = await store.append_message(
+            NewMessage(room, USER, ENTITY, f"m{i}", None, utc_datetime(1_800_000_000))
+        )
+        hub.deliver(msg)
+    cached = hub.cached_access(room)
+    assert cached is not None and cached.room.last_seq == 3
+    assert cached.rules == access.rules
+    await hub.close()
+
+
+class Shell:
+    """The part of ws_server that turns a session's room effects into hub calls, without a
+    socket: a select of a room live here is answered from the hub's kept rules."""
+
+    def __init__(self, hub: Hub, session: Session, receiver: Recorder) -> None:
+        self.hub, self.session, self.receiver = hub, session, receiver
+        self.live_from: list[int] = []
+
+    def apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, LoadRoom):
+                cached = self.hub.cached_access(effect.room_id)
+                assert cached is not None, "the test selects a room live here"
+                self.apply(self.session.result(RoomLoaded(effect.room_id, cached)))
+            elif isinstance(effect, Join):
+                self.live_from.append(
+                    self.hub.join(self.receiver, effect.room_id, effect.last_seq, effect.access)
+                )
+            elif isinstance(effect, Leave):
+                self.hub.leave(self.receiver, effect.room_id)
+
+
+async def test_resuming_the_only_readers_room_keeps_its_position_and_others_get_no_old_messages(
+    store: SqliteStore,
+) -> None:
+    room, _ = await room_with(store, 0)
+    first_read = await store.room_access(room)  # last_seq 0, as the first select read it
+    assert first_read is not None
+    clock = FakeClock(now=1_800_000_000)
+    secret = "unit-secret-0123456789abcdef-0123456789"
+    verifier = Verifier.from_material(clock=clock, secret=secret)
+    session = Session(verifier, clock, Limits())
+    session.start()
+    session.receive(Token(mint(secret=secret, user=USER, entity=ENTITY, level=100, now=1.8e9)))
+    hub, reader = Hub(store, gap_timeout=0.05), Recorder()
+    shell = Shell(hub, session, reader)
+    session.receive(SelectRoom(room))
+    shell.apply(session.result(RoomLoaded(room, first_read)))  # the first select: from storage
+    msgs = []
+    for i in range(5):
+        msg, _ = await store.append_message(
+            NewMessage(room, USER, ENTITY, f"m{i}", None, utc_datetime(1_800_000_000))
+        )
+        msgs.append(msg)
+        hub.deliver(msg)
+    assert reader.seqs == [1, 2, 3, 4, 5]
+
+    shell.apply(session.receive(SelectRoom(room, since=2)))  # resume the room already selected
+    assert shell.live_from == [1, 6]  # the replay covers 3-5, live goes on from 6
+    other = Recorder()
+    assert hub.join(other, room, hub.cached_access(room).room.last_seq) == 6  # type: ignore[union-attr]
+    await hub.check_heads()  # storage is at 5: nothing to fill, nothing re-sent
+    await asyncio.sleep(0.1)
+    assert reader.seqs == [1, 2, 3, 4, 5] and other.seqs == []
     await hub.close()

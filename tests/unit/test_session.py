@@ -13,6 +13,7 @@ from nanomsg.auth import Verifier, mint
 from nanomsg.clock import FakeClock
 from nanomsg.events import (
     Arm,
+    AuthRefused,
     BadArgs,
     BadJson,
     Close,
@@ -25,6 +26,7 @@ from nanomsg.events import (
     Leave,
     LoadHistory,
     LoadRoom,
+    MessageRefused,
     MessageStored,
     Publish,
     Quit,
@@ -43,7 +45,16 @@ from nanomsg.events import (
     Unknown,
 )
 from nanomsg.models import Message, Room, RoomAccess, Rule
-from nanomsg.session import _COMMANDS, TRANSITIONS, CloseCode, Limits, Session, State
+from nanomsg.session import (
+    _COMMANDS,
+    MAX_CLOSE_REASON,
+    TRANSITIONS,
+    CloseCode,
+    Limits,
+    Session,
+    State,
+    _close_reason,
+)
 
 SECRET = "unit-secret-0123456789abcdef-0123456789"
 USER = str(uuid.uuid4())
@@ -437,12 +448,26 @@ def test_select_with_since_joins_for_a_replay_then_ends_it_with_resumed(
     assert done[-1] == EndReplay()
 
 
-def test_resuming_the_current_room_rejoins_it(session: Session, clock: FakeClock) -> None:
+def test_resuming_the_current_room_rejoins_it_without_leaving_it(
+    session: Session, clock: FakeClock
+) -> None:
+    # Leaving first would drop the room's channel when this connection is its only local
+    # reader, and the join would rebuild it at whatever position the kept rules say.
     in_room(session, clock)
     session.receive(SelectRoom(7, since=0))
     loaded = access("r")
     effects = session.result(RoomLoaded(7, loaded))
-    assert Leave(7) in effects and effects[-1] == Join(7, 3, since=0, access=loaded)
+    assert not any(isinstance(e, Leave) for e in effects)
+    assert effects[-1] == Join(7, 3, since=0, access=loaded)
+    assert sent(effects) == [{"type": "status", "data": "CONNECTED"}]
+
+
+def test_resuming_another_room_leaves_the_previous_one(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock)
+    session.receive(SelectRoom(8, since=0))
+    loaded = access("r", room_id=8)
+    effects = session.result(RoomLoaded(8, loaded))
+    assert effects[0] == Leave(7) and effects[-1] == Join(8, 3, since=0, access=loaded)
 
 
 def test_replay_storage_failure_leaves_the_room(session: Session, clock: FakeClock) -> None:
@@ -462,3 +487,75 @@ def test_replay_for_a_room_lost_meanwhile_sends_nothing(session: Session, clock:
     session.reauthorize(None)  # room deleted while the replay was read
     msg = Message(1, 7, 1, USER, ENTITY, "x", T0)
     assert session.result(Replayed(7, (msg,), True)) == [EndReplay()]
+
+
+def test_history_and_replay_frames_are_marked_history_and_live_frames_are_not(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock)
+    msg = Message(1, 7, 3, USER, ENTITY, "old", T0)
+    session.receive(GetPastMessages(50, None))
+    history = sent(session.result(HistoryLoaded((msg,))))
+    assert history[0] == {"type": "message", "data": {**msg.to_json(), "history": True}}
+    session.receive(SelectRoom(7, since=2))
+    session.result(RoomLoaded(7, access("r")))
+    replay = sent(session.result(Replayed(7, (msg,), True)))
+    assert replay[0] == {"type": "message", "data": {**msg.to_json(), "history": True}}
+    # The echo of an idempotent resend acknowledges a send: a live frame, unchanged.
+    assert session.result(MessageStored(msg, False)) == [Send(codec.message_frame(msg))]
+    assert b"history" not in codec.message_frame(msg)
+
+
+def test_a_message_refused_by_storage_gets_badargs_with_the_reason(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock)
+    effects = session.result(MessageRefused("content refused by storage"))
+    assert sent(effects) == [
+        {"type": "status", "data": "BADARGS", "reason": "content refused by storage"}
+    ]
+    assert session.room_id == 7  # the connection keeps its room
+
+
+def test_a_refused_token_answers_the_exact_badauth_and_names_the_reason_for_the_log(
+    session: Session, clock: FakeClock
+) -> None:
+    effects = session.receive(token(clock, ttl=-60))
+    assert [e for e in effects if isinstance(e, Send)] == [Send(codec.BADAUTH)]
+    assert AuthRefused("token expired") in effects
+
+
+def test_closing_for_failed_tokens_puts_the_last_reason_in_the_close_reason(
+    session: Session, clock: FakeClock
+) -> None:
+    session.receive(Token("not.a.jwt"))
+    session.receive(SelectRoom(1))
+    effects = session.receive(token(clock, ttl=-60))
+    close = [e for e in effects if isinstance(e, Close)]
+    assert close == [Close(CloseCode.POLICY, "too many failed attempts: token expired")]
+
+
+def test_closing_for_commands_before_any_token_keeps_the_plain_close_reason(
+    session: Session,
+) -> None:
+    for _ in range(2):
+        session.receive(SelectRoom(1))
+    effects = session.receive(Unknown())
+    assert [e for e in effects if isinstance(e, Close)] == [
+        Close(CloseCode.POLICY, "too many failed attempts")
+    ]
+
+
+def test_a_refresh_token_for_another_user_is_refused_with_its_reason(
+    session: Session, clock: FakeClock
+) -> None:
+    authed(session, clock)
+    effects = session.receive(token(clock, user=str(uuid.uuid4())))
+    assert AuthRefused("token for another user") in effects
+    assert Close(CloseCode.POLICY, "token for another user") in effects
+
+
+def test_close_reasons_are_cut_to_what_a_close_frame_holds() -> None:
+    assert _close_reason("short") == "short"
+    cut = _close_reason("é" * 100)
+    assert len(cut.encode()) <= MAX_CLOSE_REASON and cut == "é" * 61
