@@ -14,6 +14,7 @@ from nanomsg.relay.base import RelayHandlers
 from nanomsg.relay.envelope import decode, from_node, hand_over, header
 from nanomsg.relay.outbox import Outbox, Packet, Signal
 from nanomsg.relay.redis import RedisRelay
+from nanomsg.relay.redis_cluster import RedisClusterRelay
 
 NODE = "a" * 32
 T0 = datetime(2026, 12, 6, 5, 0, 0, 123456, tzinfo=UTC)
@@ -253,3 +254,14 @@ def test_every_control_subscription_re_checks_every_watched_room() -> None:
     assert sorted(heard.changed) == [3, 8]
     relay.dispatch({"type": "subscribe", "channel": b"p:control", "data": 1})
     assert sorted(heard.changed) == [3, 3, 8, 8]
+
+
+def test_every_control_subscription_of_the_cluster_relay_re_checks_every_watched_room() -> None:
+    heard = Heard()
+    relay = RedisClusterRelay("redis://127.0.0.1:1", heard.handlers(), prefix="p")
+    relay.watch(4)  # no slot map yet: only recorded
+    shard: Any = None  # a confirmation does not depend on which shard sent it
+    relay.dispatch(shard, {"type": "ssubscribe", "channel": b"p:room:4", "data": 1})
+    assert heard.resynced == [4] and heard.changed == []
+    relay.dispatch(shard, {"type": "ssubscribe", "channel": b"p:control", "data": 1})
+    assert heard.changed == [4]
