@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from nanomsg.models import Message
 
@@ -16,6 +16,9 @@ class RelayHandlers:
     message: Callable[[Message], None]  # a message stored by another process
     room_changed: Callable[[int], None]  # a room's rules changed, or it was deleted
     resync: Callable[[int], None]  # maybe missed messages for this room: fill from storage
+    # An ephemeral event another process sent to a room's receivers (room id, its object);
+    # None: signals are ignored.
+    signal: Callable[[int, dict[str, Any]], None] | None = None
 
 
 class Relay(Protocol):
@@ -26,6 +29,10 @@ class Relay(Protocol):
     def publish(self, message: Message) -> None:
         """Send a stored message to the other processes; never blocks, never raises."""
 
+    def signal(self, room_id: int, data: dict[str, Any]) -> None:
+        """Send an ephemeral event to the room's receivers on the other processes (at most
+        once: dropped under pressure, never stored); never blocks, never raises."""
+
     def watch(self, room_id: int) -> None:
         """This process now has receivers in the room."""
 
@@ -33,7 +40,9 @@ class Relay(Protocol):
         """This process no longer has receivers in the room."""
 
     async def room_changed(self, room_id: int) -> None:
-        """Tell every process, this one included, to re-check the room's receivers."""
+        """Tell every process, this one included, to re-check the room's receivers. The
+        notice to the others is never dropped: it waits for the broker however long it is
+        down."""
 
     def healthy(self) -> bool:
         """False while the broker is unreachable (reported by /readyz)."""

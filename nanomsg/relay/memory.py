@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from nanomsg.models import Message
 from nanomsg.relay.base import RelayHandlers
 
@@ -20,6 +22,9 @@ class MemoryRelay:
         return None
 
     def publish(self, message: Message) -> None:
+        return None
+
+    def signal(self, room_id: int, data: dict[str, Any]) -> None:
         return None
 
     def watch(self, room_id: int) -> None:

@@ -1,15 +1,22 @@
 """Relay through Redis pub/sub: one publisher and one subscriber connection per process.
 
 Channels (``<prefix>`` is ``--redis-prefix``, default ``nanomsg``): ``<prefix>:room:<id>``
-carries stored messages of a room, subscribed only while this
-process has receivers there; ``<prefix>:control`` carries room-change notices to every process.
-Payloads name the sending node so a process ignores its own echoes (it delivered locally first).
+carries stored messages (and signals) of a room, subscribed only while this process has
+receivers there; ``<prefix>:control`` carries room-change notices to every process. Payloads
+are relay envelopes (:mod:`nanomsg.relay.envelope`); each names the sending node, so a process
+ignores its own echoes (it delivered locally first) from the payload's first bytes.
 
 Redis pub/sub is at-most-once, so nothing relies on it for completeness: the hub fills any seq
 gap from storage, and after a reconnect every watched room is resynchronised from storage.
-Publishes wait in a bounded queue (``max_queue``; the oldest is dropped when full, since
-receivers on other nodes recover it from storage) and are sent pipelined, one round trip per
-batch.
+Publishes wait in the shared outbox (:mod:`nanomsg.relay.outbox`): notices apart and never
+dropped, messages bounded (``max_queue``; the oldest is dropped and counted when full, since
+receivers recover it from storage). The publisher task sends everything queued as one
+pipeline, notices first, one PUBLISH per room: one round trip per pass, however many messages
+the pass stored.
+
+Notices this process may have missed (its subscription was down while another published them)
+are made up for explicitly: every confirmation of the control channel's subscription, the first
+one and each after a reconnect, re-checks every watched room (``handlers.room_changed``).
 """
 
 from __future__ import annotations
@@ -18,52 +25,23 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections import deque
 from collections.abc import Coroutine
-from datetime import datetime
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from nanomsg.models import Message
 from nanomsg.relay.base import RelayHandlers
+from nanomsg.relay.envelope import hand_over
+from nanomsg.relay.outbox import MAX_ENTRIES, Outbox, Packet
 
 log = logging.getLogger(__name__)
 
 
-def _encode(node: str, message: Message) -> bytes:
-    return orjson.dumps(
-        {
-            "n": node,
-            "id": message.id,
-            "r": message.room_id,
-            "s": message.seq,
-            "e": message.emitter,
-            "en": message.entity,
-            "c": message.content,
-            "t": message.created_at.isoformat(),
-            "k": message.client_id,
-        }
-    )
-
-
-def _decode(obj: dict[str, Any]) -> Message:
-    return Message(
-        id=int(obj["id"]),
-        room_id=int(obj["r"]),
-        seq=int(obj["s"]),
-        emitter=str(obj["e"]),
-        entity=str(obj["en"]),
-        content=str(obj["c"]),
-        created_at=datetime.fromisoformat(obj["t"]),
-        client_id=obj.get("k"),
-    )
-
-
-async def _quietly_close(*resources: Any) -> None:
-    """Close redis-py objects without letting a dead connection stall shutdown."""
+async def quietly_close(*resources: Any) -> None:
+    """Close redis-py objects without letting a dead connection stall shutdown (used by both
+    Redis relays)."""
     for resource in resources:
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await asyncio.wait_for(resource.aclose(), 2.0)
@@ -78,7 +56,7 @@ class RedisRelay:
         handlers: RelayHandlers,
         *,
         prefix: str = "nanomsg",
-        max_queue: int = 10_000,
+        max_queue: int = MAX_ENTRIES,
         max_backoff: float = 5.0,
     ) -> None:
         self.url = url
@@ -87,9 +65,10 @@ class RedisRelay:
         self.room_prefix = f"{prefix}:room:"
         self.control = f"{prefix}:control"
         self.max_backoff = max_backoff
-        self._queue: deque[tuple[str, bytes]] = deque(maxlen=max_queue)
+        self.outbox = Outbox(self.node, max_entries=max_queue)
         self._wake = asyncio.Event()
-        self._drained = asyncio.Event()  # set while the publish queue is empty
+        self._drained = asyncio.Event()  # set while the outbox is empty
+        self._drained.set()
         self._pub_ok = True  # the last publish attempt reached Redis
         self._watched: set[int] = set()
         self._pub: aioredis.Redis | None = None
@@ -98,7 +77,11 @@ class RedisRelay:
         self._tasks: list[asyncio.Task[None]] = []
         self._commands: set[asyncio.Task[None]] = set()
         self._closing = False
-        self.dropped = 0
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped from the full outbox since start (never a notice)."""
+        return self.outbox.dropped
 
     def _client(self) -> aioredis.Redis:
         return aioredis.Redis.from_url(
@@ -120,7 +103,7 @@ class RedisRelay:
     async def close(self, flush_timeout: float = 2.0) -> None:
         """Publish what is still queued (briefly), then stop both connections."""
         self._closing = True
-        if self._queue and self._pub_ok:
+        if self.outbox and self._pub_ok:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), flush_timeout)
         tasks = [*self._tasks, *self._commands]
@@ -128,7 +111,7 @@ class RedisRelay:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._pub is not None:
-            await _quietly_close(self._pub)
+            await quietly_close(self._pub)
 
     def healthy(self) -> bool:
         return self._sub_ready
@@ -136,53 +119,58 @@ class RedisRelay:
     # -- outgoing -------------------------------------------------------------------------------
 
     def publish(self, message: Message) -> None:
-        if len(self._queue) == self._queue.maxlen:
-            self.dropped += 1
-        self._queue.append((f"{self.room_prefix}{message.room_id}", _encode(self.node, message)))
-        self._drained.clear()
-        self._wake.set()
+        self.outbox.message(message)
+        self._queued()
+
+    def signal(self, room_id: int, data: dict[str, Any]) -> None:
+        self.outbox.signal(room_id, data)
+        self._queued()
 
     async def room_changed(self, room_id: int) -> None:
         self.handlers.room_changed(room_id)  # locally at once, even if Redis is down
-        if len(self._queue) == self._queue.maxlen:
-            self.dropped += 1
-        self._queue.append((self.control, orjson.dumps({"n": self.node, "room_changed": room_id})))
+        self.outbox.notice(room_id)
+        self._queued()
+
+    def _queued(self) -> None:
         self._drained.clear()
         self._wake.set()
+
+    def _channel(self, room_id: int | None) -> str:
+        return self.control if room_id is None else f"{self.room_prefix}{room_id}"
 
     async def _publisher(self) -> None:
         backoff = 0.1
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
-                batch = list(self._queue)
-                self._queue.clear()
-                assert self._pub is not None
+            while self.outbox:
+                packets = self.outbox.take()
                 try:
-                    async with self._pub.pipeline(transaction=False) as pipe:
-                        for channel, payload in batch:
-                            pipe.publish(channel, payload)
-                        await pipe.execute()
+                    await self._send(packets)
                 except (RedisError, OSError) as exc:
                     self._pub_ok = False
-                    self._requeue(batch)
+                    self.outbox.put_back(packets)
                     log.warning("redis publish failed (%s); retrying in %.1fs", exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
                     continue
+                if not self._pub_ok:
+                    log.warning(
+                        "redis publishing again; %d messages dropped from the full publish "
+                        "queue so far (receivers recover them from storage)",
+                        self.outbox.dropped,
+                    )
                 self._pub_ok = True
                 backoff = 0.1
             self._drained.set()
 
-    def _requeue(self, batch: list[tuple[str, bytes]]) -> None:
-        """Put an unsent batch back before what was queued meanwhile; past the bound the
-        oldest go (receivers recover them from storage)."""
-        combined = batch + list(self._queue)
-        limit = self._queue.maxlen or len(combined)
-        self.dropped += max(len(combined) - limit, 0)
-        self._queue.clear()
-        self._queue.extend(combined[-limit:])
+    async def _send(self, packets: list[Packet]) -> None:
+        """One pipeline, one round trip: notices first (``take`` puts them there)."""
+        assert self._pub is not None
+        async with self._pub.pipeline(transaction=False) as pipe:
+            for packet in packets:
+                pipe.publish(self._channel(packet.room_id), packet.payload)
+            await pipe.execute()
 
     # -- incoming -------------------------------------------------------------------------------
 
@@ -211,7 +199,6 @@ class RedisRelay:
 
     async def _subscriber(self) -> None:
         backoff = 0.1
-        lost = False  # a subscription existed and broke: notices may have been missed
         while True:
             client = self._client()
             pubsub = client.pubsub()
@@ -222,20 +209,13 @@ class RedisRelay:
                 await pubsub.subscribe(*channels)
                 self._sub_ready = True
                 backoff = 0.1
-                if lost:
-                    # Messages are refilled by the subscribe confirmations (resync); room-change
-                    # notices sent meanwhile are gone, so re-check every watched room too.
-                    log.warning("redis subscriber reconnected; re-checking %d rooms", len(rooms))
-                    for room_id in rooms:
-                        self.handlers.room_changed(room_id)
-                lost = True
                 # Rooms watched meanwhile may have been subscribed by neither path.
                 for room_id in self._watched - rooms:
                     await pubsub.subscribe(f"{self.room_prefix}{room_id}")
                 while True:
                     item = await pubsub.get_message(timeout=1.0)
                     if item is not None:
-                        self._dispatch(item)
+                        self.dispatch(item)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -244,27 +224,34 @@ class RedisRelay:
             finally:
                 self._sub_ready = False
                 self._pubsub = None
-                await _quietly_close(pubsub, client)
+                await quietly_close(pubsub, client)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
 
-    def _dispatch(self, item: dict[str, Any]) -> None:
+    def dispatch(self, item: dict[str, Any]) -> None:
+        """One pub/sub event from the subscriber connection."""
         kind = item.get("type")
         channel = item.get("channel", b"")
         name = channel.decode() if isinstance(channel, bytes) else str(channel)
-        if kind == "subscribe" and name.startswith(self.room_prefix):
-            # Anything published before the subscription took effect is in storage.
-            self.handlers.resync(int(name[len(self.room_prefix) :]))
+        if kind == "subscribe":
+            if name == self.control:
+                self.missed_notices()
+            elif name.startswith(self.room_prefix):
+                # Anything published before the subscription took effect is in storage.
+                self.handlers.resync(int(name[len(self.room_prefix) :]))
             return
         if kind != "message":
             return
         try:
-            obj = orjson.loads(item["data"])
-            if obj.get("n") == self.node:
-                return
-            if name == self.control:
-                self.handlers.room_changed(int(obj["room_changed"]))
-            else:
-                self.handlers.message(_decode(obj))
+            hand_over(item["data"], self.outbox.head, self.handlers)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignored a malformed relay payload on %s: %s", name, exc)
+
+    def missed_notices(self) -> None:
+        """The control channel is (again) subscribed: notices published while it was not are
+        gone, so re-check every watched room against storage. Called on every confirmation,
+        after the subscription took effect, so no notice falls between the two."""
+        if self._watched:
+            log.info("redis control channel subscribed; re-checking %d rooms", len(self._watched))
+        for room_id in list(self._watched):
+            self.handlers.room_changed(room_id)

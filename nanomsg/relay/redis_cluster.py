@@ -1,10 +1,10 @@
 """Relay through a Redis Cluster with sharded pub/sub (SSUBSCRIBE / SPUBLISH).
 
 Same channels, payloads and guarantees as :mod:`nanomsg.relay.redis` (``<prefix>:room:<id>``
-for a room's stored messages, ``<prefix>:control`` for room-change notices, the sending node's
-id in every payload), but each channel lives on the shard that owns its hash slot, so relay
-traffic spreads over the cluster's masters instead of being copied to every node as classic
-PUBLISH is in a cluster.
+for a room's stored messages, ``<prefix>:control`` for room-change notices, every payload a
+relay envelope of :mod:`nanomsg.relay.envelope` naming the sending node), but each channel
+lives on the shard that owns its hash slot, so relay traffic spreads over the cluster's masters
+instead of being copied to every node as classic PUBLISH is in a cluster.
 
 Topology: ``redis.asyncio.cluster.RedisCluster`` (started from the one node ``--redis-url``
 names) loads the slot map with CLUSTER SLOTS and keeps every discovered node as a startup node,
@@ -29,12 +29,14 @@ notices published while it was down are gone. Channels whose slot moved are move
 connection of their new owner. A quiet connection is pinged, so a dead peer is noticed even
 without a reset.
 
-Publishing: as in RedisRelay, ``publish`` only appends to a bounded queue (the oldest entry is
-dropped and counted when full; receivers recover from storage). The publisher sends the queue
+Publishing: as in RedisRelay, ``publish`` and ``room_changed`` only add to the shared outbox
+(:mod:`nanomsg.relay.outbox`: notices apart, coalesced by room and never dropped; messages
+bounded, the oldest dropped and counted when full, since receivers recover them from storage).
+The publisher takes the outbox as packets (notices first, one payload per room) and sends them
 as one pipeline of SPUBLISH per owning master (at most ``MAX_BATCH`` each), all masters
-concurrently; what a master could not take stays queued, in order, and that master alone
-backs off, so one shard being down does not hold back the others. ``close`` first gives the
-queue a moment to reach the masters that are up, as RedisRelay does.
+concurrently; what a master could not take goes back to the outbox, ahead of newer entries, and
+that master alone backs off, so one shard being down does not hold back the others. ``close``
+first gives the queue a moment to reach the masters that are up, as RedisRelay does.
 
 Every network wait has a timeout, every task belongs to the relay and is cancelled by
 ``close``, and closing never waits on a dead connection for more than a few seconds.
@@ -46,11 +48,9 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections import deque
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -62,7 +62,9 @@ from redis.exceptions import AskError, RedisClusterException, RedisError
 from nanomsg.config import ConfigError
 from nanomsg.models import Message
 from nanomsg.relay.base import RelayHandlers
-from nanomsg.relay.redis import _decode, _encode, _quietly_close
+from nanomsg.relay.envelope import hand_over
+from nanomsg.relay.outbox import MAX_ENTRIES, Outbox, Packet
+from nanomsg.relay.redis import quietly_close
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +83,6 @@ NETWORK_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
-
-Item = tuple[str, bytes]  # (channel, payload) waiting to be published
 
 
 def node_url(url: str, host: str, port: int) -> str:
@@ -171,7 +171,7 @@ class _Shard:
             if reader is not None:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
-            await _quietly_close(pubsub, client)
+            await quietly_close(pubsub, client)
 
     async def _apply(self, pubsub: PubSub) -> None:
         """Bring the connection's subscriptions in line with ``wanted``, one channel per
@@ -224,7 +224,7 @@ class RedisClusterRelay:
         handlers: RelayHandlers,
         *,
         prefix: str = "nanomsg",
-        max_queue: int = 10_000,
+        max_queue: int = MAX_ENTRIES,
         max_backoff: float = 5.0,
     ) -> None:
         if urlsplit(url).scheme not in ("redis", "rediss"):
@@ -237,10 +237,8 @@ class RedisClusterRelay:
         self.node = uuid.uuid4().hex
         self.room_prefix = f"{prefix}:room:"
         self.control = f"{prefix}:control"
-        self.max_queue = max_queue
         self.max_backoff = max_backoff
-        self.dropped = 0
-        self._queue: deque[Item] = deque(maxlen=max_queue)
+        self.outbox = Outbox(self.node, max_entries=max_queue)
         self._wake = asyncio.Event()  # something to publish, or a new slot map
         self._settled = asyncio.Event()  # nothing queued that a reachable master could take
         self._settled.set()
@@ -255,6 +253,11 @@ class RedisClusterRelay:
         self._pub_backoff: dict[str, tuple[float, float]] = {}  # name -> (retry at, delay)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped from the full outbox since start (never a notice)."""
+        return self.outbox.dropped
 
     def node_client(self, url: str) -> aioredis.Redis:
         """A client for one node, with bounded socket waits and no hidden retries."""
@@ -291,7 +294,7 @@ class RedisClusterRelay:
         connection. Publishes held for a master that is failing are given up: the receivers
         recover them from storage."""
         self._closing = True
-        if self._queue:
+        if self.outbox:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._settled.wait(), flush_timeout)
         shards = list(self._shards.values())
@@ -301,10 +304,10 @@ class RedisClusterRelay:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await _quietly_close(*self._pub_clients.values())
+        await quietly_close(*self._pub_clients.values())
         self._pub_clients.clear()
         if self._cluster is not None:
-            await _quietly_close(self._cluster)
+            await quietly_close(self._cluster)
 
     def healthy(self) -> bool:
         """True when every wanted channel is placed on its owner's shard and every one of
@@ -438,42 +441,49 @@ class RedisClusterRelay:
 
     def _confirmed(self, channel: str) -> None:
         if channel == self.control:
-            # Notices published while the control channel was not subscribed are gone.
-            for room_id in list(self._watched):
-                self.handlers.room_changed(room_id)
+            self.missed_notices()
         elif channel.startswith(self.room_prefix):
             # Anything published before the subscription took effect is in storage.
             self.handlers.resync(int(channel[len(self.room_prefix) :]))
 
+    def missed_notices(self) -> None:
+        """The control channel is (again) subscribed: notices published while it was not are
+        gone, so re-check every watched room against storage. Called on every confirmation,
+        after the subscription took effect, so no notice falls between the two."""
+        if self._watched:
+            log.info("redis control channel subscribed; re-checking %d rooms", len(self._watched))
+        for room_id in list(self._watched):
+            self.handlers.room_changed(room_id)
+
     def _received(self, channel: str, data: Any) -> None:
         try:
-            obj = orjson.loads(data)
-            if not isinstance(obj, dict):
-                raise TypeError(f"expected an object, got {type(obj).__name__}")
-            if obj.get("n") == self.node:
-                return  # our own echo: delivered locally before publishing
-            if channel == self.control:
-                self.handlers.room_changed(int(obj["room_changed"]))
-            else:
-                self.handlers.message(_decode(obj))
+            if not isinstance(data, bytes):
+                raise TypeError(f"expected bytes, got {type(data).__name__}")
+            hand_over(data, self.outbox.head, self.handlers)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignored a malformed relay payload on %s: %s", channel, exc)
 
     # -- publishing -----------------------------------------------------------------------------
 
-    def _enqueue(self, item: Item) -> None:
-        if len(self._queue) == self.max_queue:
-            self.dropped += 1
-        self._queue.append(item)
+    def _queued(self) -> None:
         self._settled.clear()
         self._wake.set()
 
     def publish(self, message: Message) -> None:
-        self._enqueue((self._channel(message.room_id), _encode(self.node, message)))
+        self.outbox.message(message)
+        self._queued()
+
+    def signal(self, room_id: int, data: dict[str, Any]) -> None:
+        self.outbox.signal(room_id, data)
+        self._queued()
 
     async def room_changed(self, room_id: int) -> None:
         self.handlers.room_changed(room_id)  # locally at once, even if Redis is down
-        self._enqueue((self.control, orjson.dumps({"n": self.node, "room_changed": room_id})))
+        self.outbox.notice(room_id)
+        self._queued()
+
+    def _packet_channel(self, packet: Packet) -> str:
+        return self.control if packet.room_id is None else self._channel(packet.room_id)
 
     async def _publisher(self) -> None:
         delay: float | None = None
@@ -489,18 +499,16 @@ class RedisClusterRelay:
     async def _flush(self) -> float | None:
         """Send the queue, one SPUBLISH pipeline per owning master, concurrently. Returns how
         long to wait before trying again what is left (None: wait for a wake-up)."""
-        if not self._queue or not self._mapped or self._cluster is None:
+        if not self.outbox or not self._mapped or self._cluster is None:
             self._settled.set()
             return None
         now = asyncio.get_running_loop().time()
-        batch = list(self._queue)
-        self._queue.clear()
-        held: list[Item] = []
-        groups: dict[str, tuple[ClusterNode, list[Item]]] = {}
+        held: list[Packet] = []
+        groups: dict[str, tuple[ClusterNode, list[Packet]]] = {}
         more = False  # some master has more than one pipeline's worth: go again at once
-        for item in batch:
+        for item in self.outbox.take():  # notices first: each group sends them first
             try:
-                node = self._cluster.get_node_from_key(item[0])
+                node = self._cluster.get_node_from_key(self._packet_channel(item))
             except RedisClusterException:
                 node = None
             if node is None:
@@ -518,19 +526,19 @@ class RedisClusterRelay:
         unsent = await asyncio.gather(*(self._send(node, items) for node, items in groups.values()))
         for items in unsent:
             held.extend(items)
-        self._requeue(held)
+        self.outbox.put_back(held)
         if more:
             return 0.0
         if not self._wake.is_set():
             # Nothing new arrived meanwhile: all that is left waits for a failing master.
             self._settled.set()
-        if not self._queue:
+        if not self.outbox:
             return None
         now = asyncio.get_running_loop().time()
         waits = [until - now for until, _ in self._pub_backoff.values() if until > now]
         return max(min(waits), 0.01) if waits else None
 
-    async def _send(self, node: ClusterNode, items: list[Item]) -> list[Item]:
+    async def _send(self, node: ClusterNode, items: list[Packet]) -> list[Packet]:
         """One pipeline to one master; returns the items it did not take."""
         client = self._pub_clients.get(node.name)
         if client is None:
@@ -539,8 +547,8 @@ class RedisClusterRelay:
             )
         try:
             async with client.pipeline(transaction=False) as pipe:
-                for channel, payload in items:
-                    pipe.spublish(channel, payload)
+                for packet in items:
+                    pipe.spublish(self._packet_channel(packet), packet.payload)
                 results = await asyncio.wait_for(
                     pipe.execute(raise_on_error=False), COMMAND_TIMEOUT
                 )
@@ -574,15 +582,3 @@ class RedisClusterRelay:
         delay = min(previous * 2, self.max_backoff) if previous else 0.1
         self._pub_backoff[name] = (asyncio.get_running_loop().time() + delay, delay)
         return delay
-
-    def _requeue(self, held: list[Item]) -> None:
-        """Put unsent items back ahead of newer ones, keeping the bound (oldest dropped)."""
-        if not held:
-            return
-        merged = [*held, *self._queue]
-        excess = len(merged) - self.max_queue
-        if excess > 0:
-            self.dropped += excess
-            del merged[:excess]
-        self._queue.clear()
-        self._queue.extend(merged)
