@@ -97,6 +97,8 @@ class Relay(Protocol):
 
     def unwatch(self, room_id: int) -> None: ...
 
+    def healthy(self) -> bool: ...
+
 
 @dataclass(eq=False, slots=True)
 class RoomChannel:
@@ -170,6 +172,10 @@ class Hub:
         read when the room went live here, and its position has moved on since)."""
         channel = self.rooms.get(room_id)
         if channel is None or channel.access is None:
+            return None
+        if self.relay is not None and not self.relay.healthy():
+            # While this process cannot hear other processes' change notices, the kept rules
+            # may be stale: a select reads storage, where every change is committed.
             return None
         access = channel.access
         position = channel.next_seq - 1

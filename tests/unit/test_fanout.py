@@ -42,6 +42,7 @@ class RecordingRelay:
     def __init__(self) -> None:
         self.watched: set[int] = set()
         self.published: list[int] = []
+        self.up = True
 
     def publish(self, message: Message) -> None:
         self.published.append(message.seq)
@@ -51,6 +52,9 @@ class RecordingRelay:
 
     def unwatch(self, room_id: int) -> None:
         self.watched.discard(room_id)
+
+    def healthy(self) -> bool:
+        return self.up
 
 
 @pytest_asyncio.fixture
@@ -168,6 +172,22 @@ async def test_rules_of_a_live_room_are_kept_until_its_last_receiver_leaves(
     assert hub.cached_access(room) is access
     hub.leave(b, room)
     assert hub.cached_access(room) is None  # not live here: the next select reads storage
+    await hub.close()
+
+
+async def test_kept_rules_are_not_used_while_the_relay_cannot_hear_change_notices(
+    store: SqliteStore,
+) -> None:
+    room, _ = await room_with(store, 0)
+    access = await store.room_access(room)
+    hub, relay, rec = Hub(store), RecordingRelay(), Recorder()
+    hub.attach(relay)
+    hub.join(rec, room, 0, access)
+    assert hub.cached_access(room) is not None
+    relay.up = False  # e.g. Redis unreachable: another node's revocation would be missed
+    assert hub.cached_access(room) is None  # so a select reads storage instead
+    relay.up = True
+    assert hub.cached_access(room) is not None
     await hub.close()
 
 
