@@ -1,7 +1,10 @@
 """The HTTP side-port's contract: its input limits and its OpenAPI 3.1 document.
 
 The limits live here, next to the document that publishes them, and ``http_api`` validates with
-the same constants, so the document cannot drift from what the server enforces.
+the same constants and the same regular expressions (``NAME_PATTERN``, ``INSTANT_PATTERN``), so
+the document cannot drift from what the server enforces. Patterns are written so that they mean
+the same in ECMA-262 (the dialect of JSON Schema) and in Python's ``re``: ASCII classes spelt
+out (``[0-9]``, never ``\\d`` or ``\\s``), and the server matches them whole (``fullmatch``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,25 @@ RULE_LEVEL_MAX = 1_000_000
 PAGE_LIMIT_MAX = 500
 ROOMS_LIMIT_DEFAULT = 100
 HISTORY_LIMIT_DEFAULT = 50
+
+# No stored text may hold a control character: C0 (NUL included, which PostgreSQL cannot store
+# in text), DEL and C1.
+CONTROL_CHARS = "\\x00-\\x1f\\x7f-\\x9f"
+# Characters that make a name blank besides the controls: Unicode's spaces and the BOM.
+_SPACES = " \\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff"
+NAME_PATTERN = f"^[^{CONTROL_CHARS}]*[^{CONTROL_CHARS}{_SPACES}][^{CONTROL_CHARS}]*$"
+
+# A calendar date that exists (leap years included), year 0001 to 9999.
+_YEAR = "(?!0000)[0-9]{4}"
+_DATE = (
+    f"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])"
+    "|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))"
+    "|(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)-02-29)"
+)
+_TIME = "(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\\.[0-9]{1,6})?)?"
+_ZONE = "(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+# A date (a whole UTC day) or a date and time, with an optional zone (UTC without one).
+INSTANT_PATTERN = f"^{_DATE}(?:[T ]{_TIME}{_ZONE}?)?$"
 
 _JSON = "application/json"
 _UUID: dict[str, Any] = {"type": "string", "format": "uuid"}
@@ -73,16 +95,22 @@ _LIMIT_ROOMS = _query(
     {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT_MAX, "default": ROOMS_LIMIT_DEFAULT},
     "Page size.",
 )
-_OFFSET = _query("offset", {"type": "integer", "minimum": 0, "default": 0}, "Rows to skip.")
+_OFFSET = _query(
+    "offset", {"type": "integer", "minimum": 0, "maximum": MAX_ID, "default": 0}, "Rows to skip."
+)
 
+_INSTANT: dict[str, Any] = {"type": "string", "pattern": INSTANT_PATTERN}
+_SEQ: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": MAX_ID}
 _EMPTY: dict[str, Any] = {"type": "object", "maxProperties": 0}
 
 _ERROR_TEXT = {
-    400: "Invalid input: bad id, bad field, unknown field or query parameter, invalid JSON.",
+    400: "Invalid input: bad id, bad field, unknown field or query parameter, invalid JSON, "
+    "a body cut short.",
     401: "Missing or invalid bearer token; meta.reason says why (e.g. `token expired`).",
     403: "The caller may read the room but lacks the right (or, for POST /rooms, the level); "
     "meta.reason `TOO_MANY_RULES` when the room holds max_entity_rules rules.",
     404: "No such room, or a room the caller may not read (indistinguishable on purpose).",
+    408: "The body did not arrive within the body timeout (the connection is closed).",
     413: f"Body larger than {MAX_BODY_BYTES} bytes.",
     415: "Body is not application/json (multipart is never accepted).",
     503: "Storage unavailable.",
@@ -179,7 +207,9 @@ def _schemas() -> dict[str, Any]:
                     "type": "string",
                     "minLength": 1,
                     "maxLength": NAME_MAX_LEN,
-                    "description": "Not blank; no control characters.",
+                    "pattern": NAME_PATTERN,
+                    "description": "Not blank (not only spaces); no control characters "
+                    "(U+0000-U+001F, U+007F-U+009F).",
                 },
                 "level_admin": {"type": "integer", "minimum": 0, "maximum": LEVEL_ADMIN_MAX},
                 "type": {"enum": ["group", "user2user"], "default": "group"},
@@ -196,8 +226,12 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "additionalProperties": False,
             "required": ["permissions"],
-            "description": "Exactly one of entity_UUID and userUUID (an alias).",
-            "oneOf": [{"required": ["entity_UUID"]}, {"required": ["userUUID"]}],
+            "description": "Exactly one of entity_UUID and userUUID (an alias for user rules: "
+            "with kind entity it is refused).",
+            "oneOf": [
+                {"required": ["entity_UUID"]},
+                {"required": ["userUUID"], "properties": {"kind": {"const": "user"}}},
+            ],
             "properties": {
                 "entity_UUID": _UUID,
                 "userUUID": _UUID,
@@ -404,22 +438,26 @@ def _paths(room_create_level: int) -> dict[str, Any]:
             "parameters": [_ROOM_ID],
             "get": {
                 "summary": "History of a room the caller may read, oldest first",
-                "description": "Either a date window (dateFrom/dateTo: the oldest `limit` "
-                "messages in it) or seq cursors (after: the oldest `limit` after it; before, "
-                "or nothing: the latest `limit` before it), not both.",
+                "description": "A date window (dateFrom/dateTo) and seq cursors (before/after) "
+                "narrow each other: every bound given applies, and a window that ends before "
+                "it starts is empty. With dateFrom or after: the oldest `limit` messages in "
+                "range; otherwise the latest `limit`.",
                 "parameters": [
                     _query(
                         "dateFrom",
-                        {"type": "string"},
-                        "ISO date (from 00:00 UTC that day) or datetime (UTC if no zone).",
+                        _INSTANT,
+                        "Date YYYY-MM-DD (from 00:00 UTC that day) or date and time "
+                        "YYYY-MM-DDThh:mm[:ss[.ffffff]] with Z, +hh:mm, -hh:mm or no zone "
+                        "(UTC); inclusive.",
                     ),
                     _query(
                         "dateTo",
-                        {"type": "string"},
-                        "ISO date (to the end of that UTC day) or datetime; inclusive.",
+                        _INSTANT,
+                        "Date (to the end of that UTC day) or date and time, as dateFrom; "
+                        "inclusive.",
                     ),
-                    _query("before", {"type": "integer", "minimum": 0}, "Exclusive seq bound."),
-                    _query("after", {"type": "integer", "minimum": 0}, "Exclusive seq bound."),
+                    _query("before", _SEQ, "Exclusive seq bound."),
+                    _query("after", _SEQ, "Exclusive seq bound."),
                     _query(
                         "limit",
                         {
