@@ -229,8 +229,12 @@ def _schemas() -> dict[str, Any]:
             "description": "Exactly one of entity_UUID and userUUID (an alias for user rules: "
             "with kind entity it is refused).",
             "oneOf": [
-                {"required": ["entity_UUID"]},
-                {"required": ["userUUID"], "properties": {"kind": {"const": "user"}}},
+                {"required": ["entity_UUID"], "not": {"required": ["userUUID"]}},
+                {
+                    "required": ["userUUID"],
+                    "not": {"required": ["entity_UUID"]},
+                    "properties": {"kind": {"const": "user"}},
+                },
             ],
             "properties": {
                 "entity_UUID": _UUID,
