@@ -95,6 +95,7 @@ class App:
             body_timeout=config.http_body_timeout,
             max_connections=config.http_max_connections,
         )
+        self.http_app: web.Application | None = None
         self._runner: web.AppRunner | None = None
         self._site: GuardedSite | None = None
 
@@ -107,7 +108,7 @@ class App:
         self.writer.start()
         self.hub.start()
         await self.ws.start(self.config.host, self.config.port)
-        http_app = build_http_app(
+        self.http_app = http_app = build_http_app(
             store=self.store,
             verifier=self.verifier,
             clock=self.clock,

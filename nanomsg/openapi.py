@@ -69,8 +69,9 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): {"$ref": f"#/components/responses/E{code}"} for code in codes}
 
 
-def _body(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"required": True, "content": {_JSON: {"schema": schema}}}
+def _body(schema: dict[str, Any], example: dict[str, Any]) -> dict[str, Any]:
+    """A required JSON body; ``example`` is a valid one (tests send it to every route)."""
+    return {"required": True, "content": {_JSON: {"schema": schema, "example": example}}}
 
 
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -336,7 +337,7 @@ def _paths(room_create_level: int) -> dict[str, Any]:
                 "description": f"Needs levelOnEntity >= {room_create_level}. Also creates an "
                 "accepted `rwa` user rule for the creator and, for group rooms, an accepted `rw` "
                 "entity rule at level 100 for the owning entity. Answers 200, as the original.",
-                "requestBody": _body(_ref("NewRoom")),
+                "requestBody": _body(_ref("NewRoom"), {"name": "support", "level_admin": 100}),
                 "responses": {
                     **_ok("Created.", room_content),
                     **_errors(400, 401, 403, 413, 415, 503),
@@ -397,7 +398,10 @@ def _paths(room_create_level: int) -> dict[str, Any]:
             "parameters": [_ROOM_ID],
             "put": {
                 "summary": "Create or update a rule (admins)",
-                "requestBody": _body(_ref("PutMember")),
+                "requestBody": _body(
+                    _ref("PutMember"),
+                    {"entity_UUID": "00000000-0000-4000-8000-0000000000c3", "permissions": "rw"},
+                ),
                 "responses": {
                     **_ok("Rule updated.", _ref("Rule")),
                     **_ok("Rule created.", _ref("Rule"), status="201"),
@@ -431,7 +435,7 @@ def _paths(room_create_level: int) -> dict[str, Any]:
                 "summary": "Accept or decline the caller's own rule",
                 "description": "Open to invitees without read access. 404 when the caller has "
                 "no such rule; 403 for a ban rule, which its subject cannot change.",
-                "requestBody": _body(_ref("Invitation")),
+                "requestBody": _body(_ref("Invitation"), {"accepted": True}),
                 "responses": {
                     **_ok("The updated rule.", _ref("Rule")),
                     **_errors(400, 401, 403, 404, 413, 415, 503),
