@@ -292,9 +292,6 @@ class ServerLog(logging.LoggerAdapter[logging.Logger]):
             return
         super().log(level, msg, *args, **kwargs)
 
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return msg, kwargs
-
 
 def server_log() -> ServerLog:
     """The logger to give aiohttp's request handlers (``AppRunner(logger=...)``)."""
