@@ -18,6 +18,7 @@ from nanomsg.clock import Clock, SystemClock
 from nanomsg.config import Config, ConfigError
 from nanomsg.fanout import Hub
 from nanomsg.http_api import build_http_app
+from nanomsg.http_guard import ConnectionGuard, GuardedSite, server_log
 from nanomsg.relay.base import Relay, RelayHandlers
 from nanomsg.relay.memory import MemoryRelay
 from nanomsg.relay.redis import RedisRelay
@@ -89,8 +90,14 @@ class App:
             clock=self.clock,
             node_id=self.node_id,
         )
+        self.http_guard = ConnectionGuard(
+            header_timeout=config.http_header_timeout,
+            body_timeout=config.http_body_timeout,
+            max_connections=config.http_max_connections,
+        )
+        self.http_app: web.Application | None = None
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: GuardedSite | None = None
 
     async def readiness(self) -> dict[str, bool]:
         return {"storage": await self.store.ping(), "broker": self.relay.healthy()}
@@ -101,7 +108,7 @@ class App:
         self.writer.start()
         self.hub.start()
         await self.ws.start(self.config.host, self.config.port)
-        http_app = build_http_app(
+        self.http_app = http_app = build_http_app(
             store=self.store,
             verifier=self.verifier,
             clock=self.clock,
@@ -110,14 +117,19 @@ class App:
             readiness=self.readiness,
         )
         self._runner = web.AppRunner(
-            http_app, handle_signals=False, access_log=None, shutdown_timeout=5.0
+            http_app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=5.0,
+            logger=server_log(),
         )
         await self._runner.setup()
-        self._site = web.TCPSite(
+        self._site = GuardedSite(
             self._runner,
             self.config.host,
             self.config.http_port,
-            reuse_port=self.config.reuse_port or None,
+            guard=self.http_guard,
+            reuse_port=self.config.reuse_port,
         )
         await self._site.start()
         host = url_host(self.config.host)

@@ -80,6 +80,24 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_frame", int, 65536, "largest incoming WebSocket message, in bytes (close 1009)"),
     Option("max_content", int, 4096, "longest message content, in code points (TOOLARGE)"),
     Option("room_create_level", int, 100, "levelOnEntity needed to create rooms"),
+    Option(
+        "http_header_timeout",
+        duration,
+        10.0,
+        "seconds a side-port connection has to send a request head (from opening or last answer)",
+    ),
+    Option(
+        "http_body_timeout",
+        duration,
+        30.0,
+        "seconds a side-port request body has to arrive, and an answer to be taken by the client",
+    ),
+    Option(
+        "http_max_connections",
+        int,
+        1024,
+        "side-port connections open at once; more are answered 503 and closed",
+    ),
     Option("max_backlog", int, 1 << 20, "bytes queued to a slow reader before it is closed"),
     Option(
         "ping_interval",
@@ -139,6 +157,9 @@ class Config:
     max_frame: int = 65536
     max_content: int = 4096
     room_create_level: int = 100
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 30.0
+    http_max_connections: int = 1024
     max_backlog: int = 1 << 20
     ping_interval: float = 20.0
     compression: bool = False
@@ -172,7 +193,16 @@ class Config:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ConfigError(f"NANOMSG_{name.upper()} must be a port number (0-65535)")
-        positive = ("auth_timeout", "refresh_grace", "max_frame", "max_content", "max_backlog")
+        positive = (
+            "auth_timeout",
+            "refresh_grace",
+            "max_frame",
+            "max_content",
+            "max_backlog",
+            "http_header_timeout",
+            "http_body_timeout",
+            "http_max_connections",
+        )
         for name in positive:
             # Written so that nan and inf (which float() and duration() accept) are refused too.
             if not 0 < getattr(self, name) < math.inf:

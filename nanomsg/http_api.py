@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
@@ -23,13 +24,16 @@ from typing import Any, NoReturn
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from nanomsg.auth import AuthError, Verifier, canonical_uuid
 from nanomsg.clock import Clock, utc_datetime
 from nanomsg.config import Config
+from nanomsg.http_guard import BODY_TIMEOUT, connection_middleware
 from nanomsg.models import ROOM_TYPES, RULE_KINDS, Principal, Room, Rule
 from nanomsg.openapi import (
     HISTORY_LIMIT_DEFAULT,
+    INSTANT_PATTERN,
     LEVEL_ADMIN_MAX,
     MAX_BODY_BYTES,
     MAX_ENTITY_RULES_DEFAULT,
@@ -38,6 +42,7 @@ from nanomsg.openapi import (
     MAX_ID,
     MEMBERS_LIMIT_DEFAULT,
     NAME_MAX_LEN,
+    NAME_PATTERN,
     PAGE_LIMIT_MAX,
     ROOM_ENTITY_LEVEL_DEFAULT,
     ROOMS_LIMIT_DEFAULT,
@@ -67,18 +72,24 @@ READINESS_TIMEOUT = 5.0
 CORS_ALLOW_HEADERS = "Authorization, Content-Type"
 CORS_MAX_AGE = "86400"
 _SHOWN_NAME_MAX = 40  # longest client-supplied field name echoed back in a reason
+ROOM_ID_SEGMENT = "{id:(?!all$)[^{}/]+}"  # aiohttp's default segment, except "all"
 
 
 # -- envelope and errors -------------------------------------------------------------------------
 
 
 class HttpError(Exception):
-    """An answer other than success: its status and a short reason safe to show the caller."""
+    """An answer other than success: its status and a short reason safe to show the caller.
 
-    def __init__(self, status: int, reason: str) -> None:
+    ``close`` ends the connection after the answer, for requests whose body was not read to
+    its end (what is left of it must not be taken for the next request).
+    """
+
+    def __init__(self, status: int, reason: str, *, close: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.close = close
 
 
 def bad_request(reason: str) -> HttpError:
@@ -158,6 +169,8 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
             response = await handler(request)
     except HttpError as exc:
         response = envelope(exc.status, reason=exc.reason)
+        if exc.close:
+            response.force_close()
     except web.HTTPException as exc:  # routing (404, 405) and body size (413)
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         reason = _AIOHTTP_REASONS.get(exc.status, HTTPStatus(exc.status).phrase.lower())
@@ -185,11 +198,27 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
 # -- input validation ----------------------------------------------------------------------------
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, within the application's body timeout (408, closing the
+    connection, past it). A client that hangs up or breaks the framing mid-body gets a 400
+    that it will likely never read, and nothing is logged: neither is a server fault."""
+    timeout = request.app[BODY_TIMEOUT]
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()  # raises 413 past client_max_size
+    except TimeoutError:
+        raise HttpError(
+            408, f"request body not received within {timeout:g} s", close=True
+        ) from None
+    except (ConnectionError, HttpProcessingError):
+        raise HttpError(400, "incomplete or malformed request body", close=True) from None
+
+
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object: 415 unless JSON, 413 if too big, 400 if malformed."""
     if request.content_type != "application/json":
         raise HttpError(415, "Content-Type must be application/json")
-    raw = await request.read()  # raises 413 past client_max_size
+    raw = await read_body(request)
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -197,6 +226,19 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise bad_request("body must be a JSON object")
     return data
+
+
+_ABSENT: Any = object()  # a body field that was not given
+_NAME_RE = re.compile(NAME_PATTERN)
+_INSTANT_RE = re.compile(INSTANT_PATTERN)
+_UTC_MIN = datetime.min.replace(tzinfo=UTC)
+_UTC_MAX = datetime.max.replace(tzinfo=UTC)
+
+
+def is_control(ch: str) -> bool:
+    """C0 (NUL included), DEL and C1: what ``CONTROL_CHARS`` of the document names."""
+    code = ord(ch)
+    return code < 0x20 or 0x7F <= code <= 0x9F
 
 
 class JsonBody:
@@ -209,10 +251,15 @@ class JsonBody:
         self.data = data
 
     def _get(self, name: str, required: bool) -> Any:
+        """The field's value; ``_ABSENT`` when it is missing and not required.
+
+        ``null`` is a value like any other here, and the typed getters refuse it: the document
+        declares no field nullable, so ``null`` never stands for "use the default".
+        """
         if name not in self.data:
             if required:
                 raise bad_request(f"field '{name}' is required")
-            return None
+            return _ABSENT
         return self.data[name]
 
     def text(
@@ -222,10 +269,12 @@ class JsonBody:
         default: str | None = None,
         max_len: int = 1000,
         choices: Collection[str] | None = None,
+        pattern: re.Pattern[str] | None = None,
     ) -> str:
-        """A string field; required when ``default`` is None."""
+        """A string field; required when ``default`` is None. ``pattern`` (matched whole) is
+        the field's pattern in the OpenAPI document."""
         value = self._get(name, default is None)
-        if value is None and default is not None:
+        if value is _ABSENT and default is not None:
             return default
         if not isinstance(value, str):
             raise bad_request(f"field '{name}' must be a string")
@@ -235,15 +284,23 @@ class JsonBody:
             raise bad_request(f"field '{name}' must not be empty")
         if len(value) > max_len:
             raise bad_request(f"field '{name}' must be at most {max_len} characters")
-        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        if any(is_control(ch) for ch in value):
             raise bad_request(f"field '{name}' must not contain control characters")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise bad_request(f"field '{name}' must not be blank")
         return value
 
     def integer(self, name: str, *, lo: int, hi: int, default: int | None = None) -> int:
-        """An integer field in [lo, hi] (a bool or a float is not an integer)."""
+        """An integer field in [lo, hi].
+
+        As in JSON Schema, a number with a zero fraction (``100.0``) is an integer; a bool is
+        not.
+        """
         value = self._get(name, default is None)
-        if value is None and default is not None:
+        if value is _ABSENT and default is not None:
             return default
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad_request(f"field '{name}' must be an integer")
         if not lo <= value <= hi:
@@ -252,7 +309,7 @@ class JsonBody:
 
     def boolean(self, name: str, *, default: bool | None = None) -> bool:
         value = self._get(name, default is None)
-        if value is None and default is not None:
+        if value is _ABSENT and default is not None:
             return default
         if not isinstance(value, bool):
             raise bad_request(f"field '{name}' must be a boolean")
@@ -274,6 +331,27 @@ def _parse_uint(text: str, max_digits: int = 19) -> int | None:
     if not text or len(text) > max_digits or not (text.isascii() and text.isdigit()):
         return None
     return int(text)
+
+
+def parse_instant(text: str, *, end_of_day: bool) -> datetime | None:
+    """``text`` as a UTC instant if it matches ``INSTANT_PATTERN``, else None.
+
+    A date is a whole UTC day: its first or, with ``end_of_day``, its last instant. A date and
+    time without a zone is UTC. A time whose zone puts it before year 1 or after year 9999 in
+    UTC is clamped to that end: as a bound it means "from the beginning" or "to the end".
+    """
+    if not _INSTANT_RE.fullmatch(text):
+        return None
+    if len(text) == 10:
+        day = date.fromisoformat(text)
+        return datetime.combine(day, time.max if end_of_day else time.min, tzinfo=UTC)
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        return _UTC_MIN if moment.year == 1 else _UTC_MAX
 
 
 class QueryArgs:
@@ -315,21 +393,16 @@ class QueryArgs:
         return self.values[name]
 
     def instant(self, name: str, *, end_of_day: bool) -> datetime | None:
-        """An ISO date (a whole UTC day: its first or, with ``end_of_day``, its last instant)
-        or an ISO datetime (UTC when it names no zone)."""
+        """A date or a date and time, as ``parse_instant`` reads it; 400 otherwise."""
         if name not in self.values:
             return None
-        text = self.values[name]
-        try:
-            if len(text) == 10:
-                day = date.fromisoformat(text)
-                return datetime.combine(day, time.max if end_of_day else time.min, tzinfo=UTC)
-            moment = datetime.fromisoformat(text)
-            if moment.tzinfo is None:
-                return moment.replace(tzinfo=UTC)
-            return moment.astimezone(UTC)
-        except (ValueError, OverflowError):
-            raise bad_request(f"query parameter '{name}' must be an ISO date or datetime") from None
+        moment = parse_instant(self.values[name], end_of_day=end_of_day)
+        if moment is None:
+            raise bad_request(
+                f"query parameter '{name}' must be a date (YYYY-MM-DD) or a date and time "
+                "(YYYY-MM-DDThh:mm[:ss[.ffffff]], then Z, +hh:mm or -hh:mm, or no zone for UTC)"
+            )
+        return moment
 
     def page(self, default_limit: int) -> tuple[int, int]:
         """``limit`` (1 to PAGE_LIMIT_MAX) and ``offset`` (0 or more)."""
@@ -359,6 +432,14 @@ def path_uuid(request: web.Request, name: str) -> str:
 
 def _no_such_room() -> NoReturn:
     raise HttpError(404, "no such room")
+
+
+def _lists(principal: Principal, rule: Rule) -> bool:
+    """Whether GET /rooms lists ``rule`` to ``principal``: its user rule, or its entity's rule
+    at or below its level."""
+    if rule.kind == "user":
+        return rule.subject == principal.user
+    return rule.subject == principal.entity and rule.level <= principal.level
 
 
 # -- the application -----------------------------------------------------------------------------
@@ -471,7 +552,7 @@ class HttpApi:
             await read_json_object(request),
             ("name", "level_admin", "type", "max_entity_rules", "entity_level"),
         )
-        name = body.text("name", max_len=NAME_MAX_LEN)
+        name = body.text("name", max_len=NAME_MAX_LEN, pattern=_NAME_RE)
         level_admin = body.integer("level_admin", lo=0, hi=LEVEL_ADMIN_MAX)
         room_type = body.text("type", default="group", choices=ROOM_TYPES)
         max_rules = body.integer(
@@ -521,7 +602,11 @@ class HttpApi:
         if not any(name in body.data for name in fields):
             raise bad_request(f"at least one of {', '.join(fields)} is required")
         changes = RoomChanges(
-            name=body.text("name", max_len=NAME_MAX_LEN) if "name" in body.data else None,
+            name=(
+                body.text("name", max_len=NAME_MAX_LEN, pattern=_NAME_RE)
+                if "name" in body.data
+                else None
+            ),
             level_admin=(
                 body.integer("level_admin", lo=0, hi=LEVEL_ADMIN_MAX)
                 if "level_admin" in body.data
@@ -600,6 +685,8 @@ class HttpApi:
         )
         subject = body.one_uuid("entity_UUID", "userUUID")
         kind = body.text("kind", default="user", choices=RULE_KINDS)
+        if kind == "entity" and "userUUID" in body.data:
+            raise bad_request("field 'userUUID' names a user: give an entity as entity_UUID")
         permissions = body.text("permissions", max_len=4)
         if not is_valid_flags(permissions):
             raise bad_request("field 'permissions' must use only r, w, b, a, each at most once")
@@ -638,6 +725,12 @@ class HttpApi:
             _no_such_room()
         rule = next((r for r in found.rules if r.kind == kind and r.subject == subject), None)
         if rule is None or (kind == "entity" and rule.level > principal.level):
+            # "No such invitation" would tell an outsider that the room exists: only a caller
+            # who may read the room, or holds a rule in it that GET /rooms lists, learns that.
+            if not evaluate(principal, found.room, found.rules).read and not any(
+                _lists(principal, r) for r in found.rules
+            ):
+                _no_such_room()
             raise HttpError(404, "no such invitation")
         if "b" in rule.permissions:
             # Only accepted rules count, so declining a ban would lift it.
@@ -657,8 +750,8 @@ class HttpApi:
         after = query.integer("after", lo=0, hi=MAX_ID)
         limit = query.integer("limit", lo=1, hi=PAGE_LIMIT_MAX, default=HISTORY_LIMIT_DEFAULT)
         assert limit is not None
-        if date_from and date_to and date_from > date_to:
-            raise bad_request("dateFrom is after dateTo")
+        # Every bound given applies (a date window and seq cursors narrow each other); a window
+        # that ends before it starts is empty, not an error: the document cannot say otherwise.
         await self.room_for(principal, room_id, admin=False)
         # A date window or ``after`` reads forwards from its start; otherwise the latest ones.
         # A date window combines with the seq cursors, so it can be paged like the rest.
@@ -689,10 +782,10 @@ class HttpApi:
     # -- routes -----------------------------------------------------------------------------
 
     def routes(self) -> list[web.RouteDef]:
-        """Every route; ``/rooms/all`` comes before ``/rooms/{id}`` so it is not taken for an
-        id."""
+        """Every route. ``{id}`` never matches ``all``, so that ``/rooms/all`` answers 405 (with
+        ``Allow: GET``) to the methods of ``/rooms/{id}`` instead of taking "all" for an id."""
         a = self.authed
-        return [
+        routes = [
             web.route("GET", "/healthz", self.healthz),
             web.route("GET", "/readyz", self.readyz),
             web.route("GET", "/openapi.json", self.openapi),
@@ -708,6 +801,9 @@ class HttpApi:
             web.route("DELETE", "/rooms/{id}/members/{uuid}", a(self.delete_member)),
             web.route("PUT", "/rooms/{id}/invitation", a(self.put_invitation)),
             web.route("GET", "/rooms/{id}/messages", a(self.messages)),
+        ]
+        return [
+            web.route(r.method, r.path.replace("{id}", ROOM_ID_SEGMENT), r.handler) for r in routes
         ]
 
 
@@ -729,6 +825,9 @@ def build_http_app(
         notify_room_changed=notify_room_changed,
         readiness=readiness,
     )
-    app = web.Application(middlewares=[envelope_middleware], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[connection_middleware, envelope_middleware], client_max_size=MAX_BODY_BYTES
+    )
+    app[BODY_TIMEOUT] = config.http_body_timeout
     app.add_routes(api.routes())
     return app

@@ -1,7 +1,10 @@
 """The HTTP side-port's contract: its input limits and its OpenAPI 3.1 document.
 
 The limits live here, next to the document that publishes them, and ``http_api`` validates with
-the same constants, so the document cannot drift from what the server enforces.
+the same constants and the same regular expressions (``NAME_PATTERN``, ``INSTANT_PATTERN``), so
+the document cannot drift from what the server enforces. Patterns are written so that they mean
+the same in ECMA-262 (the dialect of JSON Schema) and in Python's ``re``: ASCII classes spelt
+out (``[0-9]``, never ``\\d`` or ``\\s``), and the server matches them whole (``fullmatch``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,25 @@ ROOMS_LIMIT_DEFAULT = 100
 MEMBERS_LIMIT_DEFAULT = 100
 ROOM_ENTITY_LEVEL_DEFAULT = 100  # the original's fixed level of a group room's entity rule
 HISTORY_LIMIT_DEFAULT = 50
+
+# No stored text may hold a control character: C0 (NUL included, which PostgreSQL cannot store
+# in text), DEL and C1.
+CONTROL_CHARS = "\\x00-\\x1f\\x7f-\\x9f"
+# Characters that make a name blank besides the controls: Unicode's spaces and the BOM.
+_SPACES = " \\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff"
+NAME_PATTERN = f"^[^{CONTROL_CHARS}]*[^{CONTROL_CHARS}{_SPACES}][^{CONTROL_CHARS}]*$"
+
+# A calendar date that exists (leap years included), year 0001 to 9999.
+_YEAR = "(?!0000)[0-9]{4}"
+_DATE = (
+    f"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])"
+    "|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))"
+    "|(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)-02-29)"
+)
+_TIME = "(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\\.[0-9]{1,6})?)?"
+_ZONE = "(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+# A date (a whole UTC day) or a date and time, with an optional zone (UTC without one).
+INSTANT_PATTERN = f"^{_DATE}(?:[T ]{_TIME}{_ZONE}?)?$"
 
 _JSON = "application/json"
 _UUID: dict[str, Any] = {"type": "string", "format": "uuid"}
@@ -76,8 +98,9 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): {"$ref": f"#/components/responses/E{code}"} for code in codes}
 
 
-def _body(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"required": True, "content": {_JSON: {"schema": schema}}}
+def _body(schema: dict[str, Any], example: dict[str, Any]) -> dict[str, Any]:
+    """A required JSON body; ``example`` is a valid one (tests send it to every route)."""
+    return {"required": True, "content": {_JSON: {"schema": schema, "example": example}}}
 
 
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -102,18 +125,24 @@ _LIMIT_ROOMS = _query(
     {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT_MAX, "default": ROOMS_LIMIT_DEFAULT},
     "Page size.",
 )
-_OFFSET = _query("offset", {"type": "integer", "minimum": 0, "default": 0}, "Rows to skip.")
+_OFFSET = _query(
+    "offset", {"type": "integer", "minimum": 0, "maximum": MAX_ID, "default": 0}, "Rows to skip."
+)
 
+_INSTANT: dict[str, Any] = {"type": "string", "pattern": INSTANT_PATTERN}
+_SEQ: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": MAX_ID}
 _EMPTY: dict[str, Any] = {"type": "object", "maxProperties": 0}
 
 _ERROR_TEXT = {
-    400: "Invalid input: bad id, bad field, unknown field or query parameter, invalid JSON.",
+    400: "Invalid input: bad id, bad field, unknown field or query parameter, invalid JSON, "
+    "a body cut short.",
     401: "Missing or invalid bearer token; meta.reason says why (e.g. `token expired`).",
     403: "The caller may read the room but lacks the right (or, for POST /rooms, the level); "
     "meta.reason `TOO_MANY_RULES` when the room holds max_entity_rules rules.",
     404: "No such room, or a room the caller may not read (indistinguishable on purpose).",
     409: "The change conflicts with the room's state: a max_entity_rules below the number of "
     "rules the room holds (meta.reason says how many).",
+    408: "The body did not arrive within the body timeout (the connection is closed).",
     413: f"Body larger than {MAX_BODY_BYTES} bytes.",
     415: "Body is not application/json (multipart is never accepted).",
     503: "Storage unavailable.",
@@ -243,7 +272,9 @@ def _schemas() -> dict[str, Any]:
                     "type": "string",
                     "minLength": 1,
                     "maxLength": NAME_MAX_LEN,
-                    "description": "Not blank; no control characters.",
+                    "pattern": NAME_PATTERN,
+                    "description": "Not blank (not only spaces); no control characters "
+                    "(U+0000-U+001F, U+007F-U+009F).",
                 },
                 "level_admin": {"type": "integer", "minimum": 0, "maximum": LEVEL_ADMIN_MAX},
                 "type": {"enum": ["group", "user2user"], "default": "group"},
@@ -272,9 +303,17 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "additionalProperties": False,
             "required": ["permissions"],
-            "description": "Exactly one of entity_UUID and userUUID (an alias). A UUID in any "
-            "case names the same subject; it is stored and answered in lower case.",
-            "oneOf": [{"required": ["entity_UUID"]}, {"required": ["userUUID"]}],
+            "description": "Exactly one of entity_UUID and userUUID (an alias for user rules: "
+            "with kind entity it is refused). A UUID in any case names the same subject; it is "
+            "stored and answered in lower case.",
+            "oneOf": [
+                {"required": ["entity_UUID"], "not": {"required": ["userUUID"]}},
+                {
+                    "required": ["userUUID"],
+                    "not": {"required": ["entity_UUID"]},
+                    "properties": {"kind": {"const": "user"}},
+                },
+            ],
             "properties": {
                 "entity_UUID": _UUID,
                 "userUUID": _UUID,
@@ -376,7 +415,7 @@ def _paths(room_create_level: int) -> dict[str, Any]:
                 "accepted `rwa` user rule for the creator and, for group rooms, an accepted `rw` "
                 "entity rule for the owning entity at level `entity_level` (default 100: members "
                 "below it do not see the room). Answers 200, as the original.",
-                "requestBody": _body(_ref("NewRoom")),
+                "requestBody": _body(_ref("NewRoom"), {"name": "support", "level_admin": 100}),
                 "responses": {
                     **_ok("Created.", room_content),
                     **_errors(400, 401, 403, 413, 415, 503),
@@ -429,7 +468,7 @@ def _paths(room_create_level: int) -> dict[str, Any]:
                 "summary": "Rename a room or change its level_admin or rule limit (admins)",
                 "description": "Live connections are re-checked at once, as after a rule "
                 "change (a higher level_admin can take the room from owner-entity members).",
-                "requestBody": _body(_ref("RoomChanges")),
+                "requestBody": _body(_ref("RoomChanges"), {"name": "support desk"}),
                 "responses": {
                     **_ok("The updated room.", room_content),
                     **_errors(400, 401, 403, 404, 409, 413, 415, 503),
@@ -472,7 +511,10 @@ def _paths(room_create_level: int) -> dict[str, Any]:
             },
             "put": {
                 "summary": "Create or update a rule (admins)",
-                "requestBody": _body(_ref("PutMember")),
+                "requestBody": _body(
+                    _ref("PutMember"),
+                    {"entity_UUID": "00000000-0000-4000-8000-0000000000c3", "permissions": "rw"},
+                ),
                 "responses": {
                     **_ok("Rule updated.", _ref("Rule")),
                     **_ok("Rule created.", _ref("Rule"), status="201"),
@@ -512,7 +554,7 @@ def _paths(room_create_level: int) -> dict[str, Any]:
                 "summary": "Accept or decline the caller's own rule",
                 "description": "Open to invitees without read access. 404 when the caller has "
                 "no such rule; 403 for a ban rule, which its subject cannot change.",
-                "requestBody": _body(_ref("Invitation")),
+                "requestBody": _body(_ref("Invitation"), {"accepted": True}),
                 "responses": {
                     **_ok("The updated rule.", _ref("Rule")),
                     **_errors(400, 401, 403, 404, 413, 415, 503),
@@ -523,24 +565,28 @@ def _paths(room_create_level: int) -> dict[str, Any]:
             "parameters": [_ROOM_ID],
             "get": {
                 "summary": "History of a room the caller may read, oldest first",
-                "description": "A date window (dateFrom/dateTo) and seq cursors (before, "
-                "after) may be combined; all given bounds apply. With dateFrom or after: the "
-                "oldest `limit` matches, and meta.next_after to page forwards. Otherwise: the "
-                "latest `limit` matches, and meta.next_before to page backwards. "
-                "meta.has_more says whether another page follows.",
+                "description": "A date window (dateFrom/dateTo) and seq cursors (before/after) "
+                "narrow each other: every bound given applies, and a window that ends before "
+                "it starts is empty. With dateFrom or after: the oldest `limit` matches, and "
+                "meta.next_after to page forwards. Otherwise: the latest `limit` matches, and "
+                "meta.next_before to page backwards. meta.has_more says whether another page "
+                "follows.",
                 "parameters": [
                     _query(
                         "dateFrom",
-                        {"type": "string"},
-                        "ISO date (from 00:00 UTC that day) or datetime (UTC if no zone).",
+                        _INSTANT,
+                        "Date YYYY-MM-DD (from 00:00 UTC that day) or date and time "
+                        "YYYY-MM-DDThh:mm[:ss[.ffffff]] with Z, +hh:mm, -hh:mm or no zone "
+                        "(UTC); inclusive.",
                     ),
                     _query(
                         "dateTo",
-                        {"type": "string"},
-                        "ISO date (to the end of that UTC day) or datetime; inclusive.",
+                        _INSTANT,
+                        "Date (to the end of that UTC day) or date and time, as dateFrom; "
+                        "inclusive.",
                     ),
-                    _query("before", {"type": "integer", "minimum": 0}, "Exclusive seq bound."),
-                    _query("after", {"type": "integer", "minimum": 0}, "Exclusive seq bound."),
+                    _query("before", _SEQ, "Exclusive seq bound."),
+                    _query("after", _SEQ, "Exclusive seq bound."),
                     _query(
                         "limit",
                         {

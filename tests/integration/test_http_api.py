@@ -1082,13 +1082,52 @@ async def test_history_date_window_covers_whole_utc_days_inclusive(api: Api) -> 
 
 
 @pytest.mark.asyncio
+async def test_history_date_window_and_seq_cursors_narrow_each_other(api: Api) -> None:
+    """Every bound given applies; a window that ends before it starts is empty (200), since
+    the OpenAPI document cannot declare one parameter's bounds by another's."""
+    owner = api.caller()
+    room_id = await api.room(owner)
+    day = datetime(2026, 11, 23, tzinfo=UTC)
+    await api.post_messages(room_id, owner, [day + timedelta(hours=i) for i in range(6)])
+    path = f"/rooms/{room_id}/messages"
+    after = await api.call("GET", f"{path}?dateFrom=2026-11-23T01:00&after=3", owner)
+    assert_envelope(after, 200)
+    assert _seqs(after) == [4, 5, 6]
+    before = await api.call("GET", f"{path}?dateTo=2026-11-23T03:00Z&before=3", owner)
+    assert _seqs(before) == [1, 2]
+    inverted = await api.call("GET", f"{path}?dateFrom=2026-11-24&dateTo=2026-11-23", owner)
+    assert_envelope(inverted, 200)
+    assert inverted.content == []
+
+
+@pytest.mark.asyncio
+async def test_history_bound_beyond_year_9999_or_before_year_1_in_utc_is_clamped(api: Api) -> None:
+    owner = api.caller()
+    room_id = await api.room(owner)
+    await api.post_messages(room_id, owner, [datetime(2026, 11, 23, tzinfo=UTC)])
+    path = f"/rooms/{room_id}/messages"
+    early = await api.call("GET", f"{path}?dateFrom=0001-01-01T00:00%2B05:00", owner)
+    assert_envelope(early, 200)
+    assert _seqs(early) == [1]
+    late = await api.call("GET", f"{path}?dateTo=9999-12-31T23:00-05:00", owner)
+    assert_envelope(late, 200)
+    assert _seqs(late) == [1]
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize(
     "query",
     [
-        "dateFrom=2026-11-24&dateTo=2026-11-23",
         "dateFrom=yesterday",
+        "dateFrom=",
         "dateTo=2026-13-01",
+        "dateTo=2026-02-29",
+        "dateFrom=2026-11-23T24:00",
+        "dateFrom=2026-11-23t10:00",
+        "dateFrom=%EF%BC%92026-11-23",
+        "dateFrom=2026-11-23T10:00:00%2B24:00",
         "before=-1",
+        "before=9223372036854775808",
         "after=x",
         "limit=0",
         "limit=501",

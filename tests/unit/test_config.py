@@ -217,6 +217,7 @@ def test_validate_refuses_bad_redis_url_naming_variable(url: str) -> None:
         ("auth_timeout", 0.0, "NANOMSG_AUTH_TIMEOUT"),
         ("max_frame", 0, "NANOMSG_MAX_FRAME"),
         ("pg_pool_size", 0, "NANOMSG_PG_POOL_SIZE"),
+        ("http_max_connections", 0, "NANOMSG_HTTP_MAX_CONNECTIONS"),
         ("log_level", "VERBOSE", "NANOMSG_LOG_LEVEL"),
     ],
 )
@@ -229,7 +230,15 @@ def test_validate_refuses_out_of_range_values_naming_variable(
 
 
 @pytest.mark.parametrize("raw", ["nan", "inf", "-1"])
-@pytest.mark.parametrize("env", ["NANOMSG_AUTH_TIMEOUT", "NANOMSG_REFRESH_GRACE"])
+@pytest.mark.parametrize(
+    "env",
+    [
+        "NANOMSG_AUTH_TIMEOUT",
+        "NANOMSG_REFRESH_GRACE",
+        "NANOMSG_HTTP_HEADER_TIMEOUT",
+        "NANOMSG_HTTP_BODY_TIMEOUT",
+    ],
+)
 def test_validate_refuses_non_finite_or_negative_durations(env: str, raw: str) -> None:
     cfg = from_env({"NANOMSG_JWT_SECRET": GOOD_SECRET, env: raw})
     with pytest.raises(ConfigError, match=env):
