@@ -82,6 +82,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("room_create_level", int, 100, "levelOnEntity needed to create rooms"),
     Option("max_backlog", int, 1 << 20, "bytes queued to a slow reader before it is closed"),
     Option(
+        "max_outbound",
+        int,
+        256 << 20,
+        "bytes queued to all readers of the process; past it the largest backlogs are closed",
+    ),
+    Option(
         "ping_interval",
         duration,
         20.0,
@@ -140,6 +146,7 @@ class Config:
     max_content: int = 4096
     room_create_level: int = 100
     max_backlog: int = 1 << 20
+    max_outbound: int = 256 << 20
     ping_interval: float = 20.0
     compression: bool = False
     pg_pool_size: int = 10
@@ -172,7 +179,14 @@ class Config:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ConfigError(f"NANOMSG_{name.upper()} must be a port number (0-65535)")
-        positive = ("auth_timeout", "refresh_grace", "max_frame", "max_content", "max_backlog")
+        positive = (
+            "auth_timeout",
+            "refresh_grace",
+            "max_frame",
+            "max_content",
+            "max_backlog",
+            "max_outbound",
+        )
         for name in positive:
             # Written so that nan and inf (which float() and duration() accept) are refused too.
             if not 0 < getattr(self, name) < math.inf:
