@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
+import logging
 import os
 import socket
 import struct
@@ -17,6 +19,7 @@ from typing import Any
 import orjson
 import pytest
 import pytest_asyncio
+from websockets.asyncio.client import connect
 
 from nanomsg import ws_server
 from tests.integration.conftest import Client, Server, ServerFactory, User
@@ -24,6 +27,7 @@ from tests.integration.processes import (
     NodeProcess,
     Nodes,
     eventually,
+    make_user,
     nodes,  # noqa: F401  (the fixture)
 )
 
@@ -106,6 +110,12 @@ class RawClient:
                 code: int = struct.unpack("!H", payload[:2])[0]
                 return code
 
+    def stop_reading(self) -> None:
+        """Read nothing more: what the server writes piles up in its buffers."""
+        transport = self.writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+
     def abort(self) -> None:
         self.writer.transport.abort()
 
@@ -161,7 +171,7 @@ async def test_ping_flood_from_a_client_that_never_reads_keeps_the_server_under_
     before = rss_mib(node.proc.pid)
     client = await RawClient.open(node.ws_port, rcvbuf=4096)  # no token: anyone can do this
     raw_clients.append(client)
-    client.writer.transport.pause_reading()
+    client.stop_reading()
     # 125-byte pings: each answer is as big as the ping; the client reads none of them.
     sent = await flood(client, RawClient.frame(PING, b"p" * 125), total=200 << 20, seconds=4.0)
     grown = rss_mib(node.proc.pid) - before
@@ -176,7 +186,7 @@ async def test_pongs_over_the_backlog_bound_close_4000(
     server = await server_factory(max_backlog=64 * 1024)
     client = await RawClient.open(server.app.ws_port, rcvbuf=4096)
     raw_clients.append(client)
-    client.writer.transport.pause_reading()
+    client.stop_reading()
     await flood(client, RawClient.frame(PING, b"p" * 125), total=8 << 20, seconds=3.0)
 
     async def closed_4000() -> bool:
@@ -298,7 +308,7 @@ async def test_a_resuming_client_that_never_reads_is_still_closed_4000(
     client.send({"type": "token", "content": owner.token})
     assert await client.recv_json() == {"type": "status", "data": "READY"}
     client.send({"type": "select_room", "room_id": room, "since": 0})
-    client.writer.transport.pause_reading()  # and never reads again
+    client.stop_reading()  # and never reads again
     # The reply may fit in the kernel's socket buffers; the room goes on talking meanwhile.
     for i in range(400):
         if server.app.ws.closes[4000]:
@@ -306,3 +316,142 @@ async def test_a_resuming_client_that_never_reads_is_still_closed_4000(
         assert (await sender.ask({"type": "message", "content": EMOJI * 4096}))["type"]
         assert i < 399, "the client that never reads was never closed"
     assert server.app.ws.closes[4000] == 1
+
+
+# -- slow readers in numbers -----------------------------------------------------------------------
+
+
+async def test_past_the_outbound_budget_the_largest_backlogs_are_closed_4000(
+    server_factory: ServerFactory,
+    raw_clients: list[RawClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    budget = 2 << 20
+    server = await server_factory(max_backlog=1 << 20, max_outbound=budget)
+    owner = server.user()
+    room = await server.create_room(owner)
+    sender = await server.join(owner, room)
+    for _ in range(6):  # subscribers that stop reading once in the room
+        client = await RawClient.open(server.app.ws_port, rcvbuf=4096)
+        raw_clients.append(client)
+        client.send({"type": "token", "content": owner.token})
+        assert await client.recv_json() == {"type": "status", "data": "READY"}
+        client.send({"type": "select_room", "room_id": room})
+        assert await client.recv_json() == {"type": "status", "data": "CONNECTED"}
+        client.stop_reading()
+    ws = server.app.ws
+    peak = 0
+    with caplog.at_level(logging.INFO, logger="nanomsg.ws_server"):
+        for i in range(1000):  # 16 KB each, to every subscriber
+            if ws.closes[4000] >= 3:
+                break
+            assert (await sender.ask({"type": "message", "content": EMOJI * 4096}))["type"]
+            peak = max(peak, ws.outbound)
+            assert i < 999, "no subscriber was closed"
+    # Six backlogs of up to 1 MiB each would be 6 MiB; the budget closed some first.
+    assert peak <= budget + (1 << 20), peak
+    assert any("outbound budget" in r.getMessage() for r in caplog.records)
+
+
+# -- keepalive -----------------------------------------------------------------------------------
+
+
+async def test_each_connection_is_pinged_once_per_interval_while_others_come_and_go(
+    server_factory: ServerFactory, raw_clients: list[RawClient]
+) -> None:
+    interval = 0.6
+    server = await server_factory(ping_interval=interval)
+    watched = await RawClient.open(server.app.ws_port)
+    raw_clients.append(watched)
+    stop = asyncio.Event()
+
+    async def churn() -> None:
+        """Connections open and close all the time, in numbers that keep changing."""
+        others: list[RawClient] = []
+        wave = 0
+        while not stop.is_set():
+            wave += 1
+            for _ in range(1 + (wave * 7) % 25):
+                others.append(await RawClient.open(server.app.ws_port))
+            await asyncio.sleep(0.05)
+            for client in others[: len(others) // 2 + wave % 3]:
+                client.abort()
+            others = others[len(others) // 2 + wave % 3 :]
+        for client in others:
+            client.abort()
+
+    churner = asyncio.create_task(churn())
+    arrivals: list[float] = []
+    try:
+        while len(arrivals) < 6:
+            opcode, payload = await watched.recv_frame(timeout=interval * 3)
+            assert opcode == PING
+            arrivals.append(time.monotonic())
+            watched.writer.write(RawClient.frame(PONG, payload))
+    finally:
+        stop.set()
+        await churner
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert all(interval * 0.75 < gap < interval * 1.25 for gap in gaps), gaps
+
+
+# -- shutdown ------------------------------------------------------------------------------------
+
+
+async def test_sigterm_with_an_idle_client_connected_ends_at_once_and_the_client_gets_1001(
+    nodes: Nodes,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    node = await start_node(nodes, tmp_path)
+    owner = make_user()
+    client = Client(await connect(node.ws_url, open_timeout=5))
+    try:
+        assert await client.recv() == {"type": "query", "data": "START?"}
+        assert await client.ask({"type": "token", "content": owner.token}) == {
+            "type": "status",
+            "data": "READY",
+        }
+        closing = asyncio.create_task(client.expect_close())
+        start = time.monotonic()
+        assert await node.terminate() == 0
+        took = time.monotonic() - start
+        assert await closing == 1001
+    finally:
+        await client.close()
+    # Before, the drain stopped reading: the client's close reply was never seen and the
+    # server waited for the close timeout (~3 s).
+    assert took < 1.5, took
+    assert "shutdown: 1 connections closed with 1001 (0 without the client's answer)" in (
+        node.tail()
+    )
+
+
+# -- close logging -------------------------------------------------------------------------------
+
+
+async def test_each_close_the_server_starts_is_logged_once_with_connection_user_and_code(
+    server_factory: ServerFactory,
+    raw_clients: list[RawClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await server_factory(ping_interval=0.3)
+    owner = server.user()
+    silent = await RawClient.open(server.app.ws_port)  # logs in, never answers a ping
+    raw_clients.append(silent)
+    silent.send({"type": "token", "content": owner.token})
+    with caplog.at_level(logging.INFO, logger="nanomsg.ws_server"):
+        assert await silent.recv_frame() == (TEXT, b'{"type":"status","data":"READY"}')
+        bad = await RawClient.open(server.app.ws_port)
+        raw_clients.append(bad)
+        for _ in range(3):
+            bad.send({"type": "token", "content": "not-a-token"})
+        assert await bad.close_code() == 1008
+        assert await silent.close_code() == 4001
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("closing")]
+    (timeout_line,) = [line for line in lines if ": 4001 " in line]
+    (policy_line,) = [line for line in lines if ": 1008 " in line]
+    assert owner.user in timeout_line and "no pong" in timeout_line
+    assert "(user -)" in policy_line
+    ws = server.app.ws
+    assert ws.closes[4001] == 1 and ws.closes[1008] == 1
+    assert len({line.split()[2] for line in lines}) == len(lines)  # one line per connection
