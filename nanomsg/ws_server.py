@@ -185,6 +185,10 @@ class Connection(asyncio.Protocol):
             self.joined = None
         self.outbox, self.outbox_bytes = [], 0
         self._drop_output()
+        if self.accounted:
+            self.server.outbound -= self.accounted
+            self.server.released += self.accounted
+            self.accounted = 0
         self.server.forget(self)
 
     def pause_writing(self) -> None:
@@ -602,13 +606,22 @@ class Connection(asyncio.Protocol):
         return size
 
     def account(self) -> None:
-        """Bring this connection's share of the process-wide outbound total up to date."""
-        size = 0 if self.closing else self.backlog()
+        """Bring this connection's share of the process-wide outbound total up to date (a
+        closing connection still holds its transport buffer until it is gone)."""
+        size = self.backlog()
         if size != self.accounted:
             self.server.outbound += size - self.accounted
             self.accounted = size
             if size:
                 self.server.check_budget()
+
+    def drop_for_budget(self) -> None:
+        """The process is over ``max_outbound``: close with 4000 and drop the socket at once.
+        The close frame sits behind a backlog this client is not reading, and waiting for the
+        close handshake would keep that backlog in memory for ``CLOSE_TIMEOUT``."""
+        self._slow_consumer("server outbound budget exceeded")
+        if self.transport is not None:
+            self.transport.abort()
 
     def _slow_consumer(self, reason: str = "backlog over limit") -> None:
         # What is queued will not be read in time anyway; the close frame goes first.
@@ -620,10 +633,6 @@ class Connection(asyncio.Protocol):
         out: it holds the replies that explain the close)."""
         self.held, self.held_bytes, self.reply, self.reply_bytes = None, 0, None, 0
         self.fragments = []
-        if self.accounted:
-            self.server.outbound -= self.accounted
-            self.server.released += self.accounted
-            self.accounted = 0
 
     def _flush(self) -> None:
         """Write what the websockets protocol has to send (handshake, pong, close), after the
@@ -659,6 +668,7 @@ class Connection(asyncio.Protocol):
         self.ws.send_close(code, reason)
         self._flush()
         self._arm(None, CLOSE_TIMEOUT)
+        self.account()
 
     def drain(self) -> None:
         """Shutdown: start no new command (queued ones were never acknowledged, so dropping
@@ -865,9 +875,10 @@ class WsServer:
     def _enforce_budget(self) -> None:
         """Past ``max_outbound`` bytes queued in all, close the connections with the largest
         backlogs first (4000) until the rest fits. Counted afresh: accounted shares may be
-        stale (a transport that drained between its high- and low-water marks says nothing)."""
+        stale (a transport that drained between its high- and low-water marks says nothing).
+        Connections already closing are candidates too: their buffers are memory as well."""
         self._budget_check = None
-        conns = [conn for conn in self.connections if not conn.closing]
+        conns = list(self.connections)
         for conn in conns:
             conn.account()
         over = self.outbound - self.config.max_outbound
@@ -878,7 +889,7 @@ class WsServer:
             if over <= 0 or not conn.accounted:
                 break
             over -= conn.accounted
-            conn._slow_consumer("server outbound budget exceeded")
+            conn.drop_for_budget()
 
     def _malloc_trim(self) -> None:
         """After a slow-consumer storm, hand the freed heap back to the system: the transport

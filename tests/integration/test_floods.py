@@ -14,7 +14,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -112,9 +112,8 @@ class RawClient:
 
     def stop_reading(self) -> None:
         """Read nothing more: what the server writes piles up in its buffers."""
-        transport = self.writer.transport
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        cast(asyncio.Transport, self.writer.transport).pause_reading()
 
     def abort(self) -> None:
         self.writer.transport.abort()
