@@ -104,6 +104,7 @@ CLOSE_TIMEOUT = 3.0  # seconds to wait for the client's close frame before dropp
 MAX_FRAGMENTS = 128  # frames of one fragmented message: past it, close 1009 (frames, not bytes)
 STALL_TIMEOUT = 10.0  # seconds a connection's writes may make no progress at all (close 4000)
 CHUNK = 1 << 16  # bytes of a long reply handed to the transport at a time
+HIGH_WATER = 1 << 16  # asyncio's and uvloop's default high-water mark of a transport's buffer
 TRIM_AFTER = 64 << 20  # backlog bytes released by closed connections before malloc_trim
 ABORTED = 1006  # counted for connections dropped without a close frame (handshake timeout)
 STALL = "stall"  # the timer key of the stalled-writer check
@@ -162,6 +163,9 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        if self.server.config.max_backlog < 4 * HIGH_WATER:
+            # A small backlog bound: pause (and let a long reply wait) well before reaching it.
+            self.transport.set_write_buffer_limits(high=self.server.config.max_backlog // 4)
         self.server.accept(self)
         # Until the session arms its own auth timer, bound the handshake itself.
         self._arm(None, self.server.config.auth_timeout)
@@ -213,6 +217,13 @@ class Connection(asyncio.Protocol):
                 self._handshake(event)
             elif isinstance(event, Frame):
                 self._frame(event)
+        sent = self.ws.close_sent
+        if sent is not None and not self.closing and self.ws.close_rcvd is None:
+            # websockets failed the connection itself: a frame over --max-frame (1009) or a
+            # protocol error (1002). Logged and counted like the closes we start.
+            self.closing = True
+            self.server.closed(self, sent.code, sent.reason)
+            self._drop_output()
         self._flush()
 
     def _handshake(self, request: Request) -> None:
@@ -469,9 +480,10 @@ class Connection(asyncio.Protocol):
             if self.outbox:  # written earlier in this pass: it goes first
                 self.flush_outbox()
             reply = self.reply
+            chunk_size = min(CHUNK, self.server.config.max_backlog // 4)
             while reply and not self.write_paused:
                 size = count = 0
-                while count < len(reply) and size < CHUNK:
+                while count < len(reply) and size < chunk_size:
                     size += len(reply[count])
                     count += 1
                 chunk = reply[0] if count == 1 else b"".join(reply[:count])

@@ -182,7 +182,8 @@ async def test_ping_flood_from_a_client_that_never_reads_keeps_the_server_under_
 async def test_pongs_over_the_backlog_bound_close_4000(
     server_factory: ServerFactory, raw_clients: list[RawClient]
 ) -> None:
-    server = await server_factory(max_backlog=64 * 1024)
+    # Reading pauses at a quarter of the bound; one read of pings answers more than the bound.
+    server = await server_factory(max_backlog=16 * 1024)
     client = await RawClient.open(server.app.ws_port, rcvbuf=4096)
     raw_clients.append(client)
     client.stop_reading()
@@ -447,12 +448,22 @@ async def test_each_close_the_server_starts_is_logged_once_with_connection_user_
         for _ in range(3):
             bad.send({"type": "token", "content": "not-a-token"})
         assert await bad.close_code() == 1008
+        big = await RawClient.open(server.app.ws_port)  # websockets itself refuses this one
+        raw_clients.append(big)
+        big.writer.write(RawClient.frame(TEXT, b" " * 70000))  # the socket may be reset
+
+        async def too_big_closed() -> bool:
+            return server.app.ws.closes[1009] == 1
+
+        await eventually(too_big_closed, timeout=5)
         assert await silent.close_code() == 4001
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("closing")]
     (timeout_line,) = [line for line in lines if ": 4001 " in line]
     (policy_line,) = [line for line in lines if ": 1008 " in line]
+    (too_big_line,) = [line for line in lines if ": 1009 " in line]
+    assert "(user -)" in too_big_line
     assert owner.user in timeout_line and "no pong" in timeout_line
     assert "(user -)" in policy_line
     ws = server.app.ws
-    assert ws.closes[4001] == 1 and ws.closes[1008] == 1
+    assert ws.closes[4001] == 1 and ws.closes[1008] == 1 and ws.closes[1009] == 1
     assert len({line.split()[2] for line in lines}) == len(lines)  # one line per connection

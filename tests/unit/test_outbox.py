@@ -59,6 +59,9 @@ class RecordingTransport:
     def resume_reading(self) -> None:
         self.reading = True
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
 
@@ -289,3 +292,39 @@ async def test_frame_bytes_arriving_with_the_upgrade_keep_the_original_parser(
     conn.data_received(BAD_TOKEN[5:])
     await one_pass()
     assert b"".join(transport.writes).endswith(BADAUTH)
+
+
+def start_long_reply(conn: Connection, frames: list[bytes]) -> None:
+    """What the shell does with a history or replay result: a long reply, live frames held."""
+    conn.reply, conn.reply_bytes = list(frames), sum(map(len, frames))
+    conn.held, conn.busy = [], True
+
+
+async def test_a_long_reply_waits_for_the_transport_and_live_frames_follow_it(
+    server: WsServer,
+) -> None:
+    conn, transport = connect(server)
+    reply = [frame(seq, size=500) for seq in range(1, 31)]  # ~15 KB, max_backlog is 4 KiB
+    start_long_reply(conn, reply)
+    conn.pause_writing()  # the client has not read yet
+    conn._send_reply()
+    assert transport.writes == []
+    conn.write_frame(frame(31), 31)  # live, meanwhile
+    conn.resume_writing()  # the client read: the reply goes out, then the live frame
+    await one_pass()
+    assert b"".join(transport.writes) == b"".join(reply) + frame(31)
+    assert max(map(len, transport.writes)) <= 1024 + len(reply[0])  # in chunks
+    assert not conn.closing and not conn.busy and conn.held is None and conn.reply is None
+
+
+async def test_live_frames_held_behind_a_reply_nobody_reads_close_4000(server: WsServer) -> None:
+    conn, transport = connect(server)
+    start_long_reply(conn, [frame(1, size=500)])
+    conn.pause_writing()
+    seq = 1
+    while not conn.closing and seq < 100:
+        seq += 1
+        conn.write_frame(frame(seq, size=500), seq)
+    assert conn.closing and seq < 20  # 4 KiB held, nothing of the reply read
+    assert close_code(transport.writes[-1]) == 4000
+    assert conn.held is None and conn.reply is None  # dropped
