@@ -988,15 +988,16 @@ class WsServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
-        log.info(
-            "shutdown: %d connections closed with 1001 (%d without the client's answer), "
-            "%d of %d storage operations finished, in %.2f s",
-            open_conns,
-            dropped,
-            in_flight - unfinished,
-            in_flight,
-            loop.time() - started,
-        )
+        if self._server is not None:  # not after a failed start: nothing to report then
+            log.info(
+                "shutdown: %d connections closed with 1001 (%d without the client's answer), "
+                "%d of %d storage operations finished, in %.2f s",
+                open_conns,
+                dropped,
+                in_flight - unfinished,
+                in_flight,
+                loop.time() - started,
+            )
         for task in list(self._tasks):
             task.cancel()
         if self._server is not None:
