@@ -37,7 +37,7 @@ import logging
 import secrets
 import sys
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from websockets.extensions.base import ServerExtensionFactory
@@ -132,11 +132,10 @@ class Connection(asyncio.Protocol):
         self.pipeline: list[_InFlight | list[Effect]] = []
         self.outbox: list[bytes] = []
         self.outbox_bytes = 0
-        # Reading is paused while commands pile up (inbox_full) or while the transport's buffer
-        # is over its high-water mark (write_paused): a client that does not read its replies
-        # (pongs included) cannot make us buffer more by sending more.
+        # Reading is paused while commands pile up or while the transport's buffer is over its
+        # high-water mark (write_paused): a client that does not read its replies (pongs
+        # included) cannot make us buffer more by sending more.
         self.paused = False
-        self.inbox_full = False
         self.write_paused = False
         self.draining = False  # shutting down: no new commands are started
         self.receiving = True
@@ -145,15 +144,11 @@ class Connection(asyncio.Protocol):
         # Live frames held while a replay is read or a long reply is written (not None then).
         self.held: list[bytes] | None = None
         self.held_bytes = 0
-        self.replaying = False  # a resume's replay is out: held frames wait for EndReplay
-        # A long reply being written as the client reads (not None then), and its bytes handed
-        # to the transport so far: the held frames may grow by as much (a reader who reads).
-        self.reply: list[bytes] | None = None
-        self.reply_bytes = 0
-        self.streamed = 0
+        self.reply: _Reply | None = None  # a replay is out or a long reply is being written
         self.min_seq = 0
         self.pong_pending: bytes | None = None  # payload of the ping not yet answered
-        self.ping_slot = 0
+        # Attributes are few on purpose: past 30, CPython stops sharing the keys of instance
+        # dicts and an idle connection costs 1.5 KB more.
         self.written = 0  # bytes handed to the transport: progress of a stalled writer
         self.accounted = 0  # this connection's share of WsServer.outbound
         self.timers: dict[Timer | str | None, asyncio.TimerHandle] = {}
@@ -306,14 +301,17 @@ class Connection(asyncio.Protocol):
                 self.close(CloseCode.INVALID_UTF8, "text frame is not valid UTF-8")
             return
         self.inbox.append(codec.decode(text, max_content=self.server.config.max_content))
-        if len(self.inbox) >= INBOX_PAUSE and not self.inbox_full:
-            self.inbox_full = True
+        if len(self.inbox) >= INBOX_PAUSE and not self.paused:
             self._update_reading()
         self._pump()
 
     def _update_reading(self) -> None:
-        """Pause reading while commands pile up or our writes to this client do not drain."""
-        pause = self.inbox_full or self.write_paused
+        """Pause reading while commands pile up (from ``INBOX_PAUSE`` down to ``INBOX_RESUME``)
+        or while our writes to this client do not drain."""
+        queued = len(self.inbox)
+        pause = (
+            self.write_paused or queued >= INBOX_PAUSE or (self.paused and queued > INBOX_RESUME)
+        )
         transport = self.transport
         if pause is self.paused or transport is None or transport.is_closing():
             return
@@ -350,8 +348,7 @@ class Connection(asyncio.Protocol):
                         self.pipeline.append([effect])
             else:
                 self.apply(session.receive(self.inbox.pop(0)))
-        if self.inbox_full and len(self.inbox) <= INBOX_RESUME:
-            self.inbox_full = False
+        if self.paused and len(self.inbox) <= INBOX_RESUME:
             self._update_reading()
 
     # -- effects ------------------------------------------------------------------------------
@@ -365,13 +362,18 @@ class Connection(asyncio.Protocol):
             elif isinstance(effect, Join):
                 self._join(effect)
             elif isinstance(effect, EndReplay):
-                self.replaying = False
-                if self.reply is None:  # else the held frames follow the reply (_send_reply)
+                if self.reply is not None:  # the held frames follow the reply (_send_reply)
+                    self.reply.replaying = False
+                else:
                     self._release_held()
             elif isinstance(effect, Leave):
                 self.server.hub.leave(self, effect.room_id)
-                self.joined, self.replaying, self.held_bytes = None, False, 0
-                self.held = [] if self.reply is not None else None
+                self.joined, self.held, self.held_bytes = None, None, 0
+                if self.reply is not None and self.reply.streaming:
+                    # A long reply being written still holds back whatever follows it.
+                    self.reply.replaying, self.held = False, []
+                else:  # a replay not read yet: forgotten (its result ends it, if it comes)
+                    self.reply = None
             elif isinstance(effect, StoreMessage):
                 self._submit(effect)
             elif isinstance(effect, LoadRoom) and (
@@ -407,7 +409,9 @@ class Connection(asyncio.Protocol):
         # until the replay is written, so the client sees no gap and no duplicate.
         if self.held is None:
             self.held, self.held_bytes = [], 0
-        self.replaying = True
+        if self.reply is None:
+            self.reply = _Reply()
+        self.reply.replaying = True
         self.busy = True
         self.server.spawn(self._run(_Replay(join.room_id, join.since, live_from)))
 
@@ -459,7 +463,8 @@ class Connection(asyncio.Protocol):
                 # A long reply: written as the client reads it, live frames held behind it.
                 self.busy = True
                 if self.reply is None:
-                    self.reply, self.reply_bytes, self.streamed = [], 0, 0
+                    self.reply = _Reply()
+                self.reply.streaming = True
                 if self.held is None:
                     self.held, self.held_bytes = [], 0
                 self.apply(self.session.result(result))
@@ -473,36 +478,33 @@ class Connection(asyncio.Protocol):
         high-water mark (``resume_writing`` calls again), then the live frames held behind it,
         the same way; then start the next command."""
         transport = self.transport
-        while self.reply is not None:
+        while (reply := self.reply) is not None and reply.streaming:
             if self.closing or transport is None or transport.is_closing():
                 self._drop_output()
                 return
             if self.outbox:  # written earlier in this pass: it goes first
                 self.flush_outbox()
-            reply = self.reply
+            frames = reply.frames
             chunk_size = min(CHUNK, self.server.config.max_backlog // 4)
-            while reply and not self.write_paused:
+            while frames and not self.write_paused:
                 size = count = 0
-                while count < len(reply) and size < chunk_size:
-                    size += len(reply[count])
+                while count < len(frames) and size < chunk_size:
+                    size += len(frames[count])
                     count += 1
-                chunk = reply[0] if count == 1 else b"".join(reply[:count])
-                del reply[:count]
-                self.reply_bytes -= size
-                self.streamed += size
+                chunk = frames[0] if count == 1 else b"".join(frames[:count])
+                del frames[:count]
+                reply.size -= size
+                reply.streamed += size
                 self.written += size
                 transport.write(chunk)  # may call pause_writing, which ends this loop
-            if reply:
-                return  # resume_writing continues
-            if self.replaying:
-                return  # the replay itself is still to come: EndReplay continues
+            if frames or reply.replaying:
+                return  # resume_writing continues, or EndReplay has yet to come
             if self.held:
                 # The live frames held meanwhile, written against the same flow control.
-                self.reply, self.reply_bytes = self.held, self.held_bytes
+                reply.frames, reply.size = self.held, self.held_bytes
                 self.held, self.held_bytes = [], 0
                 continue
-            self.reply, self.held, self.held_bytes, self.reply_bytes = None, None, 0, 0
-            self.streamed = 0
+            self.reply, self.held, self.held_bytes = None, None, 0
             self.busy = False
             self._pump()
 
@@ -562,7 +564,8 @@ class Connection(asyncio.Protocol):
             self.held.append(frame)
             self.held_bytes += len(frame)
             # A reader who reads the reply earns room for what is held behind it.
-            if self.held_bytes > self.server.config.max_backlog + self.streamed:
+            streamed = self.reply.streamed if self.reply is not None else 0
+            if self.held_bytes > self.server.config.max_backlog + streamed:
                 self._slow_consumer("backlog over limit while a reply is written")
             else:
                 self.account()
@@ -584,9 +587,10 @@ class Connection(asyncio.Protocol):
         writes all outboxes once per loop pass."""
         if self.closing or self.transport is None:
             return
-        if self.reply is not None:
-            self.reply.append(data)
-            self.reply_bytes += len(data)
+        reply = self.reply
+        if reply is not None and reply.streaming:
+            reply.frames.append(data)
+            reply.size += len(data)
             return
         if not self.outbox:
             self.server.mark_dirty(self)
@@ -612,7 +616,9 @@ class Connection(asyncio.Protocol):
 
     def backlog(self) -> int:
         """Bytes owed to this client: outbox, held frames, long reply, transport buffer."""
-        size = self.outbox_bytes + self.held_bytes + self.reply_bytes
+        size = self.outbox_bytes + self.held_bytes
+        if self.reply is not None:
+            size += self.reply.size
         if self.transport is not None:
             size += self.transport.get_write_buffer_size()
         return size
@@ -643,7 +649,7 @@ class Connection(asyncio.Protocol):
     def _drop_output(self) -> None:
         """Closing: held frames and a long reply will never be written (the outbox still goes
         out: it holds the replies that explain the close)."""
-        self.held, self.held_bytes, self.reply, self.reply_bytes = None, 0, None, 0
+        self.held, self.held_bytes, self.reply = None, 0, None
         self.fragments = []
 
     def _flush(self) -> None:
@@ -688,8 +694,7 @@ class Connection(asyncio.Protocol):
         answer to our close frame is seen and the close handshake ends at once."""
         self.draining = True
         self.inbox.clear()
-        if self.inbox_full:
-            self.inbox_full = False
+        if self.paused:
             self._update_reading()
 
     def ping(self) -> None:
@@ -703,6 +708,17 @@ class Connection(asyncio.Protocol):
         self.pong_pending = secrets.token_bytes(8)
         self.ws.send_ping(self.pong_pending)
         self._flush()
+
+
+@dataclass(eq=False, slots=True)
+class _Reply:
+    """A history reply or resume replay of one connection, written as the client reads it."""
+
+    frames: list[bytes] = field(default_factory=list)  # not yet handed to the transport
+    size: int = 0  # bytes in ``frames``
+    streamed: int = 0  # bytes handed to the transport so far: room earned for held frames
+    replaying: bool = False  # a resume's replay is still being read: held frames wait for it
+    streaming: bool = False  # the result is in: frames written now go behind the reply
 
 
 @dataclass(eq=False, slots=True)
@@ -853,12 +869,12 @@ class WsServer:
 
     def accept(self, conn: Connection) -> None:
         self.connections.add(conn)
-        conn.ping_slot = self._ping_slice  # first ping about one interval from now
-        self._ping_slots[conn.ping_slot].add(conn)
+        self._ping_slots[self._ping_slice].add(conn)  # first ping about one interval from now
 
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
-        self._ping_slots[conn.ping_slot].discard(conn)
+        for slot in self._ping_slots:  # 20 lookups, once per connection: no slot attribute
+            slot.discard(conn)
         if not self.connections:
             self._all_gone.set()
         if self.released >= TRIM_AFTER and self._trim is None:

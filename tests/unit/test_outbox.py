@@ -20,7 +20,7 @@ from nanomsg.config import Config
 from nanomsg.fanout import Hub, text_frame
 from nanomsg.store.sqlite import SqliteStore
 from nanomsg.store.writer import BatchWriter
-from nanomsg.ws_server import Connection, WsServer
+from nanomsg.ws_server import Connection, WsServer, _Reply
 
 pytestmark = pytest.mark.asyncio
 
@@ -296,7 +296,7 @@ async def test_frame_bytes_arriving_with_the_upgrade_keep_the_original_parser(
 
 def start_long_reply(conn: Connection, frames: list[bytes]) -> None:
     """What the shell does with a history or replay result: a long reply, live frames held."""
-    conn.reply, conn.reply_bytes = list(frames), sum(map(len, frames))
+    conn.reply = _Reply(list(frames), sum(map(len, frames)), streaming=True)
     conn.held, conn.busy = [], True
 
 
