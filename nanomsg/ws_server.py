@@ -611,8 +611,11 @@ class Connection(asyncio.Protocol):
             return
         self.written += len(data)
         transport.write(data)
-        if transport.get_write_buffer_size() > self.server.config.max_backlog:
+        buffered = transport.get_write_buffer_size()
+        if buffered > self.server.config.max_backlog:
             self._slow_consumer()
+        elif buffered or self.accounted:  # a reader that keeps up costs no accounting
+            self.account()
 
     def backlog(self) -> int:
         """Bytes owed to this client: outbox, held frames, long reply, transport buffer."""
@@ -860,7 +863,6 @@ class WsServer:
         dirty, self._dirty, self._flush_handle = self._dirty, [], None
         for conn in dirty:
             conn.flush_outbox()
-            conn.account()
 
     def next_conn_id(self) -> str:
         """A short id naming a connection in log lines (unique within this process)."""

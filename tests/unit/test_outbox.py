@@ -17,6 +17,7 @@ import pytest_asyncio
 from nanomsg.auth import Verifier
 from nanomsg.clock import SystemClock
 from nanomsg.config import Config
+from nanomsg.events import Leave
 from nanomsg.fanout import Hub, text_frame
 from nanomsg.store.sqlite import SqliteStore
 from nanomsg.store.writer import BatchWriter
@@ -328,3 +329,31 @@ async def test_live_frames_held_behind_a_reply_nobody_reads_close_4000(server: W
     assert conn.closing and seq < 20  # 4 KiB held, nothing of the reply read
     assert close_code(transport.writes[-1]) == 4000
     assert conn.held is None and conn.reply is None  # dropped
+
+
+async def test_frames_held_behind_a_reply_being_read_may_pass_the_backlog_bound(
+    server: WsServer,
+) -> None:
+    conn, transport = connect(server)
+    start_long_reply(conn, [frame(1, size=500)])
+    conn.pause_writing()
+    assert conn.reply is not None
+    conn.reply.streamed = 20_000  # the client has taken 20 KB of the reply so far
+    for seq in range(2, 40):  # ~19 KB held: over max_backlog (4 KiB), under 4 KiB + 20 KB
+        conn.write_frame(frame(seq, size=500), seq)
+    assert not conn.closing
+    for seq in range(40, 60):
+        conn.write_frame(frame(seq, size=500), seq)
+    assert conn.closing and close_code(transport.writes[-1]) == 4000
+
+
+async def test_leaving_the_room_while_its_replay_is_read_forgets_the_replay(
+    server: WsServer,
+) -> None:
+    conn, transport = connect(server)
+    conn.reply, conn.held = _Reply(replaying=True), []
+    conn.apply([Leave(7)])
+    assert conn.reply is None and conn.held is None
+    conn.write_frame(frame(1), 1)  # the next room's frames are not held
+    await one_pass()
+    assert transport.writes == [frame(1)]
