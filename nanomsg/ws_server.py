@@ -865,9 +865,10 @@ class WsServer:
             conn.flush_outbox()
 
     def next_conn_id(self) -> str:
-        """A short id naming a connection in log lines (unique within this process)."""
+        """A short id naming a connection in log lines: the node id (unique per process run)
+        and a counter, e.g. ``4242-9f86d081#17``."""
         self._conn_ids += 1
-        return f"{self.node_id[:8]}#{self._conn_ids}" if self.node_id else f"#{self._conn_ids}"
+        return f"{self.node_id}#{self._conn_ids}"
 
     def accept(self, conn: Connection) -> None:
         self.connections.add(conn)
