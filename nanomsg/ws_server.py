@@ -908,19 +908,19 @@ class WsServer:
         backlogs first (4000) until the rest fits. Counted afresh: accounted shares may be
         stale (a transport that drained between its high- and low-water marks says nothing).
         Connections already closing are candidates too: their buffers are memory as well."""
-        self._budget_check = None
+        # _budget_check stays set meanwhile: the accounting below schedules no second check.
         conns = list(self.connections)
         for conn in conns:
             conn.account()
         over = self.outbound - self.config.max_outbound
-        if over <= 0:
-            return
-        conns.sort(key=lambda conn: conn.accounted, reverse=True)
-        for conn in conns:
-            if over <= 0 or not conn.accounted:
-                break
-            over -= conn.accounted
-            conn.drop_for_budget()
+        if over > 0:
+            conns.sort(key=lambda conn: conn.accounted, reverse=True)
+            for conn in conns:
+                if over <= 0 or not conn.accounted:
+                    break
+                over -= conn.accounted
+                conn.drop_for_budget()
+        self._budget_check = None
 
     def _malloc_trim(self) -> None:
         """After a slow-consumer storm, hand the freed heap back to the system: the transport
