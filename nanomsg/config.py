@@ -100,6 +100,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("max_backlog", int, 1 << 20, "bytes queued to a slow reader before it is closed"),
     Option(
+        "max_outbound",
+        int,
+        256 << 20,
+        "bytes queued to all readers of the process; past it the largest backlogs are closed",
+    ),
+    Option(
         "ping_interval",
         duration,
         20.0,
@@ -161,6 +167,7 @@ class Config:
     http_body_timeout: float = 30.0
     http_max_connections: int = 1024
     max_backlog: int = 1 << 20
+    max_outbound: int = 256 << 20
     ping_interval: float = 20.0
     compression: bool = False
     pg_pool_size: int = 10
@@ -202,6 +209,7 @@ class Config:
             "http_header_timeout",
             "http_body_timeout",
             "http_max_connections",
+            "max_outbound",
         )
         for name in positive:
             # Written so that nan and inf (which float() and duration() accept) are refused too.

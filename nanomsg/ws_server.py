@@ -3,8 +3,10 @@
 
 websockets does the handshake, framing, ping/pong replies and the close handshake. This module
 owns what the library leaves to its caller: path routing, fragment reassembly, UTF-8 checks,
-keepalive, close timeouts, inbound backpressure (reading paused while commands pile up) and
-outbound limits (a reader whose backlog passes ``max_backlog`` is closed with 4000).
+keepalive, close timeouts, inbound backpressure (reading paused while commands pile up, or
+while the connection's own writes are not draining) and outbound limits (a reader whose backlog
+passes ``max_backlog``, or whose writes make no progress for ``STALL_TIMEOUT``, is closed with
+4000; past the process-wide ``max_outbound`` the largest backlogs are closed first).
 
 Ordering and batching:
 
@@ -17,16 +19,25 @@ Ordering and batching:
   room messages, control frames) is appended to its outbox and written with one
   ``transport.write`` at the end of the pass: the cost of a delivery is one list append, and a
   connection owed ten messages costs one system call, not ten.
+- **Long replies.** History and resume replies (up to ``resume_cap`` messages of
+  ``max_content`` code points, ~16 MB) are not put in the outbox: they are handed to the
+  transport in ``CHUNK``-sized pieces whenever its buffer has drained (``resume_writing``), so
+  they cost a reading client no backlog. Live frames arriving meanwhile are held and follow the
+  reply in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import itertools
+import ctypes
+import ctypes.util
 import logging
+import secrets
+import sys
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from websockets.extensions.base import ServerExtensionFactory
@@ -92,6 +103,13 @@ PIPELINE = 64  # message sends of one connection in flight at once
 PIPELINABLE: frozenset[type] = frozenset({SendMessage, BadArgs, TooLarge, Unknown})
 PING_SLICES = 20  # the keepalive sweep is spread over this many steps per interval
 CLOSE_TIMEOUT = 3.0  # seconds to wait for the client's close frame before dropping the socket
+MAX_FRAGMENTS = 128  # frames of one fragmented message: past it, close 1009 (frames, not bytes)
+STALL_TIMEOUT = 10.0  # seconds a connection's writes may make no progress at all (close 4000)
+CHUNK = 1 << 16  # bytes of a long reply handed to the transport at a time
+HIGH_WATER = 1 << 16  # asyncio's and uvloop's default high-water mark of a transport's buffer
+TRIM_AFTER = 64 << 20  # backlog bytes released by closed connections before malloc_trim
+ABORTED = 1006  # counted for connections dropped without a close frame (handshake timeout)
+STALL = "stall"  # the timer key of the stalled-writer check
 
 
 class Connection(asyncio.Protocol):
@@ -99,7 +117,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: WsServer) -> None:
         self.server = server
-        self.conn_id: str = server.new_conn_id()  # names the connection in the log
+        self.conn_id = server.next_conn_id()  # names the connection in log lines
         self.ws = ServerProtocol(
             extensions=server.extensions, max_size=server.config.max_frame, logger=_quiet
         )
@@ -111,29 +129,41 @@ class Connection(asyncio.Protocol):
         # Lists, not deques: both are nearly always empty, and an empty deque costs ~600 bytes
         # (it allocates a block up front), which is most of an idle connection's budget.
         self.inbox: list[Command] = []
-        self.busy = False  # a LoadRoom / LoadHistory / replay is out: the next command waits
+        self.busy = False  # a LoadRoom / LoadHistory / replay / long reply is out: next waits
         # Sends in flight and the replies queued behind them, answered strictly in this order.
         self.pipeline: list[_InFlight | list[Effect]] = []
         self.outbox: list[bytes] = []
         self.outbox_bytes = 0
+        # Reading is paused while commands pile up or while the transport's buffer is over its
+        # high-water mark (write_paused): a client that does not read its replies (pongs
+        # included) cannot make us buffer more by sending more.
         self.paused = False
+        self.write_paused = False
         self.draining = False  # shutting down: no new commands are started
         self.receiving = True
         self.closing = False
         self.joined: int | None = None
-        # Resume: live frames held while the replay is read, and the seq the client already has.
+        # Live frames held while a replay is read or a long reply is written (not None then).
         self.held: list[bytes] | None = None
         self.held_bytes = 0
+        self.reply: _Reply | None = None  # a replay is out or a long reply is being written
         self.min_seq = 0
-        self.pong_pending = False
-        self.timers: dict[Timer | None, asyncio.TimerHandle] = {}
+        self.pong_pending: bytes | None = None  # payload of the ping not yet answered
+        # Attributes are few on purpose: past 30, CPython stops sharing the keys of instance
+        # dicts and an idle connection costs 1.5 KB more.
+        self.written = 0  # bytes handed to the transport: progress of a stalled writer
+        self.accounted = 0  # this connection's share of WsServer.outbound
+        self.timers: dict[Timer | str | None, asyncio.TimerHandle] = {}
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.server.connections.add(self)
+        if self.server.config.max_backlog < 4 * HIGH_WATER:
+            # A small backlog bound: pause (and let a long reply wait) well before reaching it.
+            self.transport.set_write_buffer_limits(high=self.server.config.max_backlog // 4)
+        self.server.accept(self)
         # Until the session arms its own auth timer, bound the handshake itself.
         self._arm(None, self.server.config.auth_timeout)
 
@@ -154,7 +184,27 @@ class Connection(asyncio.Protocol):
         if self.joined is not None:
             self.server.hub.leave(self, self.joined)
             self.joined = None
+        self.outbox, self.outbox_bytes = [], 0
+        self._drop_output()
+        if self.accounted:
+            self.server.outbound -= self.accounted
+            self.server.released += self.accounted
+            self.accounted = 0
         self.server.forget(self)
+
+    def pause_writing(self) -> None:
+        """The transport's buffer passed its high-water mark: stop reading this client until
+        it drains, and close it if nothing drains for ``STALL_TIMEOUT``."""
+        self.write_paused = True
+        self._update_reading()
+        self._arm_stall(self._accepted())
+        self.account()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+        self._send_reply()
+        self.account()
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -164,6 +214,13 @@ class Connection(asyncio.Protocol):
                 self._handshake(event)
             elif isinstance(event, Frame):
                 self._frame(event)
+        sent = self.ws.close_sent
+        if sent is not None and not self.closing and self.ws.close_rcvd is None:
+            # websockets failed the connection itself: a frame over --max-frame (1009) or a
+            # protocol error (1002). Logged and counted like the closes we start.
+            self.closing = True
+            self.server.closed(self, sent.code, sent.reason)
+            self._drop_output()
         self._flush()
 
     def _handshake(self, request: Request) -> None:
@@ -202,27 +259,40 @@ class Connection(asyncio.Protocol):
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
-        data = bytes(frame.data)
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if self.closing:
+                return
+            data = bytes(frame.data)
             self.fragment_binary = opcode is Opcode.BINARY
             if not frame.fin:
                 self.fragments = [data]
                 return
             self._message(data)
         elif opcode is Opcode.CONT:
-            self.fragments.append(data)
+            if self.closing:
+                return
+            fragments = self.fragments
+            if len(fragments) >= MAX_FRAGMENTS:
+                # Bytes are bounded by --max-frame; frames must be too (empty ones cost a slot).
+                self.fragments = []
+                self.close(CloseCode.TOO_BIG, "too many fragments")
+                return
+            fragments.append(bytes(frame.data))
             if frame.fin:
-                data, self.fragments = b"".join(self.fragments), []
+                data, self.fragments = b"".join(fragments), []
                 self._message(data)
         elif opcode is Opcode.PONG:
-            self.pong_pending = False
+            # Only the answer to our own ping counts: unsolicited pongs prove nothing.
+            if self.pong_pending is not None and frame.data == self.pong_pending:
+                self.pong_pending = None
         elif opcode is Opcode.CLOSE:
             # The library answered with a close frame and EOF; stop writing room traffic.
             self.closing = True
+            self._drop_output()
 
     def _message(self, data: bytes) -> None:
-        if self.closing or self.session is None:
-            return
+        if self.closing or self.session is None or self.draining:
+            return  # while draining, commands are dropped unacknowledged (never started)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -233,10 +303,25 @@ class Connection(asyncio.Protocol):
                 self.close(CloseCode.INVALID_UTF8, "text frame is not valid UTF-8")
             return
         self.inbox.append(codec.decode(text, max_content=self.server.config.max_content))
-        if len(self.inbox) >= INBOX_PAUSE and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        if len(self.inbox) >= INBOX_PAUSE and not self.paused:
+            self._update_reading()
         self._pump()
+
+    def _update_reading(self) -> None:
+        """Pause reading while commands pile up (from ``INBOX_PAUSE`` down to ``INBOX_RESUME``)
+        or while our writes to this client do not drain."""
+        queued = len(self.inbox)
+        pause = (
+            self.write_paused or queued >= INBOX_PAUSE or (self.paused and queued > INBOX_RESUME)
+        )
+        transport = self.transport
+        if pause is self.paused or transport is None or transport.is_closing():
+            return
+        self.paused = pause
+        if pause:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     def _pump(self) -> None:
         """Hand queued commands to the session in order: sends may overlap (up to
@@ -265,11 +350,8 @@ class Connection(asyncio.Protocol):
                         self.pipeline.append([effect])
             else:
                 self.apply(session.receive(self.inbox.pop(0)))
-        if self.draining:
-            return
-        if self.paused and len(self.inbox) <= INBOX_RESUME and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
+        if self.paused and len(self.inbox) <= INBOX_RESUME:
+            self._update_reading()
 
     # -- effects ------------------------------------------------------------------------------
 
@@ -282,12 +364,18 @@ class Connection(asyncio.Protocol):
             elif isinstance(effect, Join):
                 self._join(effect)
             elif isinstance(effect, EndReplay):
-                held, self.held, self.held_bytes = self.held or [], None, 0
-                for frame in held:
-                    self._write(frame)
+                if self.reply is not None:  # the held frames follow the reply (_send_reply)
+                    self.reply.replaying = False
+                else:
+                    self._release_held()
             elif isinstance(effect, Leave):
                 self.server.hub.leave(self, effect.room_id)
                 self.joined, self.held, self.held_bytes = None, None, 0
+                if self.reply is not None and self.reply.streaming:
+                    # A long reply being written still holds back whatever follows it.
+                    self.reply.replaying, self.held = False, []
+                else:  # a replay not read yet: forgotten (its result ends it, if it comes)
+                    self.reply = None
             elif isinstance(effect, StoreMessage):
                 self._submit(effect)
             elif isinstance(effect, LoadRoom) and (
@@ -310,6 +398,11 @@ class Connection(asyncio.Protocol):
             elif isinstance(effect, AuthRefused):
                 log.info("connection %s: token refused: %s", self.conn_id, effect.reason)
 
+    def _release_held(self) -> None:
+        held, self.held, self.held_bytes = self.held or [], None, 0
+        for frame in held:
+            self._write(frame)
+
     def _join(self, join: Join) -> None:
         self.joined = join.room_id
         live_from = self.server.hub.join(self, join.room_id, join.last_seq, join.access)
@@ -318,7 +411,11 @@ class Connection(asyncio.Protocol):
             return
         # Replay seqs since+1 .. live_from-1 from storage; live frames from live_from are held
         # until the replay is written, so the client sees no gap and no duplicate.
-        self.held, self.held_bytes = [], 0
+        if self.held is None:
+            self.held, self.held_bytes = [], 0
+        if self.reply is None:
+            self.reply = _Reply()
+        self.reply.replaying = True
         self.busy = True
         self.server.spawn(self._run(_Replay(join.room_id, join.since, live_from)))
 
@@ -366,7 +463,53 @@ class Connection(asyncio.Protocol):
         finally:
             self.busy = False
         if self.session is not None and not self.closing:
-            self.apply(self.session.result(result))
+            if isinstance(result, HistoryLoaded | Replayed):
+                # A long reply: written as the client reads it, live frames held behind it.
+                self.busy = True
+                if self.reply is None:
+                    self.reply = _Reply()
+                self.reply.streaming = True
+                if self.held is None:
+                    self.held, self.held_bytes = [], 0
+                self.apply(self.session.result(result))
+                self._send_reply()
+            else:
+                self.apply(self.session.result(result))
+            self._pump()
+
+    def _send_reply(self) -> None:
+        """Hand the long reply to the transport chunk by chunk while its buffer is under the
+        high-water mark (``resume_writing`` calls again), then the live frames held behind it,
+        the same way; then start the next command."""
+        transport = self.transport
+        while (reply := self.reply) is not None and reply.streaming:
+            if self.closing or transport is None or transport.is_closing():
+                self._drop_output()
+                return
+            if self.outbox:  # written earlier in this pass: it goes first
+                self.flush_outbox()
+            frames = reply.frames
+            chunk_size = min(CHUNK, self.server.config.max_backlog // 4)
+            while frames and not self.write_paused:
+                size = count = 0
+                while count < len(frames) and size < chunk_size:
+                    size += len(frames[count])
+                    count += 1
+                chunk = frames[0] if count == 1 else b"".join(frames[:count])
+                del frames[:count]
+                reply.size -= size
+                reply.streamed += size
+                self.written += size
+                transport.write(chunk)  # may call pause_writing, which ends this loop
+            if frames or reply.replaying:
+                return  # resume_writing continues, or EndReplay has yet to come
+            if self.held:
+                # The live frames held meanwhile, written against the same flow control.
+                reply.frames, reply.size = self.held, self.held_bytes
+                self.held, self.held_bytes = [], 0
+                continue
+            self.reply, self.held, self.held_bytes = None, None, 0
+            self.busy = False
             self._pump()
 
     def _arm(self, timer: Timer | None, delay: float) -> None:
@@ -374,7 +517,7 @@ class Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.timers[timer] = loop.call_later(max(delay, 0.0), self._fire, timer)
 
-    def _disarm(self, timer: Timer | None) -> None:
+    def _disarm(self, timer: Timer | str | None) -> None:
         handle = self.timers.pop(timer, None)
         if handle is not None:
             handle.cancel()
@@ -382,11 +525,35 @@ class Connection(asyncio.Protocol):
     def _fire(self, timer: Timer | None) -> None:
         self.timers.pop(timer, None)
         if timer is None:  # handshake or close handshake never finished
+            if not self.closing:  # a close is logged where it starts; this one starts here
+                self.server.closed(self, ABORTED, "no WebSocket handshake in time")
             if self.transport is not None:
                 self.transport.abort()
             return
         if self.session is not None:
             self.apply(self.session.timer_fired(timer))
+
+    def _accepted(self) -> int:
+        """Bytes the kernel has taken from the transport so far: grows while the client reads."""
+        buffered = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return self.written - buffered
+
+    def _arm_stall(self, mark: int) -> None:
+        handle = self.timers.pop(STALL, None)
+        if handle is not None:
+            handle.cancel()
+        loop = asyncio.get_running_loop()
+        self.timers[STALL] = loop.call_later(STALL_TIMEOUT, self._stall_check, mark)
+
+    def _stall_check(self, mark: int) -> None:
+        self.timers.pop(STALL, None)
+        if not self.write_paused or self.closing:
+            return
+        accepted = self._accepted()
+        if accepted == mark:
+            self._slow_consumer("not reading")
+        else:
+            self._arm_stall(accepted)
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -400,8 +567,12 @@ class Connection(asyncio.Protocol):
         if self.held is not None:
             self.held.append(frame)
             self.held_bytes += len(frame)
-            if self.held_bytes > self.server.config.max_backlog:
-                self.close(CloseCode.SLOW_CONSUMER, "backlog over limit")
+            # A reader who reads the reply earns room for what is held behind it.
+            streamed = self.reply.streamed if self.reply is not None else 0
+            if self.held_bytes > self.server.config.max_backlog + streamed:
+                self._slow_consumer("backlog over limit while a reply is written")
+            else:
+                self.account()
             return
         outbox = self.outbox
         if not outbox:
@@ -416,8 +587,14 @@ class Connection(asyncio.Protocol):
             self.apply(self.session.reauthorize(access))
 
     def _write(self, data: bytes) -> None:
-        """Queue a frame in the outbox; the server writes all outboxes once per loop pass."""
+        """Queue a frame in the outbox (or behind a long reply being written); the server
+        writes all outboxes once per loop pass."""
         if self.closing or self.transport is None:
+            return
+        reply = self.reply
+        if reply is not None and reply.streaming:
+            reply.frames.append(data)
+            reply.size += len(data)
             return
         if not self.outbox:
             self.server.mark_dirty(self)
@@ -436,59 +613,119 @@ class Connection(asyncio.Protocol):
         self.outbox, self.outbox_bytes = [], 0
         if transport is None or transport.is_closing():
             return
+        self.written += len(data)
         transport.write(data)
-        if transport.get_write_buffer_size() > self.server.config.max_backlog:
+        buffered = transport.get_write_buffer_size()
+        if buffered > self.server.config.max_backlog:
             self._slow_consumer()
+        elif buffered or self.accounted:  # a reader that keeps up costs no accounting
+            self.account()
 
-    def _slow_consumer(self) -> None:
-        log.info("closing a slow consumer (backlog over %d bytes)", self.server.config.max_backlog)
+    def backlog(self) -> int:
+        """Bytes owed to this client: outbox, held frames, long reply, transport buffer."""
+        size = self.outbox_bytes + self.held_bytes
+        if self.reply is not None:
+            size += self.reply.size
+        if self.transport is not None:
+            size += self.transport.get_write_buffer_size()
+        return size
+
+    def account(self) -> None:
+        """Bring this connection's share of the process-wide outbound total up to date (a
+        closing connection still holds its transport buffer until it is gone)."""
+        size = self.backlog()
+        if size != self.accounted:
+            self.server.outbound += size - self.accounted
+            self.accounted = size
+            if size:
+                self.server.check_budget()
+
+    def drop_for_budget(self) -> None:
+        """The process is over ``max_outbound``: close with 4000 and drop the socket at once.
+        The close frame sits behind a backlog this client is not reading, and waiting for the
+        close handshake would keep that backlog in memory for ``CLOSE_TIMEOUT``."""
+        self._slow_consumer("server outbound budget exceeded")
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _slow_consumer(self, reason: str = "backlog over limit") -> None:
         # What is queued will not be read in time anyway; the close frame goes first.
         self.outbox, self.outbox_bytes = [], 0
-        self.close(CloseCode.SLOW_CONSUMER, "backlog over limit")
+        self.close(CloseCode.SLOW_CONSUMER, reason)
+
+    def _drop_output(self) -> None:
+        """Closing: held frames and a long reply will never be written (the outbox still goes
+        out: it holds the replies that explain the close)."""
+        self.held, self.held_bytes, self.reply = None, 0, None
+        self.fragments = []
 
     def _flush(self) -> None:
         """Write what the websockets protocol has to send (handshake, pong, close), after the
-        outbox so that frames keep the order in which they were produced."""
+        outbox so that frames keep the order in which they were produced. Pongs count towards
+        the backlog like everything else."""
         transport = self.transport
         if transport is None:
             return
         self.flush_outbox()
         for data in self.ws.data_to_send():
             if data:
+                self.written += len(data)
                 transport.write(data)
             else:  # the library's end-of-stream marker: the server closes TCP now
                 transport.close()
+        if (
+            not self.closing
+            and self.session is not None
+            and transport.get_write_buffer_size() > self.server.config.max_backlog
+        ):
+            self._slow_consumer()
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the closing handshake; drop the socket if the client does not answer."""
         if self.closing or self.ws.state is not WsState.OPEN:
             return
+        self.server.closed(self, code, reason)
         if self.joined is not None:
             self.server.hub.leave(self, self.joined)
             self.joined = None
+        self.closing = True
+        self._drop_output()
         self.ws.send_close(code, reason)
         self._flush()
-        self.closing = True
         self._arm(None, CLOSE_TIMEOUT)
+        self.account()
 
     def drain(self) -> None:
-        """Shutdown: read nothing more and start no new command (queued ones were never
-        acknowledged, so dropping them loses nothing); the one in flight completes."""
+        """Shutdown: start no new command (queued ones were never acknowledged, so dropping
+        them loses nothing; the one in flight completes), but keep reading, so the client's
+        answer to our close frame is seen and the close handshake ends at once."""
         self.draining = True
-        if self.transport is not None and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
+        self.inbox.clear()
+        if self.paused:
+            self._update_reading()
 
     def ping(self) -> None:
         """Keepalive: a connection that has not answered the previous ping is dropped."""
         if self.session is None or self.closing or self.ws.state is not WsState.OPEN:
             return
-        if self.pong_pending:
+        if self.pong_pending is not None:
             self.close(CloseCode.PING_TIMEOUT, "no pong")
             return
-        self.pong_pending = True
-        self.ws.send_ping(b"nanomsg")
+        # A fresh payload per ping: only a client that read this ping can answer it.
+        self.pong_pending = secrets.token_bytes(8)
+        self.ws.send_ping(self.pong_pending)
         self._flush()
+
+
+@dataclass(eq=False, slots=True)
+class _Reply:
+    """A history reply or resume replay of one connection, written as the client reads it."""
+
+    frames: list[bytes] = field(default_factory=list)  # not yet handed to the transport
+    size: int = 0  # bytes in ``frames``
+    streamed: int = 0  # bytes handed to the transport so far: room earned for held frames
+    replaying: bool = False  # a resume's replay is still being read: held frames wait for it
+    streaming: bool = False  # the result is in: frames written now go behind the reply
 
 
 @dataclass(eq=False, slots=True)
@@ -547,6 +784,22 @@ class _QuietLogger(logging.LoggerAdapter[logging.Logger]):
 _quiet = _QuietLogger(logging.getLogger("websockets.server"), {})
 
 
+def _load_libc() -> ctypes.CDLL | None:
+    """glibc, for ``malloc_trim``; None elsewhere (musl, macOS), where nothing is trimmed."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_libc = _load_libc()
+
+
 class WsServer:
     """Owns the listening socket, the live connections, their storage tasks and keepalive."""
 
@@ -570,7 +823,19 @@ class WsServer:
         self.clock = clock
         self.limits = Limits(auth_timeout=config.auth_timeout, refresh_grace=config.refresh_grace)
         self.connections: set[Connection] = set()
-        self._conn_ids = itertools.count(1)
+        # Keepalive: each connection is pinged in the slice it was accepted in, so it is pinged
+        # once per interval however many connections open and close meanwhile.
+        self._ping_slots: list[set[Connection]] = [set() for _ in range(PING_SLICES)]
+        self._ping_slice = 0  # the slice pinged last
+        self._conn_ids = 0
+        # Server-initiated closes by close code (1006: dropped without a close handshake).
+        self.closes: collections.Counter[int] = collections.Counter()
+        # Bytes queued for all connections (outbox, held, long replies, transport buffers), as
+        # last accounted; past config.max_outbound the largest backlogs are closed.
+        self.outbound = 0
+        self._budget_check: asyncio.Handle | None = None
+        self.released = 0  # backlog bytes of closed connections since the last malloc_trim
+        self._trim: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._keepalive: asyncio.Task[None] | None = None
@@ -594,11 +859,6 @@ class WsServer:
         )
         self._flush_handle: asyncio.Handle | None = None
 
-    def new_conn_id(self) -> str:
-        """A name for a new connection, unique on this process (node id, then a counter)."""
-        number = next(self._conn_ids)
-        return f"{self.node_id}-{number}" if self.node_id else str(number)
-
     def mark_dirty(self, conn: Connection) -> None:
         """``conn`` has an outbox to write: flush all such at the end of this loop pass."""
         self._dirty.append(conn)
@@ -610,10 +870,70 @@ class WsServer:
         for conn in dirty:
             conn.flush_outbox()
 
+    def next_conn_id(self) -> str:
+        """A short id naming a connection in log lines: the node id (unique per process run)
+        and a counter, e.g. ``4242-9f86d081#17``."""
+        self._conn_ids += 1
+        return f"{self.node_id}#{self._conn_ids}"
+
+    def accept(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self._ping_slots[self._ping_slice].add(conn)  # first ping about one interval from now
+
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        for slot in self._ping_slots:  # 20 lookups, once per connection: no slot attribute
+            slot.discard(conn)
         if not self.connections:
             self._all_gone.set()
+        if self.released >= TRIM_AFTER and self._trim is None:
+            # Let the transports of the closed connections go first, then give memory back.
+            self._trim = asyncio.get_running_loop().call_later(1.0, self._malloc_trim)
+
+    def closed(self, conn: Connection, code: int, reason: str) -> None:
+        """A close the server starts: logged once with the connection and user, and counted.
+        Quit (1000) and shutdown (1001) are routine and logged at DEBUG."""
+        self.closes[code] += 1
+        principal = conn.session.principal if conn.session is not None else None
+        log.log(
+            logging.DEBUG if code in (1000, 1001) else logging.INFO,
+            "closing connection %s (user %s): %d %s",
+            conn.conn_id,
+            principal.user if principal is not None else "-",
+            code,
+            reason,
+        )
+
+    def check_budget(self) -> None:
+        """Schedule one budget check at the end of this loop pass when over ``max_outbound``."""
+        if self.outbound > self.config.max_outbound and self._budget_check is None:
+            self._budget_check = asyncio.get_running_loop().call_soon(self._enforce_budget)
+
+    def _enforce_budget(self) -> None:
+        """Past ``max_outbound`` bytes queued in all, close the connections with the largest
+        backlogs first (4000) until the rest fits. Counted afresh: accounted shares may be
+        stale (a transport that drained between its high- and low-water marks says nothing).
+        Connections already closing are candidates too: their buffers are memory as well."""
+        # _budget_check stays set meanwhile: the accounting below schedules no second check.
+        conns = list(self.connections)
+        for conn in conns:
+            conn.account()
+        over = self.outbound - self.config.max_outbound
+        if over > 0:
+            conns.sort(key=lambda conn: conn.accounted, reverse=True)
+            for conn in conns:
+                if over <= 0 or not conn.accounted:
+                    break
+                over -= conn.accounted
+                conn.drop_for_budget()
+        self._budget_check = None
+
+    def _malloc_trim(self) -> None:
+        """After a slow-consumer storm, hand the freed heap back to the system: the transport
+        buffers of closed connections leave free pages inside glibc's heap that it keeps."""
+        self._trim, self.released = None, 0
+        if _libc is not None:
+            _libc.malloc_trim(0)
 
     @property
     def port(self) -> int:
@@ -642,22 +962,28 @@ class WsServer:
         """Ping every connection once per ``ping_interval``, spread over the interval in
         ``PING_SLICES`` steps: pinging 10 000 connections at once is 10 000 writes in one
         callback, a ~50 ms stall for every room message waiting behind it (measured: chat p99
-        134 ms with one sweep, 12 ms without pings)."""
+        134 ms with one sweep, 12 ms without pings). A connection keeps the slice it was
+        accepted in, and the steps keep to a fixed schedule (no drift), so the pings of one
+        connection are one interval apart whatever opens and closes meanwhile."""
         interval = self.config.ping_interval
+        step = interval / PING_SLICES
+        loop = asyncio.get_running_loop()
+        start, tick = loop.time(), 0
         while True:
-            conns = list(self.connections)
-            per_slice = -(-len(conns) // PING_SLICES)  # ceiling
-            for start in range(0, PING_SLICES * per_slice or 1, per_slice or 1):
-                await asyncio.sleep(interval / PING_SLICES)
-                for conn in conns[start : start + per_slice]:
-                    conn.ping()
+            tick += 1
+            await asyncio.sleep(max(start + tick * step - loop.time(), 0.0))
+            self._ping_slice = tick % PING_SLICES
+            for conn in list(self._ping_slots[self._ping_slice]):
+                conn.ping()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Graceful stop within ``timeout``: stop accepting and reading, let every storage
         operation in flight finish (so each send either was acknowledged or never happened),
         then close every connection with 1001."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        started = loop.time()
+        deadline = started + timeout
+        in_flight = len(self._tasks) + self.writer.pending
         if self._server is not None:
             self._server.close()
         if self._keepalive is not None:
@@ -675,15 +1001,28 @@ class WsServer:
                     await asyncio.wait_for(
                         self.writer.flush(), max(deadline - close_budget - loop.time(), 0.0)
                     )
+        unfinished = len(self._tasks) + self.writer.pending
         self._all_gone.clear()
+        open_conns = len(self.connections)
         for conn in list(self.connections):
             conn.close(CloseCode.GOING_AWAY, "server shutting down")
         if self.connections:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_gone.wait(), max(deadline - loop.time(), 0.05))
+        dropped = len(self.connections)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self._server is not None:  # not after a failed start: nothing to report then
+            log.info(
+                "shutdown: %d connections closed with 1001 (%d without the client's answer), "
+                "%d of %d storage operations finished, in %.2f s",
+                open_conns,
+                dropped,
+                in_flight - unfinished,
+                in_flight,
+                loop.time() - started,
+            )
         for task in list(self._tasks):
             task.cancel()
         if self._server is not None:

@@ -17,10 +17,11 @@ import pytest_asyncio
 from nanomsg.auth import Verifier
 from nanomsg.clock import SystemClock
 from nanomsg.config import Config
+from nanomsg.events import Leave
 from nanomsg.fanout import Hub, text_frame
 from nanomsg.store.sqlite import SqliteStore
 from nanomsg.store.writer import BatchWriter
-from nanomsg.ws_server import Connection, WsServer
+from nanomsg.ws_server import Connection, WsServer, _Reply
 
 pytestmark = pytest.mark.asyncio
 
@@ -36,6 +37,7 @@ class RecordingTransport:
     def __init__(self) -> None:
         self.writes: list[bytes] = []
         self.closed = False
+        self.reading = True
 
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
@@ -53,9 +55,12 @@ class RecordingTransport:
         self.closed = True
 
     def pause_reading(self) -> None:
-        pass
+        self.reading = False
 
     def resume_reading(self) -> None:
+        self.reading = True
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -148,7 +153,8 @@ async def test_control_frames_keep_their_place_after_queued_frames(server: WsSer
     conn.write_frame(frame(2), 2)
     await one_pass()
     stream = b"".join(transport.writes)
-    ping = b"\x89\x07nanomsg"
+    assert conn.pong_pending is not None
+    ping = b"\x89\x08" + conn.pong_pending
     assert stream == frame(1) + ping + frame(2)
 
 
@@ -287,3 +293,67 @@ async def test_frame_bytes_arriving_with_the_upgrade_keep_the_original_parser(
     conn.data_received(BAD_TOKEN[5:])
     await one_pass()
     assert b"".join(transport.writes).endswith(BADAUTH)
+
+
+def start_long_reply(conn: Connection, frames: list[bytes]) -> None:
+    """What the shell does with a history or replay result: a long reply, live frames held."""
+    conn.reply = _Reply(list(frames), sum(map(len, frames)), streaming=True)
+    conn.held, conn.busy = [], True
+
+
+async def test_a_long_reply_waits_for_the_transport_and_live_frames_follow_it(
+    server: WsServer,
+) -> None:
+    conn, transport = connect(server)
+    reply = [frame(seq, size=500) for seq in range(1, 31)]  # ~15 KB, max_backlog is 4 KiB
+    start_long_reply(conn, reply)
+    conn.pause_writing()  # the client has not read yet
+    conn._send_reply()
+    assert transport.writes == []
+    conn.write_frame(frame(31), 31)  # live, meanwhile
+    conn.resume_writing()  # the client read: the reply goes out, then the live frame
+    await one_pass()
+    assert b"".join(transport.writes) == b"".join(reply) + frame(31)
+    assert max(map(len, transport.writes)) <= 1024 + len(reply[0])  # in chunks
+    assert not conn.closing and not conn.busy and conn.held is None and conn.reply is None
+
+
+async def test_live_frames_held_behind_a_reply_nobody_reads_close_4000(server: WsServer) -> None:
+    conn, transport = connect(server)
+    start_long_reply(conn, [frame(1, size=500)])
+    conn.pause_writing()
+    seq = 1
+    while not conn.closing and seq < 100:
+        seq += 1
+        conn.write_frame(frame(seq, size=500), seq)
+    assert conn.closing and seq < 20  # 4 KiB held, nothing of the reply read
+    assert close_code(transport.writes[-1]) == 4000
+    assert conn.held is None and conn.reply is None  # dropped
+
+
+async def test_frames_held_behind_a_reply_being_read_may_pass_the_backlog_bound(
+    server: WsServer,
+) -> None:
+    conn, transport = connect(server)
+    start_long_reply(conn, [frame(1, size=500)])
+    conn.pause_writing()
+    assert conn.reply is not None
+    conn.reply.streamed = 20_000  # the client has taken 20 KB of the reply so far
+    for seq in range(2, 40):  # ~19 KB held: over max_backlog (4 KiB), under 4 KiB + 20 KB
+        conn.write_frame(frame(seq, size=500), seq)
+    assert not conn.closing
+    for seq in range(40, 60):
+        conn.write_frame(frame(seq, size=500), seq)
+    assert conn.closing and close_code(transport.writes[-1]) == 4000
+
+
+async def test_leaving_the_room_while_its_replay_is_read_forgets_the_replay(
+    server: WsServer,
+) -> None:
+    conn, transport = connect(server)
+    conn.reply, conn.held = _Reply(replaying=True), []
+    conn.apply([Leave(7)])
+    assert conn.reply is None and conn.held is None
+    conn.write_frame(frame(1), 1)  # the next room's frames are not held
+    await one_pass()
+    assert transport.writes == [frame(1)]

@@ -1,0 +1,113 @@
+"""Bounds of the WebSocket shell driven without sockets (see test_outbox): reading paused
+while writes do not drain, control-frame replies counted, the keepalive pong matched to its
+ping, and the process-wide outbound budget."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from nanomsg.auth import Verifier
+from nanomsg.clock import SystemClock
+from nanomsg.config import Config
+from nanomsg.fanout import Hub
+from nanomsg.store.sqlite import SqliteStore
+from nanomsg.store.writer import BatchWriter
+from nanomsg.ws_server import WsServer
+from tests.unit.test_outbox import close_code, connect, frame, one_pass
+
+
+@pytest_asyncio.fixture
+async def server(tmp_path: Path) -> AsyncIterator[WsServer]:
+    """A shell over SQLite: 4 KiB per connection, 6 000 bytes for the whole process."""
+    store = SqliteStore(str(tmp_path / "ws.db"))
+    clock = SystemClock()
+    ws = WsServer(
+        config=Config(max_backlog=4096, max_outbound=6000),
+        hub=Hub(store),
+        store=store,
+        writer=BatchWriter(store),
+        verifier=Verifier.from_material(clock=clock, secret="ws-server-test-secret-0123456789ab"),
+        clock=clock,
+    )
+    yield ws
+    for conn in list(ws.connections):
+        conn.connection_lost(None)
+
+
+pytestmark = pytest.mark.asyncio
+
+
+def masked(opcode: int, payload: bytes) -> bytes:
+    """A client frame (payloads under 126 bytes), masked as clients must."""
+    assert len(payload) < 126
+    mask = b"\x0a\x0b\x0c\x0d"
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + body
+
+
+PING, PONG = 0x9, 0xA
+
+
+async def test_reading_stops_while_the_transport_is_over_its_high_water_mark(
+    server: WsServer,
+) -> None:
+    conn, transport = connect(server)
+    conn.pause_writing()  # what asyncio calls when the client does not read
+    assert not transport.reading
+    conn.resume_writing()
+    assert transport.reading
+
+
+async def test_pongs_past_the_backlog_bound_close_4000(server: WsServer) -> None:
+    conn, transport = connect(server)  # max_backlog=4096; the peer never reads
+    conn.data_received(masked(PING, b"p" * 100) * 20)  # one read, ~2 KB of pongs
+    assert not conn.closing
+    conn.data_received(masked(PING, b"p" * 100) * 40)
+    assert conn.closing
+    assert close_code(transport.writes[-1]) == 4000
+    assert server.closes[4000] == 1
+
+
+async def test_only_the_pong_of_the_ping_sent_answers_it(server: WsServer) -> None:
+    liar, liar_transport = connect(server)
+    honest, _ = connect(server)
+    for conn in (liar, honest):
+        conn.ping()
+        assert conn.pong_pending is not None
+    liar.data_received(masked(PONG, b"nanomsg"))  # unsolicited, or an old payload
+    answer = honest.pong_pending
+    assert answer is not None
+    honest.data_received(masked(PONG, answer))
+    assert liar.pong_pending is not None and honest.pong_pending is None
+    liar.ping()
+    honest.ping()
+    assert liar.closing and close_code(liar_transport.writes[-1]) == 4001
+    assert not honest.closing
+
+
+async def test_past_the_outbound_budget_the_largest_backlogs_are_closed_first(
+    server: WsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    small, _ = connect(server)
+    big, big_transport = connect(server)
+    middle, _ = connect(server)
+    for seq, (conn, size) in enumerate([(small, 500), (big, 2900), (middle, 1800)], start=1):
+        conn.write_frame(frame(seq, size=size), seq)
+    await one_pass()
+    await one_pass()
+    assert not any(conn.closing for conn in (small, big, middle))  # 5.2 KB in all: fits
+    small.write_frame(frame(9, size=1000), 9)
+    with caplog.at_level(logging.INFO, logger="nanomsg.ws_server"):
+        await one_pass()
+        await one_pass()
+    assert big.closing and close_code(big_transport.writes[-1]) == 4000
+    assert not small.closing and not middle.closing
+    assert big_transport.closed  # dropped at once: its buffer is not kept for the handshake
+    assert server.closes[4000] == 1
+    (line,) = [r.getMessage() for r in caplog.records if "4000" in r.getMessage()]
+    assert big.conn_id in line and "budget" in line
