@@ -115,6 +115,7 @@ class App:
             config=self.config,
             notify_room_changed=self.relay.room_changed,
             readiness=self.readiness,
+            closes=lambda: self.ws.closes,
         )
         self._runner = web.AppRunner(
             http_app,

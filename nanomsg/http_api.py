@@ -67,6 +67,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AuthedHandler = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
 NotifyRoomChanged = Callable[[int], Awaitable[None]]
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
+# Connections the WebSocket server closed itself, by close code (reported by /healthz).
+CloseCounts = Callable[[], Mapping[int, int]]
 
 READINESS_TIMEOUT = 5.0
 CORS_ALLOW_HEADERS = "Authorization, Content-Type"
@@ -466,6 +468,7 @@ class HttpApi:
         config: Config,
         notify_room_changed: NotifyRoomChanged,
         readiness: Readiness,
+        closes: CloseCounts = dict,
     ) -> None:
         self.store = store
         self.verifier = verifier
@@ -473,6 +476,7 @@ class HttpApi:
         self.config = config
         self.notify_room_changed = notify_room_changed
         self.readiness = readiness
+        self.closes = closes
         self.spec = orjson.dumps(build_openapi(room_create_level=config.room_create_level))
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -525,7 +529,8 @@ class HttpApi:
     # -- public -----------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
-        return envelope(200, {"status": "ok"})
+        closes = {str(code): count for code, count in sorted(self.closes().items())}
+        return envelope(200, {"status": "ok", "closes": closes})
 
     async def readyz(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -815,6 +820,7 @@ def build_http_app(
     config: Config,
     notify_room_changed: NotifyRoomChanged,
     readiness: Readiness,
+    closes: CloseCounts = dict,
 ) -> web.Application:
     """The side-port application; the caller owns the store and runs the app."""
     api = HttpApi(
@@ -824,6 +830,7 @@ def build_http_app(
         config=config,
         notify_room_changed=notify_room_changed,
         readiness=readiness,
+        closes=closes,
     )
     app = web.Application(
         middlewares=[connection_middleware, envelope_middleware], client_max_size=MAX_BODY_BYTES

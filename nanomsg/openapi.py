@@ -364,10 +364,23 @@ def _paths(room_create_level: int) -> dict[str, Any]:
     return {
         "/healthz": {
             "get": {
-                "summary": "Liveness",
+                "summary": "Liveness, and the connections the server closed itself",
                 "security": [],
                 "responses": _ok(
-                    "Alive.", {"type": "object", "properties": {"status": {"const": "ok"}}}
+                    "Alive. `closes`: WebSocket connections this process closed itself since it "
+                    "started, by close code (1006: dropped without a close handshake).",
+                    {
+                        "type": "object",
+                        "required": ["status", "closes"],
+                        "properties": {
+                            "status": {"const": "ok"},
+                            "closes": {
+                                "type": "object",
+                                "propertyNames": {"pattern": "^[0-9]{4}$"},
+                                "additionalProperties": {"type": "integer", "minimum": 1},
+                            },
+                        },
+                    },
                 ),
             }
         },

@@ -467,3 +467,7 @@ async def test_each_close_the_server_starts_is_logged_once_with_connection_user_
     ws = server.app.ws
     assert ws.closes[4001] == 1 and ws.closes[1008] == 1 and ws.closes[1009] == 1
     assert len({line.split()[2] for line in lines}) == len(lines)  # one line per connection
+    # The counts are what an operator reads from the side-port.
+    status, health = await server.call("GET", "/healthz", None)
+    assert status == 200
+    assert health["content"]["closes"] == {"1008": 1, "1009": 1, "4001": 1}

@@ -251,7 +251,7 @@ async def test_test_token_returns_the_verified_claims(api: Api) -> None:
 async def test_healthz_needs_no_token(api: Api) -> None:
     reply = await api.call("GET", "/healthz")
     assert_envelope(reply, 200)
-    assert reply.content == {"status": "ok"}
+    assert reply.content == {"status": "ok", "closes": {}}
 
 
 @pytest.mark.asyncio
