@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from nanomsg.models import Message
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +22,17 @@ class RelayHandlers:
     # An ephemeral event another process sent to a room's receivers (room id, its object);
     # None: signals are ignored.
     signal: Callable[[int, dict[str, Any]], None] | None = None
+
+
+def recheck_watched(handlers: RelayHandlers, watched: Collection[int]) -> None:
+    """The control channel is (again) subscribed: notices published while it was not are gone,
+    so re-check every watched room against storage. Both Redis relays call this on every
+    confirmation of the control subscription, after it took effect, so no notice falls
+    between the two."""
+    if watched:
+        log.info("redis control channel subscribed; re-checking %d rooms", len(watched))
+    for room_id in list(watched):
+        handlers.room_changed(room_id)
 
 
 class Relay(Protocol):

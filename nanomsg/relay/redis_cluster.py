@@ -61,7 +61,7 @@ from redis.exceptions import AskError, RedisClusterException, RedisError
 
 from nanomsg.config import ConfigError
 from nanomsg.models import Message
-from nanomsg.relay.base import RelayHandlers
+from nanomsg.relay.base import RelayHandlers, recheck_watched
 from nanomsg.relay.envelope import hand_over
 from nanomsg.relay.outbox import MAX_ENTRIES, Outbox, Packet
 from nanomsg.relay.redis import quietly_close
@@ -447,13 +447,8 @@ class RedisClusterRelay:
             self.handlers.resync(int(channel[len(self.room_prefix) :]))
 
     def missed_notices(self) -> None:
-        """The control channel is (again) subscribed: notices published while it was not are
-        gone, so re-check every watched room against storage. Called on every confirmation,
-        after the subscription took effect, so no notice falls between the two."""
-        if self._watched:
-            log.info("redis control channel subscribed; re-checking %d rooms", len(self._watched))
-        for room_id in list(self._watched):
-            self.handlers.room_changed(room_id)
+        """The control channel is (again) subscribed: re-check every watched room."""
+        recheck_watched(self.handlers, self._watched)
 
     def _received(self, channel: str, data: Any) -> None:
         try:

@@ -447,7 +447,7 @@ async def test_serve_answers_healthz_on_the_http_port_it_logged(start_serve: Sta
     ):
         assert resp.status == 200
         body = orjson.loads(await resp.read())
-    assert body["content"] == {"status": "ok"}
+    assert body["content"] == {"status": "ok", "closes": {}}
 
 
 async def test_sigterm_closes_clients_with_1001_and_serve_exits_0(
