@@ -702,7 +702,19 @@ class SqliteStore:
         return common.dm_room(room_id, room_uuid, key, level_admin, entity, now), True
 
     async def settle_dms(self, user: str, entity: str, now: datetime) -> Settled:
-        """Accept the user's rule in the waiting DMs their entity owns; clear the wait."""
+        """Accept the user's rule in the waiting DMs their entity owns; clear the wait.
+
+        A read first: drivers call this on every authentication, and almost always nothing
+        waits, which must not cost SQLite's one write lock.
+        """
+        async with self._read() as db:
+            waiting = list(
+                await db.execute_fetchall(
+                    "SELECT 1 FROM rooms WHERE dm_pending = ? LIMIT 1", (user,)
+                )
+            )
+        if not waiting:
+            return Settled()
         async with self._write() as db:
             rows = list(
                 await db.execute_fetchall(
