@@ -317,24 +317,33 @@ def conversation_page_sql(visible_ids: str, order: str) -> str:
     """The ids of one page of the rooms ``visible_ids`` (a SELECT of room ids, named
     parameters) lists, by id or latest activity first; ``:limit`` and ``:offset`` page it."""
     check_order(order)
-    order_by = f"{_ACTIVITY} DESC, r.id DESC" if order == "activity" else "r.id"
+    if order == "activity":
+        # Sorting needs every visible room's activity anyway: hand it on to the outer query.
+        return (
+            f"SELECT r.id, {_ACTIVITY} AS activity FROM rooms r"
+            f" WHERE r.deleted_at IS NULL AND r.id IN ({visible_ids})"
+            " ORDER BY activity DESC, r.id DESC LIMIT :limit OFFSET :offset"
+        )
     return (
-        f"SELECT r.id FROM rooms r WHERE r.deleted_at IS NULL AND r.id IN ({visible_ids})"
-        f" ORDER BY {order_by} LIMIT :limit OFFSET :offset"
+        "SELECT r.id, CAST(NULL AS TIMESTAMP) AS activity FROM rooms r"
+        f" WHERE r.deleted_at IS NULL AND r.id IN ({visible_ids})"
+        " ORDER BY r.id LIMIT :limit OFFSET :offset"
     )
 
 
 def room_states_sql(page_ids: str, order: str) -> str:
-    """ONE SELECT of the rooms ``page_ids`` (a SELECT of room ids) names with their state
+    """ONE SELECT of the rooms ``page_ids`` (a SELECT of ``id, activity``, the activity NULL
+    when not known yet) names with their state
     for ``:user``: the room, its last activity, the user's mark, the unread count, then its
     latest message (all NULL when it has none). Per room, three probes walk the (room_id,
     seq) index: the event at last_seq, the latest message (from the top down) and the
     messages after the mark (the unread ones)."""
     check_order(order)
-    order_by = "activity DESC, r.id DESC" if order == "activity" else "r.id"
+    order_by = "p.activity DESC, r.id DESC" if order == "activity" else "r.id"
     return (
         f"WITH page AS ({page_ids})"
-        f" SELECT {ROOM_COLS}, {_ACTIVITY} AS activity, coalesce(rd.seq, 0) AS read_seq,"
+        f" SELECT {ROOM_COLS}, coalesce(p.activity, {_ACTIVITY}) AS activity,"
+        " coalesce(rd.seq, 0) AS read_seq,"
         " (SELECT count(*) FROM messages u WHERE u.room_id = r.id"
         "  AND u.seq > coalesce(rd.seq, 0) AND u.kind = 'message'"
         "  AND u.deleted_at IS NULL AND u.emitter <> :user) AS unread,"

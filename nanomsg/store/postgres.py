@@ -842,7 +842,10 @@ class PostgresStore:
         """One statement over the given ids the user may read."""
         if not room_ids:
             return {}
-        page = f"SELECT id FROM rooms WHERE id = ANY(:ids::bigint[]) AND id IN ({_VISIBLE_IDS})"
+        page = (
+            "SELECT id, NULL::timestamptz AS activity FROM rooms WHERE id = ANY(:ids::bigint[])"
+            f" AND id IN ({_VISIBLE_IDS})"
+        )
         sql, args = common.numbered(
             common.room_states_sql(page, "id"),
             {"user": user, "entity": entity, "level": level, "ids": list(room_ids)},

@@ -752,7 +752,8 @@ class SqliteStore:
         if not room_ids:
             return {}
         page = (
-            "SELECT id FROM rooms WHERE id IN (SELECT value FROM json_each(:ids))"
+            "SELECT id, NULL AS activity FROM rooms"
+            " WHERE id IN (SELECT value FROM json_each(:ids))"
             f" AND id IN ({_VISIBLE_IDS})"
         )
         params = {"user": user, "entity": entity, "level": level, "ids": json.dumps(list(room_ids))}
