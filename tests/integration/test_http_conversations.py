@@ -177,3 +177,13 @@ async def test_get_rooms_items_carry_the_state_of_readable_rooms(api: Api) -> No
     reply = await api.call("GET", "/rooms", me)
     [item] = [i for i in reply.content if i["room_id"] == room_id and i["kind"] == "user"]
     assert (item["room"]["unread"], item["room"]["last_message"]["content"]) == (1, "news")
+
+
+async def test_post_dm_for_a_deleted_dm_is_404(api: Api) -> None:
+    alice = api.caller(level=1000)
+    bob = api.caller(entity=alice.entity)
+    room_id = (await api.call("POST", "/dm", alice, json={"user": bob.user})).content["room"]["id"]
+    deleted = await api.call("DELETE", f"/rooms/{room_id}", alice)
+    assert deleted.status == 200, deleted.body
+    again = await api.call("POST", "/dm", bob, json={"user": alice.user})
+    assert (again.status, again.reason) == (404, "no such room")
