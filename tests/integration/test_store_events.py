@@ -133,6 +133,22 @@ async def test_concurrent_deletes_of_one_message_store_exactly_one(store: Store)
     assert [e.kind for e in await store.events(everything(room.id))] == ["message", "delete"]
 
 
+async def test_edits_deletes_and_sends_racing_in_one_room_share_one_gapless_seq_stream(
+    store: Store,
+) -> None:
+    room = await make_room(store)
+    author = new_id()
+    targets = [await send(store, room.id, author, f"t{n}") for n in range(6)]
+    work = [send(store, room.id, author, f"m{n}") for n in range(20)]
+    work += [store.edit_message(room.id, seq, author, "e", later(1)) for seq in targets[:3]]
+    work += [store.delete_message(room.id, seq, author, False, later(1)) for seq in targets[3:]]
+    await asyncio.gather(*work)
+    events = await store.events(everything(room.id))
+    assert [e.seq for e in events] == list(range(1, 33))
+    assert sorted(e.kind for e in events).count("message") == 26
+    assert (await store.room_heads([room.id]))[room.id] == 32
+
+
 # -- read marks ---------------------------------------------------------------------------------
 
 
