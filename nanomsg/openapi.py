@@ -550,8 +550,8 @@ def _paths(room_create_level: int) -> dict[str, Any]:
                 "other user can read it at once when their token shows the caller's entity; "
                 "from another entity it is a pending invitation they accept with PUT "
                 "/rooms/{id}/invitation (`invited` says it is still pending). Asking for a DM "
-                "one was invited to accepts it. 400 for a DM with oneself; 404 once the pair's DM was "
-                "deleted.",
+                "one was invited to accepts it. 400 for a DM with oneself; 404 once the "
+                "pair's DM was deleted.",
                 "requestBody": _body(
                     _ref("OpenDm"), {"user": "7f3a2c1e-5b4d-4e8f-9a6b-0c1d2e3f4a5b"}
                 ),

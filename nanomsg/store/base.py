@@ -114,6 +114,8 @@ class NewMessage:
     content: str
     client_id: str | None
     now: datetime
+    # A message a partner backend posted ("a document was attached"); its frames say so.
+    system: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,10 +91,10 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 _APPEND_BATCH_SQL = """
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::timestamptz[]) WITH ORDINALITY
-        AS t(room_id, emitter, entity, content, client_id, created_at, ord)
+                         $6::timestamptz[], $7::boolean[]) WITH ORDINALITY
+        AS t(room_id, emitter, entity, content, client_id, created_at, system, ord)
 ), existing AS (
-    SELECT i.ord, m.id, m.seq, m.entity, m.content, m.created_at
+    SELECT i.ord, m.id, m.seq, m.entity, m.content, m.created_at, m.system
     FROM input i JOIN messages m
         ON m.room_id = i.room_id AND m.emitter = i.emitter AND m.client_id = i.client_id
     WHERE i.client_id IS NOT NULL  -- no index probe for the (usual) sends without one
@@ -114,17 +114,17 @@ WITH input AS (
     RETURNING r.id, r.last_seq - w.n AS base
 ), planned AS (
     SELECT f.ord, f.room_id, b.base + f.n AS seq, f.emitter, f.entity, f.content,
-           f.client_id, f.created_at
+           f.client_id, f.created_at, f.system
     FROM fresh f JOIN bumped b ON b.id = f.room_id
 ), inserted AS (
-    INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at)
-    SELECT room_id, seq, emitter, entity, content, client_id, created_at FROM planned
+    INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at, system)
+    SELECT room_id, seq, emitter, entity, content, client_id, created_at, system FROM planned
     RETURNING id, room_id, seq
 )
-SELECT p.ord, ins.id, p.seq, p.entity, p.content, p.created_at, TRUE AS created
+SELECT p.ord, ins.id, p.seq, p.entity, p.content, p.created_at, p.system, TRUE AS created
 FROM planned p JOIN inserted ins ON ins.room_id = p.room_id AND ins.seq = p.seq
 UNION ALL
-SELECT ord, id, seq, entity, content, created_at, FALSE AS created FROM existing
+SELECT ord, id, seq, entity, content, created_at, system, FALSE AS created FROM existing
 """
 
 # Tries of the batch statement when it collided with a concurrent writer (it was rolled back
@@ -572,6 +572,7 @@ class PostgresStore:
             [batch[index].content for index in sent],
             [batch[index].client_id for index in sent],
             [stamps[index] for index in sent],
+            [batch[index].system for index in sent],
         )
         rows = await self._run_batch(columns)
         by_ord = {int(row["ord"]): row for row in rows}
@@ -591,6 +592,7 @@ class PostgresStore:
                 content=str(row["content"]),
                 created_at=row["created_at"],
                 client_id=new.client_id,
+                system=bool(row["system"]),
             )
             outcomes[index] = (message, bool(row["created"]))
         return common.with_copies(outcomes, firsts)

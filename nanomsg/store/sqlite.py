@@ -511,6 +511,7 @@ class SqliteStore:
                 content=new.content,
                 created_at=from_micros(stamps[index]),
                 client_id=new.client_id,
+                system=new.system,
             )
             outcomes[index] = (message, True)
         return common.with_copies(outcomes, firsts)
@@ -824,10 +825,10 @@ async def _insert_messages(
     RETURNING rows come in no promised order, hence the (room_id, seq) key.
     """
     ids: dict[tuple[int, int], int] = {}
-    for chunk in _chunks(rows, 7):
+    for chunk in _chunks(rows, 8):
         returned = await db.execute_fetchall(
             "INSERT INTO messages (room_id, seq, emitter, entity, content, client_id,"
-            f" created_at) VALUES {_values(len(chunk), 7)} RETURNING room_id, seq, id",
+            f" created_at, system) VALUES {_values(len(chunk), 8)} RETURNING room_id, seq, id",
             [
                 value
                 for new, seq, stamp in chunk
@@ -839,6 +840,7 @@ async def _insert_messages(
                     new.content,
                     new.client_id,
                     stamp,
+                    int(new.system),
                 )
             ],
         )

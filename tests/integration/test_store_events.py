@@ -353,3 +353,18 @@ async def test_migration_3_keeps_existing_messages_as_plain_messages_and_continu
         assert await store.set_read_mark(1, emitter, 9, later(2)) == 3
     finally:
         await store.close()
+
+
+async def test_system_messages_are_stored_and_read_back_as_system(store: Store) -> None:
+    room = await make_room(store)
+    sent, _ = await store.append_message(
+        NewMessage(room.id, new_id(), "e", "a document was attached", "doc-1", T0, system=True)
+    )
+    plain = await send(store, room.id, new_id(), "hello")
+    again, created = await store.append_message(
+        NewMessage(room.id, sent.emitter, "e", "again", "doc-1", T0, system=True)
+    )
+    assert sent.system and again.system and not created
+    [first, second] = await store.history(everything(room.id))
+    assert (first.system, second.system, second.seq) == (True, False, plain)
+    assert first.to_json()["system"] is True and "system" not in second.to_json()
