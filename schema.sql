@@ -148,5 +148,11 @@ CREATE TABLE room_reads (
 -- theirs showed their entity (same as the room's owner entity: their rule is accepted; else
 -- it stays a pending invitation).
 ALTER TABLE rooms ADD COLUMN dm_key text NULL, ADD COLUMN dm_pending text NULL;
+
+-- When the room's latest event was stored (NULL: none yet), written with last_seq by every
+-- writer, so the conversation list sorts rooms by activity without a probe per room.
+ALTER TABLE rooms ADD COLUMN last_activity_at timestamptz NULL;
+UPDATE rooms r SET last_activity_at = m.created_at
+FROM messages m WHERE m.room_id = r.id AND m.seq = r.last_seq;
 CREATE UNIQUE INDEX rooms_dm_key_idx ON rooms (dm_key) WHERE dm_key IS NOT NULL;
 CREATE INDEX rooms_dm_pending_idx ON rooms (dm_pending) WHERE dm_pending IS NOT NULL;

@@ -305,12 +305,9 @@ def check_order(order: str) -> None:
         raise ValueError(f"order must be one of {CONVERSATION_ORDERS}, got {order!r}")
 
 
-# When a room was last active: its latest event, or its creation while it has none. One
-# primary-key probe on (room_id, seq) per room.
-_ACTIVITY = (
-    "coalesce((SELECT e.created_at FROM messages e"
-    " WHERE e.room_id = r.id AND e.seq = r.last_seq), r.created_at)"
-)
+# When a room was last active: its latest event (kept on the room row by every writer), or
+# its creation while it has none.
+_ACTIVITY = "coalesce(r.last_activity_at, r.created_at)"
 
 
 def conversation_page_sql(visible_ids: str, order: str) -> str:

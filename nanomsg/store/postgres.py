@@ -102,13 +102,14 @@ WITH input AS (
     SELECT i.*, row_number() OVER (PARTITION BY i.room_id ORDER BY i.ord) AS n
     FROM input i WHERE NOT EXISTS (SELECT 1 FROM existing e WHERE e.ord = i.ord)
 ), wanted AS (
-    SELECT room_id, count(*) AS n FROM fresh GROUP BY room_id
+    SELECT room_id, count(*) AS n, max(created_at) AS at FROM fresh GROUP BY room_id
 ), locked AS MATERIALIZED (
     SELECT r.id FROM rooms r
     WHERE r.id = ANY (ARRAY (SELECT room_id FROM wanted)) AND r.deleted_at IS NULL
     ORDER BY r.id FOR NO KEY UPDATE
 ), bumped AS (
-    UPDATE rooms r SET last_seq = r.last_seq + w.n
+    UPDATE rooms r SET last_seq = r.last_seq + w.n,
+        last_activity_at = greatest(r.last_activity_at, w.at)
     FROM locked l JOIN wanted w ON w.room_id = l.id
     WHERE r.id = l.id AND r.deleted_at IS NULL
     RETURNING r.id, r.last_seq - w.n AS base
@@ -682,8 +683,11 @@ class PostgresStore:
                 common.check_target(room_id, seq, target, actor, admin=admin)
                 assert target is not None
                 event_seq = await conn.fetchval(
-                    "UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
+                    "UPDATE rooms SET last_seq = last_seq + 1,"
+                    " last_activity_at = greatest(last_activity_at, $2)"
+                    " WHERE id = $1 RETURNING last_seq",
                     room_id,
+                    stamp,
                 )
                 inserted = await conn.fetchrow(
                     "INSERT INTO messages (room_id, seq, emitter, entity, content, created_at,"

@@ -123,5 +123,9 @@ CREATE TABLE room_reads (
 
 ALTER TABLE rooms ADD COLUMN dm_key TEXT NULL;
 ALTER TABLE rooms ADD COLUMN dm_pending TEXT NULL;
+ALTER TABLE rooms ADD COLUMN last_activity_at INTEGER NULL;
+UPDATE rooms SET last_activity_at = (
+    SELECT m.created_at FROM messages m WHERE m.room_id = rooms.id AND m.seq = rooms.last_seq
+);
 CREATE UNIQUE INDEX rooms_dm_key_idx ON rooms (dm_key) WHERE dm_key IS NOT NULL;
 CREATE INDEX rooms_dm_pending_idx ON rooms (dm_pending) WHERE dm_pending IS NOT NULL;

@@ -490,7 +490,12 @@ class SqliteStore:
                     outcomes[index] = (found, False)
                 else:
                     fresh.append(index)
-            seqs = await _take_seqs(db, Counter(batch[index].room_id for index in fresh))
+            latest: dict[int, int] = {}  # the newest stamp sent to each room
+            for index in fresh:
+                room_id = batch[index].room_id
+                latest[room_id] = max(latest.get(room_id, stamps[index]), stamps[index])
+            counts = Counter(batch[index].room_id for index in fresh)
+            seqs = await _take_seqs(db, counts, latest)
             planned: list[tuple[int, int]] = []  # (batch index, seq)
             for index in fresh:
                 room_id = batch[index].room_id
@@ -578,8 +583,9 @@ class SqliteStore:
             common.check_target(room_id, seq, rows[0] if rows else None, actor, admin=admin)
             bumped = list(
                 await db.execute_fetchall(
-                    "UPDATE rooms SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
-                    (room_id,),
+                    "UPDATE rooms SET last_seq = last_seq + 1, last_activity_at ="
+                    " max(coalesce(last_activity_at, ?), ?) WHERE id = ? RETURNING last_seq",
+                    (stamp, stamp, room_id),
                 )
             )
             event_seq = int(bumped[0][0])
@@ -800,18 +806,23 @@ async def _stored_client_ids(
     return stored
 
 
-async def _take_seqs(db: aiosqlite.Connection, wanted: Mapping[int, int]) -> dict[int, int]:
-    """Reserve ``wanted[room]`` seqs in each live room; its last seq before them, by room.
+async def _take_seqs(
+    db: aiosqlite.Connection, wanted: Mapping[int, int], latest: Mapping[int, int]
+) -> dict[int, int]:
+    """Reserve ``wanted[room]`` seqs in each live room, stamping its last activity with
+    ``latest[room]`` (micros) unless it is already later; its last seq before them, by room.
 
     Rooms absent or deleted are left out (and keep their last_seq).
     """
     bases: dict[int, int] = {}
-    for chunk in _chunks(list(wanted.items()), 2):
+    triples = [(room_id, n, latest[room_id]) for room_id, n in wanted.items()]
+    for chunk in _chunks(triples, 3):
         rows = await db.execute_fetchall(
-            "UPDATE rooms SET last_seq = last_seq + c.column2"
-            f" FROM (VALUES {_values(len(chunk), 2)}) AS c"
+            "UPDATE rooms SET last_seq = last_seq + c.column2,"
+            " last_activity_at = max(coalesce(last_activity_at, c.column3), c.column3)"
+            f" FROM (VALUES {_values(len(chunk), 3)}) AS c"
             " WHERE rooms.id = c.column1 AND rooms.deleted_at IS NULL RETURNING id, last_seq",
-            [value for pair in chunk for value in pair],
+            [value for triple in chunk for value in triple],
         )
         bases.update((int(row[0]), int(row[1]) - wanted[int(row[0])]) for row in rows)
     return bases

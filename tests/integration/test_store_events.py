@@ -296,8 +296,8 @@ async def test_migration_3_keeps_existing_messages_as_plain_messages_and_continu
     version_two: tuple[str, str],
 ) -> None:
     kind, target = version_two
-    emitter = new_id()
-    room_row = [1, str(uuid.uuid4()), "old", 100, "group", new_id(), 100, 2]
+    emitter, owner = new_id(), new_id()
+    room_row = [1, str(uuid.uuid4()), "old", 100, "group", owner, 100, 2]
     messages = [[1, seq, emitter, "e", f"m{seq}", None] for seq in (1, 2)]
     if kind == "sqlite":
         with sqlite3.connect(target) as db:
@@ -314,7 +314,7 @@ async def test_migration_3_keeps_existing_messages_as_plain_messages_and_continu
                 )
             db.execute(ROOM.format(", ".join("?" * 10)), [*room_row, to_micros(T0), to_micros(T0)])
             for row in messages:
-                db.execute(MESSAGE.format(", ".join("?" * 7)), [*row, to_micros(T0)])
+                db.execute(MESSAGE.format(", ".join("?" * 7)), [*row, to_micros(later(row[1]))])
         store: Store = SqliteStore(target)
     else:
         conn = await asyncpg.connect(target)
@@ -335,7 +335,7 @@ async def test_migration_3_keeps_existing_messages_as_plain_messages_and_continu
             )
             for row in messages:
                 await conn.execute(
-                    MESSAGE.format(", ".join(f"${n}" for n in range(1, 8))), *row, T0
+                    MESSAGE.format(", ".join(f"${n}" for n in range(1, 8))), *row, later(row[1])
                 )
             await conn.execute("SELECT setval('rooms_id_seq', 1)")
         finally:
@@ -343,6 +343,8 @@ async def test_migration_3_keeps_existing_messages_as_plain_messages_and_continu
         store = PostgresStore(target)
     await store.open()
     try:
+        [listed] = await store.conversations(emitter, owner, 100, "activity", 10, 0)
+        assert listed.state.last_activity_at == later(2)  # backfilled from the last message
         old = await store.history(everything(1))
         assert [(m.seq, m.kind, m.content, m.system, m.deleted) for m in old] == [
             (1, "message", "m1", False, False),
