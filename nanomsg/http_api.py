@@ -444,7 +444,7 @@ def _no_such_room() -> NoReturn:
     raise HttpError(404, "no such room")
 
 
-def _unread_state() -> dict[str, Any]:
+def _unreadable_state() -> dict[str, Any]:
     """The state fields of a room the caller may not read: nothing of its messages."""
     return {"last_message": None, "last_activity_at": None, "read_seq": 0, "unread": 0}
 
@@ -683,7 +683,7 @@ class HttpApi:
                 **rule.to_json(),
                 "room": {
                     **room.to_json(),
-                    **(states[room.id].to_json() if room.id in states else _unread_state()),
+                    **(states[room.id].to_json() if room.id in states else _unreadable_state()),
                 },
             }
             for rule, room in pairs
