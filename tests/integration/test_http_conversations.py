@@ -187,3 +187,19 @@ async def test_post_dm_for_a_deleted_dm_is_404(api: Api) -> None:
     assert deleted.status == 200, deleted.body
     again = await api.call("POST", "/dm", bob, json={"user": alice.user})
     assert (again.status, again.reason) == (404, "no such room")
+
+
+async def test_http_history_shows_edits_in_place_and_deleted_messages_as_tombstones(
+    api: Api,
+) -> None:
+    owner = api.caller()
+    room_id = await api.room(owner)
+    kept, gone = await send(api, room_id, owner, "draft"), await send(api, room_id, owner, "oops")
+    await api.store.edit_message(room_id, kept, owner.user, "final", datetime.now(UTC))
+    await api.store.delete_message(room_id, gone, owner.user, False, datetime.now(UTC))
+    reply = await api.call("GET", f"/rooms/{room_id}/messages", owner)
+    assert reply.status == 200
+    first, second = reply.content
+    assert (first["seq"], first["content"], "edited_at" in first) == (kept, "final", True)
+    assert (second["seq"], second["content"], second["deleted"]) == (gone, "", True)
+    assert second["deleted_by"] == owner.user and "oops" not in str(reply.body)
