@@ -4,7 +4,8 @@ Seeds a fresh database (dropped afterwards) with one user holding ``--rooms`` ro
 ``--messages`` messages each (from another user, read up to a random point, with an edit and
 a deletion in every tenth room), next to ``--noise`` rooms of other users, then times
 ``PostgresStore.conversations`` (the one query behind ``GET /rooms/all``) from this process:
-the whole list (``limit`` = every room) and a first page of 100, each by id and by activity.
+the whole list (``limit`` = every room), the side-port's largest page (500) and its default
+page (100), each by id and by activity.
 Prints one JSON line per case with p50/p99/max in milliseconds.
 """
 
@@ -92,7 +93,7 @@ async def amain(args: argparse.Namespace) -> None:
             finally:
                 await conn.close()
             for order in ("id", "activity"):
-                for limit in (args.rooms, 100):
+                for limit in (args.rooms, 500, 100):  # all; the side-port's largest page; default
                     found = await store.conversations(user, entity, 0, order, limit, 0)
                     assert len(found) == min(limit, args.rooms), len(found)
 
