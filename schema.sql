@@ -114,3 +114,45 @@ WHERE id IN (
 
 UPDATE messages SET emitter = lower(emitter), entity = lower(entity)
 WHERE emitter <> lower(emitter) OR entity <> lower(entity);
+
+-- migration: 3 room events, read marks, direct messages
+-- The room's stream holds events, not only messages: an edit and a delete are rows of
+-- messages too, taking the room's next seq like a send (so they share its ordering, gap-fill,
+-- resume and history path). ``kind`` says which; ``target_seq`` names the message an edit or
+-- delete acts on. The original row keeps its seq and carries its current state: ``content``
+-- is the latest edit (``first_content`` keeps the text as sent, for audit), ``edited_at``,
+-- and the soft delete ``deleted_at``/``deleted_by`` (its content stays stored, never served).
+-- ``system`` marks messages a partner backend posted. Constant defaults: no table rewrite.
+ALTER TABLE messages
+    ADD COLUMN kind text NOT NULL DEFAULT 'message'
+        CHECK (kind IN ('message', 'edit', 'delete')),
+    ADD COLUMN target_seq bigint NULL,
+    ADD COLUMN system boolean NOT NULL DEFAULT false,
+    ADD COLUMN first_content text NULL,
+    ADD COLUMN edited_at timestamptz NULL,
+    ADD COLUMN deleted_at timestamptz NULL,
+    ADD COLUMN deleted_by text NULL,
+    ADD CONSTRAINT messages_target_seq_check CHECK ((kind = 'message') = (target_seq IS NULL));
+
+-- A user's read mark per room: the highest seq they have read (never moves backwards).
+CREATE TABLE room_reads (
+    room_id    bigint NOT NULL REFERENCES rooms (id),
+    user_uuid  text NOT NULL,
+    seq        bigint NOT NULL,
+    updated_at timestamptz NOT NULL,
+    PRIMARY KEY (room_id, user_uuid)
+);
+
+-- A direct-message room exists once per pair of users: ``dm_key`` is their two lower-case
+-- UUIDs sorted and joined by ':'. ``dm_pending`` names the invited user until a token of
+-- theirs showed their entity (same as the room's owner entity: their rule is accepted; else
+-- it stays a pending invitation).
+ALTER TABLE rooms ADD COLUMN dm_key text NULL, ADD COLUMN dm_pending text NULL;
+
+-- When the room's latest event was stored (NULL: none yet), written with last_seq by every
+-- writer, so the conversation list sorts rooms by activity without a probe per room.
+ALTER TABLE rooms ADD COLUMN last_activity_at timestamptz NULL;
+UPDATE rooms r SET last_activity_at = m.created_at
+FROM messages m WHERE m.room_id = r.id AND m.seq = r.last_seq;
+CREATE UNIQUE INDEX rooms_dm_key_idx ON rooms (dm_key) WHERE dm_key IS NOT NULL;
+CREATE INDEX rooms_dm_pending_idx ON rooms (dm_pending) WHERE dm_pending IS NOT NULL;

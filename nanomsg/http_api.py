@@ -60,6 +60,8 @@ from nanomsg.store.base import (
     StoreUnavailable,
     TooManyRules,
 )
+from nanomsg.store.common import CONVERSATION_ORDERS
+from nanomsg.usecases import BadArgs, Forbidden, NoSuchRoom, UseCases
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,12 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         reason = _AIOHTTP_REASONS.get(exc.status, HTTPStatus(exc.status).phrase.lower())
         response = envelope(exc.status, reason=reason, headers=allow)
+    except NoSuchRoom:
+        response = envelope(404, reason="no such room")
+    except Forbidden as exc:
+        response = envelope(403, reason=exc.reason)
+    except BadArgs as exc:
+        response = envelope(400, reason=exc.reason)
     except StoreUnavailable:
         log.warning("storage unavailable during %s %s", request.method, request.path)
         response = envelope(503, reason="storage unavailable")
@@ -436,6 +444,11 @@ def _no_such_room() -> NoReturn:
     raise HttpError(404, "no such room")
 
 
+def _unreadable_state() -> dict[str, Any]:
+    """The state fields of a room the caller may not read: nothing of its messages."""
+    return {"last_message": None, "last_activity_at": None, "read_seq": 0, "unread": 0}
+
+
 def _lists(principal: Principal, rule: Rule) -> bool:
     """Whether GET /rooms lists ``rule`` to ``principal``: its user rule, or its entity's rule
     at or below its level."""
@@ -477,6 +490,7 @@ class HttpApi:
         self.notify_room_changed = notify_room_changed
         self.readiness = readiness
         self.closes = closes
+        self.usecases = UseCases(store, clock)
         self.spec = orjson.dumps(build_openapi(room_create_level=config.room_create_level))
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -504,7 +518,9 @@ class HttpApi:
 
     async def room_for(self, principal: Principal, room_id: int, *, admin: bool) -> Granted:
         """The room if the caller may read it (else 404) and, with ``admin``, administer it
-        (else 403)."""
+        (else 403). A DM waiting for the caller's entity is settled first, so its invitee
+        reads it from their first request on."""
+        await self.usecases.settle(principal)
         found = await self.store.room_access(room_id)
         if found is None:
             _no_such_room()
@@ -655,18 +671,58 @@ class HttpApi:
         limit, offset = query.page(ROOMS_LIMIT_DEFAULT)
         # Entity rules above the caller's level are not the caller's (as for invitations); the
         # store leaves them out before paging, so pages are full.
+        await self.usecases.settle(principal)
         pairs = await self.store.rules_of(
             principal.user, principal.entity, principal.level, accepted, limit, offset
         )
-        content = [{**rule.to_json(), "room": room.to_json()} for rule, room in pairs]
+        # Two queries in all: the rules, then the state of every room of the page the caller
+        # may read; a room it may not read (a pending invitation) shows no message of it.
+        states = await self.usecases.room_states(principal, sorted({r.id for _, r in pairs}))
+        content = [
+            {
+                **rule.to_json(),
+                "room": {
+                    **room.to_json(),
+                    **(states[room.id].to_json() if room.id in states else _unreadable_state()),
+                },
+            }
+            for rule, room in pairs
+        ]
         return envelope(200, content)
 
     async def list_rooms(self, request: web.Request, principal: Principal) -> web.StreamResponse:
-        limit, offset = QueryArgs(request, ("limit", "offset")).page(ROOMS_LIMIT_DEFAULT)
-        rooms = await self.store.rooms_visible_to(
-            principal.user, principal.entity, principal.level, limit, offset
+        """The conversation list: one query for the page, states included."""
+        query = QueryArgs(request, ("limit", "offset", "order"))
+        order = query.choice("order", CONVERSATION_ORDERS) or "id"
+        limit, offset = query.page(ROOMS_LIMIT_DEFAULT)
+        found = await self.usecases.conversations(principal, order, limit, offset)
+        return envelope(200, [{**c.room.to_json(), **c.state.to_json()} for c in found])
+
+    async def open_dm(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        QueryArgs(request, ())
+        body = JsonBody(await read_json_object(request), ("user",))
+        other = body.one_uuid("user")
+        opened = await self.usecases.open_dm(principal, other)
+        return envelope(
+            200,
+            {"room": opened.room.to_json(), "created": opened.created, "invited": opened.invited},
         )
-        return envelope(200, [room.to_json() for room in rooms])
+
+    async def mark_read(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        QueryArgs(request, ())
+        room_id = path_room_id(request)
+        body = JsonBody(await read_json_object(request), ("seq",))
+        seq = body.integer("seq", lo=0, hi=MAX_ID)
+        await self.usecases.settle(principal)
+        held = await self.usecases.mark_read(principal, room_id, seq)
+        return envelope(200, {"room_id": room_id, "seq": held})
+
+    async def reads(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        QueryArgs(request, ())
+        room_id = path_room_id(request)
+        await self.usecases.settle(principal)
+        marks = await self.usecases.reads(principal, room_id)
+        return envelope(200, [mark.to_json() for mark in marks])
 
     async def get_room(self, request: web.Request, principal: Principal) -> web.StreamResponse:
         QueryArgs(request, ())
@@ -724,6 +780,7 @@ class HttpApi:
         body = JsonBody(await read_json_object(request), ("accepted", "use_parent_entity"))
         accepted = body.boolean("accepted")
         use_entity = body.boolean("use_parent_entity", default=False)
+        await self.usecases.settle(principal)  # a DM decided first is then answered here
         kind, subject = ("entity", principal.entity) if use_entity else ("user", principal.user)
         found = await self.store.room_access(room_id)
         if found is None:
@@ -806,6 +863,9 @@ class HttpApi:
             web.route("DELETE", "/rooms/{id}/members/{uuid}", a(self.delete_member)),
             web.route("PUT", "/rooms/{id}/invitation", a(self.put_invitation)),
             web.route("GET", "/rooms/{id}/messages", a(self.messages)),
+            web.route("POST", "/rooms/{id}/read", a(self.mark_read)),
+            web.route("GET", "/rooms/{id}/reads", a(self.reads)),
+            web.route("POST", "/dm", a(self.open_dm)),
         ]
         return [
             web.route(r.method, r.path.replace("{id}", ROOM_ID_SEGMENT), r.handler) for r in routes

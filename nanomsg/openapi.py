@@ -245,7 +245,10 @@ def _schemas() -> dict[str, Any]:
             },
         },
         "RuleWithRoom": {
-            "allOf": [_ref("Rule"), {"type": "object", "properties": {"room": _ref("Room")}}]
+            "allOf": [
+                _ref("Rule"),
+                {"type": "object", "properties": {"room": _ref("Conversation")}},
+            ]
         },
         "Message": {
             "type": "object",
@@ -261,6 +264,77 @@ def _schemas() -> dict[str, Any]:
                 "createdAt": _STAMP,
                 "updatedAt": _STAMP,
                 "client_id": {"type": "string"},
+                "system": {
+                    "const": True,
+                    "description": "Present on system messages (posted by a partner backend).",
+                },
+                "edited_at": {**_STAMP, "description": "Present once edited: the latest edit."},
+                "deleted": {
+                    "const": True,
+                    "description": "A tombstone: the message was deleted; `content` is empty.",
+                },
+                "deleted_at": _STAMP,
+                "deleted_by": _UUID,
+            },
+        },
+        "RoomState": {
+            "type": "object",
+            "required": ["last_seq", "last_message", "last_activity_at", "read_seq", "unread"],
+            "description": "The room as the caller's conversation list shows it. In GET /rooms "
+            "a room the caller may not read (a pending invitation) has `last_message` and "
+            "`last_activity_at` null and `unread` 0.",
+            "properties": {
+                "last_seq": {
+                    "type": "integer",
+                    "description": "Seq of the room's latest event (message, edit or delete).",
+                },
+                "last_message": {
+                    "anyOf": [_ref("Message"), {"type": "null"}],
+                    "description": "The latest message (a tombstone if deleted); null if none.",
+                },
+                "last_activity_at": {
+                    "anyOf": [_STAMP, {"type": "null"}],
+                    "description": "When the latest event was stored (the room's creation "
+                    "while it has none).",
+                },
+                "read_seq": {"type": "integer", "description": "The caller's read mark."},
+                "unread": {
+                    "type": "integer",
+                    "description": "Messages after the read mark, not the caller's, not deleted.",
+                },
+            },
+        },
+        "Conversation": {"allOf": [_ref("Room"), _ref("RoomState")]},
+        "ReadMark": {
+            "type": "object",
+            "required": ["user", "seq", "updated_at"],
+            "properties": {
+                "user": _UUID,
+                "seq": {"type": "integer", "description": "Every seq up to it is read."},
+                "updated_at": {
+                    "anyOf": [_STAMP, {"type": "null"}],
+                    "description": "When the mark last moved; null for a member who never read.",
+                },
+            },
+        },
+        "OpenDm": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["user"],
+            "properties": {
+                "user": {**_UUID, "description": "The other user (not the caller), any case."}
+            },
+        },
+        "ReadMarkMove": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["seq"],
+            "properties": {
+                "seq": {
+                    **_SEQ,
+                    "description": "Read up to this seq; never moves the mark backwards, and "
+                    "a seq past the room's latest is clamped to it.",
+                }
             },
         },
         "NewRoom": {
@@ -450,11 +524,51 @@ def _paths(room_create_level: int) -> dict[str, Any]:
         },
         "/rooms/all": {
             "get": {
-                "summary": "Rooms the caller can see: owned by its entity or admitting it",
-                "parameters": [_LIMIT_ROOMS, _OFFSET],
+                "summary": "The caller's conversation list: rooms it may read, with their state",
+                "description": "Each room carries its latest message, last activity, the "
+                "caller's read mark and unread count; the whole page is one database query.",
+                "parameters": [
+                    _query(
+                        "order",
+                        {"enum": ["id", "activity"], "default": "id"},
+                        "`id`: by room id; `activity`: the most recently active first.",
+                    ),
+                    _LIMIT_ROOMS,
+                    _OFFSET,
+                ],
                 "responses": {
-                    **_ok("Rooms, by id.", {"type": "array", "items": _ref("Room")}),
+                    **_ok("Rooms.", {"type": "array", "items": _ref("Conversation")}),
                     **_errors(400, 401, 503),
+                },
+            }
+        },
+        "/dm": {
+            "post": {
+                "summary": "The direct-message room of the caller and another user",
+                "description": "The same `user2user` room whoever asks first (created on the "
+                "first call), with an accepted `rw` rule for each user and no entity rule. The "
+                "other user can read it at once when their token shows the caller's entity; "
+                "from another entity it is a pending invitation they accept with PUT "
+                "/rooms/{id}/invitation (`invited` says it is still pending). Asking for a DM "
+                "one was invited to accepts it. 400 for a DM with oneself; 404 once the "
+                "pair's DM was deleted.",
+                "requestBody": _body(
+                    _ref("OpenDm"), {"user": "7f3a2c1e-5b4d-4e8f-9a6b-0c1d2e3f4a5b"}
+                ),
+                "responses": {
+                    **_ok(
+                        "The DM room.",
+                        {
+                            "type": "object",
+                            "required": ["room", "created", "invited"],
+                            "properties": {
+                                "room": _ref("Room"),
+                                "created": {"type": "boolean"},
+                                "invited": {"type": "boolean"},
+                            },
+                        },
+                    ),
+                    **_errors(400, 401, 404, 413, 415, 503),
                 },
             }
         },
@@ -571,6 +685,40 @@ def _paths(room_create_level: int) -> dict[str, Any]:
                 "responses": {
                     **_ok("The updated rule.", _ref("Rule")),
                     **_errors(400, 401, 403, 404, 413, 415, 503),
+                },
+            },
+        },
+        "/rooms/{id}/read": {
+            "parameters": [_ROOM_ID],
+            "post": {
+                "summary": "Move the caller's read mark in a room it may read",
+                "requestBody": _body(_ref("ReadMarkMove"), {"seq": 1}),
+                "responses": {
+                    **_ok(
+                        "The mark now held (never lower than before, never past the room's "
+                        "latest seq).",
+                        {
+                            "type": "object",
+                            "required": ["room_id", "seq"],
+                            "properties": {
+                                "room_id": {"type": "integer"},
+                                "seq": {"type": "integer"},
+                            },
+                        },
+                    ),
+                    **_errors(400, 401, 404, 413, 415, 503),
+                },
+            },
+        },
+        "/rooms/{id}/reads": {
+            "parameters": [_ROOM_ID],
+            "get": {
+                "summary": 'Every member\'s read mark (for "seen by"), by user',
+                "description": "Users holding a mark, and users named by an accepted, "
+                "unbanned user rule (seq 0 until they read).",
+                "responses": {
+                    **_ok("Read marks.", {"type": "array", "items": _ref("ReadMark")}),
+                    **_errors(400, 401, 404, 503),
                 },
             },
         },

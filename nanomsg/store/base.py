@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from nanomsg.models import Message, Room, RoomAccess, Rule
+from nanomsg.models import Message, ReadMark, Room, RoomAccess, RoomState, Rule
 
 
 class StoreUnavailable(Exception):
@@ -43,6 +43,44 @@ class LimitBelowRules(Exception):
         super().__init__(f"room {room_id} holds {rules} rules; max_entity_rules {requested}")
         self.rules = rules
         self.requested = requested
+
+
+class EventRefused(Exception):
+    """An edit or delete the store refused; nothing was stored. ``seq`` is the target."""
+
+    def __init__(self, room_id: int, seq: int) -> None:
+        super().__init__(f"room {room_id} seq {seq}: {type(self).__name__}")
+        self.room_id = room_id
+        self.seq = seq
+
+
+class UnknownSeq(EventRefused):
+    """No message has this seq in the room (or the seq is an edit or delete event)."""
+
+
+class NotAuthor(EventRefused):
+    """The message is another user's (and, for a delete, the caller is no room admin)."""
+
+
+class AlreadyDeleted(EventRefused):
+    """The message was deleted: it can be neither edited nor deleted again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A room of a user's conversation list, with its state for that user."""
+
+    room: Room
+    state: RoomState
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The DMs in which a user's entity was just learnt: rooms now readable (same entity as
+    the room's owner) and rooms left as pending invitations (another entity)."""
+
+    added: tuple[int, ...] = ()
+    invited: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +114,8 @@ class NewMessage:
     content: str
     client_id: str | None
     now: datetime
+    # A message a partner backend posted ("a document was attached"); its frames say so.
+    system: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,4 +250,69 @@ class Store(Protocol):
         """
 
     async def history(self, query: HistoryQuery) -> list[Message]:
-        """Messages of the room matching the query, oldest first (deleted rooms included)."""
+        """Messages of the room matching the query, oldest first (deleted rooms included).
+
+        Only messages (deleted ones as tombstones, edited ones with their latest content):
+        the edit and delete events between them are left out, so ``limit`` counts messages.
+        """
+
+    async def events(self, query: HistoryQuery) -> list[Message]:
+        """Every stored event of the room matching the query, oldest first: messages (as
+        ``history``), edits (content hidden once their message is deleted) and deletes."""
+
+    async def edit_message(
+        self, room_id: int, seq: int, author: str, content: str, now: datetime
+    ) -> tuple[Message, Message]:
+        """Store an edit of the message ``seq`` as the room's next event; (edit, message).
+
+        One transaction under the room's row lock (as ``append_batch``): the edit row takes
+        the next seq, the message gets the new content and ``edited_at``. Raises RoomGone,
+        UnknownSeq, AlreadyDeleted, or NotAuthor when ``author`` is not the emitter.
+        """
+
+    async def delete_message(
+        self, room_id: int, seq: int, by: str, is_admin: bool, now: datetime, entity: str = ""
+    ) -> tuple[Message, Message]:
+        """Soft-delete the message ``seq`` as the room's next event; (delete, tombstone).
+
+        The message keeps its content in storage and gets ``deleted_at``/``deleted_by``.
+        Raises RoomGone, UnknownSeq, AlreadyDeleted, or NotAuthor when ``by`` is neither the
+        emitter nor ``is_admin``.
+        """
+
+    # -- read marks --------------------------------------------------------------------------
+    async def set_read_mark(self, room_id: int, user: str, seq: int, now: datetime) -> int:
+        """Move the user's mark to ``seq`` (clamped to the room's last_seq), never backwards;
+        the mark held afterwards. Raises RoomGone for an absent or deleted room."""
+
+    async def read_marks(self, room_id: int) -> list[ReadMark]:
+        """Every stored mark of the room, by user."""
+
+    # -- direct messages and the conversation list -------------------------------------------
+    async def open_dm(
+        self, user: str, entity: str, other: str, level_admin: int, now: datetime
+    ) -> tuple[Room, bool]:
+        """The ``user2user`` room of ``user`` and ``other``; True when created now.
+
+        Created once per pair (a unique ``dm_key``; concurrent calls from both sides get the
+        same room), owned by ``entity``, with an accepted ``rw`` rule for ``user`` and a
+        pending one for ``other`` (settled by ``settle_dms`` once their entity is known), no
+        entity rule. When the room exists and ``user`` is its invited side, their rule is
+        accepted (asking for the DM is accepting it). Raises RoomGone if it was deleted.
+        """
+
+    async def settle_dms(self, user: str, entity: str, now: datetime) -> Settled:
+        """Decide the DMs waiting to learn ``user``'s entity: accept their rule where ``entity``
+        owns the room, leave it pending elsewhere. One indexed no-op when none waits."""
+
+    async def conversations(
+        self, user: str, entity: str, level: int, order: str, limit: int, offset: int
+    ) -> list[Conversation]:
+        """The rooms ``rooms_visible_to`` lists, each with its state for ``user``, in ONE
+        query; ``order`` is ``id`` or ``activity`` (latest activity first)."""
+
+    async def room_states(
+        self, user: str, entity: str, level: int, room_ids: Sequence[int]
+    ) -> dict[int, RoomState]:
+        """The state for ``user`` of each given room they may read (others are left out),
+        in one query."""

@@ -9,18 +9,24 @@ timestamp into an aware UTC datetime, ``store_stamp`` an aware datetime into a p
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from nanomsg.models import ROOM_TYPES, RULE_KINDS, Message, Room, RoomAccess, Rule
+from nanomsg.models import ROOM_TYPES, RULE_KINDS, Message, Room, RoomAccess, RoomState, Rule
 from nanomsg.store.base import (
+    AlreadyDeleted,
+    Conversation,
     HistoryQuery,
     LimitBelowRules,
     NewMessage,
     NewRoom,
+    NotAuthor,
     RoomChanges,
     RoomGone,
+    UnknownSeq,
 )
 
 Row = Sequence[Any]
@@ -39,7 +45,15 @@ RULE_COLS = (
     "rr.created_at, rr.updated_at"
 )
 RULE_WIDTH = 8
-MSG_COLS = "m.id, m.room_id, m.seq, m.emitter, m.entity, m.content, m.created_at, m.client_id"
+MSG_COLS = (
+    "m.id, m.room_id, m.seq, m.emitter, m.entity, m.content, m.created_at, m.client_id,"
+    " m.kind, m.target_seq, m.system, m.edited_at, m.deleted_at, m.deleted_by"
+)
+MSG_WIDTH = 14
+# Orders of the conversation list: by room id (as GET /rooms/all always was), or latest first.
+CONVERSATION_ORDERS = ("id", "activity")
+# A DM holds its two users' rules; an admin may add rules up to this (the schema's minimum).
+DM_MAX_RULES = 2
 
 
 def utc(dt: datetime) -> datetime:
@@ -109,6 +123,12 @@ def message_from_row(row: Row, stamp: Stamp) -> Message:
         content=str(row[5]),
         created_at=stamp(row[6]),
         client_id=None if row[7] is None else str(row[7]),
+        kind=str(row[8]),
+        target_seq=None if row[9] is None else int(row[9]),
+        system=bool(row[10]),
+        edited_at=None if row[11] is None else stamp(row[11]),
+        deleted_at=None if row[12] is None else stamp(row[12]),
+        deleted_by=None if row[13] is None else str(row[13]),
     )
 
 
@@ -159,6 +179,24 @@ def created_room(new: NewRoom, room_id: int, room_uuid: str, now: datetime) -> R
     )
 
 
+def dm_room(
+    room_id: int, room_uuid: str, key: str, level_admin: int, entity: str, now: datetime
+) -> Room:
+    """The DM room just inserted: named by its key, two rules, no messages yet."""
+    return Room(
+        id=room_id,
+        uuid=room_uuid,
+        name=key,
+        level_admin=level_admin,
+        type="user2user",
+        entity_owner=entity,
+        max_entity_rules=DM_MAX_RULES,
+        last_seq=0,
+        created_at=utc(now),
+        updated_at=utc(now),
+    )
+
+
 def check_changes(room_id: int, changes: RoomChanges, rules: int) -> None:
     """Refuse a ``max_entity_rules`` below the ``rules`` the room already holds."""
     wanted = changes.max_entity_rules
@@ -167,16 +205,23 @@ def check_changes(room_id: int, changes: RoomChanges, rules: int) -> None:
 
 
 def history_sql(
-    query: HistoryQuery, store_stamp: Callable[[datetime], Any], mark: Callable[[int], str]
+    query: HistoryQuery,
+    store_stamp: Callable[[datetime], Any],
+    mark: Callable[[int], str],
+    *,
+    events: bool = False,
 ) -> tuple[str, list[Any]]:
     """The SELECT answering ``query`` and its parameters; ``mark(n)`` writes the nth placeholder.
 
     Only the bounds given make it into the SQL, so the planner sees a plain index range on
-    (room_id, seq), walked from the requested end.
+    (room_id, seq), walked from the requested end. Without ``events`` only messages are read;
+    with it every event, each edit joined to its message (whose deletion hides its content).
     """
     check_page(query.limit)
     args: list[Any] = [query.room_id]
     conditions = [f"m.room_id = {mark(1)}"]
+    if not events:
+        conditions.append("m.kind = 'message'")
 
     def add(condition: str, value: Any) -> None:
         args.append(value)
@@ -192,19 +237,157 @@ def history_sql(
         add("m.created_at <=", store_stamp(query.date_to))
     args.append(query.limit)
     order = "DESC" if query.newest else "ASC"
+    target = (
+        ", t.deleted_at FROM messages m LEFT JOIN messages t"
+        " ON m.kind = 'edit' AND t.room_id = m.room_id AND t.seq = m.target_seq"
+        if events
+        else " FROM messages m"
+    )
     sql = (
-        f"SELECT {MSG_COLS} FROM messages m WHERE {' AND '.join(conditions)}"
+        f"SELECT {MSG_COLS}{target} WHERE {' AND '.join(conditions)}"
         f" ORDER BY m.seq {order} LIMIT {mark(len(args))}"
     )
     return sql, args
 
 
 def history_messages(rows: Sequence[Row], query: HistoryQuery, stamp: Stamp) -> list[Message]:
-    """The messages read by ``history_sql``, oldest first whichever end they were read from."""
-    messages = [message_from_row(row, stamp) for row in rows]
+    """The messages read by ``history_sql``, oldest first whichever end they were read from.
+
+    An edit of a deleted message (read with ``events``) carries that deletion, so its content
+    is never served either.
+    """
+    messages = []
+    for row in rows:
+        message = message_from_row(row, stamp)
+        if len(row) > MSG_WIDTH and row[MSG_WIDTH] is not None:
+            message = dataclasses.replace(message, deleted_at=stamp(row[MSG_WIDTH]))
+        messages.append(message)
     if query.newest:
         messages.reverse()
     return messages
+
+
+# -- edits, deletes, read marks, DMs, the conversation list ---------------------------------------
+
+
+def check_target(
+    room_id: int,
+    seq: int,
+    target: Row | None,
+    actor: str,
+    *,
+    admin: bool,
+) -> None:
+    """Refuse an edit or delete of the message at ``seq``: ``target`` is its (kind, emitter,
+    deleted_at) row, or None when no row holds that seq. ``admin`` lets a room admin delete
+    another's message."""
+    if target is None or target[0] != "message":
+        raise UnknownSeq(room_id, seq)
+    if target[2] is not None:
+        raise AlreadyDeleted(room_id, seq)
+    if target[1] != actor and not admin:
+        raise NotAuthor(room_id, seq)
+
+
+def check_seq(seq: int) -> None:
+    """Reject a negative seq (no message or mark has one)."""
+    if seq < 0:
+        raise ValueError(f"seq must be >= 0, got {seq}")
+
+
+def dm_key(user: str, other: str) -> str:
+    """The key of the DM of two users: their lower-case UUIDs sorted, joined by ':'."""
+    return ":".join(sorted((user.lower(), other.lower())))
+
+
+def check_order(order: str) -> None:
+    if order not in CONVERSATION_ORDERS:
+        raise ValueError(f"order must be one of {CONVERSATION_ORDERS}, got {order!r}")
+
+
+# When a room was last active: its latest event (kept on the room row by every writer), or
+# its creation while it has none.
+_ACTIVITY = "coalesce(r.last_activity_at, r.created_at)"
+
+
+def conversation_page_sql(visible_ids: str, order: str) -> str:
+    """The ids of one page of the rooms ``visible_ids`` (a SELECT of room ids, named
+    parameters) lists, by id or latest activity first; ``:limit`` and ``:offset`` page it."""
+    check_order(order)
+    if order == "activity":
+        # Sorting needs every visible room's activity anyway: hand it on to the outer query.
+        return (
+            f"SELECT r.id, {_ACTIVITY} AS activity FROM rooms r"
+            f" WHERE r.deleted_at IS NULL AND r.id IN ({visible_ids})"
+            " ORDER BY activity DESC, r.id DESC LIMIT :limit OFFSET :offset"
+        )
+    return (
+        "SELECT r.id, CAST(NULL AS TIMESTAMP) AS activity FROM rooms r"
+        f" WHERE r.deleted_at IS NULL AND r.id IN ({visible_ids})"
+        " ORDER BY r.id LIMIT :limit OFFSET :offset"
+    )
+
+
+def room_states_sql(page_ids: str, order: str) -> str:
+    """ONE SELECT of the rooms ``page_ids`` (a SELECT of ``id, activity``, the activity NULL
+    when not known yet) names with their state
+    for ``:user``: the room, its last activity, the user's mark, the unread count, then its
+    latest message (all NULL when it has none). Per room, three probes walk the (room_id,
+    seq) index: the event at last_seq, the latest message (from the top down) and the
+    messages after the mark (the unread ones)."""
+    check_order(order)
+    order_by = "p.activity DESC, r.id DESC" if order == "activity" else "r.id"
+    return (
+        f"WITH page AS ({page_ids})"
+        f" SELECT {ROOM_COLS}, coalesce(p.activity, {_ACTIVITY}) AS activity,"
+        " coalesce(rd.seq, 0) AS read_seq,"
+        " (SELECT count(*) FROM messages u WHERE u.room_id = r.id"
+        "  AND u.seq > coalesce(rd.seq, 0) AND u.kind = 'message'"
+        "  AND u.deleted_at IS NULL AND u.emitter <> :user) AS unread,"
+        f" {MSG_COLS}"
+        " FROM rooms r JOIN page p ON p.id = r.id"
+        " LEFT JOIN room_reads rd ON rd.room_id = r.id AND rd.user_uuid = :user"
+        " LEFT JOIN messages m ON m.room_id = r.id AND m.seq = (SELECT l.seq FROM messages l"
+        "  WHERE l.room_id = r.id AND l.kind = 'message' ORDER BY l.seq DESC LIMIT 1)"
+        f" ORDER BY {order_by}"
+    )
+
+
+def conversations_from_rows(rows: Sequence[Row], stamp: Stamp) -> list[Conversation]:
+    """The rooms and states read by ``room_states_sql``, in its order."""
+    out = []
+    for row in rows:
+        values = tuple(row)
+        room = room_from_row(values, stamp)
+        message_cols = values[ROOM_WIDTH + 3 :]
+        last = None if message_cols[0] is None else message_from_row(message_cols, stamp)
+        state = RoomState(
+            room_id=room.id,
+            last_seq=room.last_seq,
+            last_message=last,
+            last_activity_at=stamp(values[ROOM_WIDTH]),
+            read_seq=int(values[ROOM_WIDTH + 1]),
+            unread=int(values[ROOM_WIDTH + 2]),
+        )
+        out.append(Conversation(room=room, state=state))
+    return out
+
+
+_NAMED = re.compile(r"(?<![:\w]):([a-z_]+)\b")
+
+
+def numbered(sql: str, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    """``sql`` with its ``:name`` parameters made PostgreSQL's ``$n``, and their values in
+    order (a name used twice is one parameter). ``::type`` casts are left alone."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _NAMED.sub(number, sql), [params[name] for name in names]
 
 
 def first_copies(batch: Sequence[NewMessage]) -> tuple[list[int], list[int]]:

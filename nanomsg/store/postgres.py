@@ -18,19 +18,36 @@ from uuid import uuid4
 
 import asyncpg
 
-from nanomsg.models import Message, Room, RoomAccess, Rule
+from nanomsg.models import Message, ReadMark, Room, RoomAccess, RoomState, Rule
 from nanomsg.store import common
 from nanomsg.store.base import (
     ContentRefused,
+    Conversation,
     HistoryQuery,
     NewMessage,
     NewRoom,
     RoomChanges,
     RoomGone,
+    Settled,
     StoreUnavailable,
     TooManyRules,
 )
 from nanomsg.store.migrate import load_migrations, postgres_schema_path
+
+# The ids of the live rooms a caller may read (``rooms_visible_to`` explains the two
+# branches), with named parameters :user, :entity, :level (see ``common.numbered``).
+_VISIBLE_IDS = (
+    "SELECT id FROM rooms"
+    " WHERE entity_owner = :entity AND level_admin <= :level AND deleted_at IS NULL"
+    " UNION SELECT room_id FROM room_rules"
+    " WHERE subject IN (:user, :entity) AND accepted"
+    " AND ((kind = 'user' AND subject = :user)"
+    "  OR (kind = 'entity' AND subject = :entity AND level <= :level))"
+    " GROUP BY room_id"
+    " HAVING bool_or(strpos(permissions, 'r') > 0 OR strpos(permissions, 'a') > 0)"
+    " AND NOT bool_or(strpos(permissions, 'b') > 0)"
+)
+_RETURNED_MSG = common.MSG_COLS.replace("m.", "")
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +91,10 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 _APPEND_BATCH_SQL = """
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::timestamptz[]) WITH ORDINALITY
-        AS t(room_id, emitter, entity, content, client_id, created_at, ord)
+                         $6::timestamptz[], $7::boolean[]) WITH ORDINALITY
+        AS t(room_id, emitter, entity, content, client_id, created_at, system, ord)
 ), existing AS (
-    SELECT i.ord, m.id, m.seq, m.entity, m.content, m.created_at
+    SELECT i.ord, m.id, m.seq, m.entity, m.content, m.created_at, m.system
     FROM input i JOIN messages m
         ON m.room_id = i.room_id AND m.emitter = i.emitter AND m.client_id = i.client_id
     WHERE i.client_id IS NOT NULL  -- no index probe for the (usual) sends without one
@@ -85,29 +102,30 @@ WITH input AS (
     SELECT i.*, row_number() OVER (PARTITION BY i.room_id ORDER BY i.ord) AS n
     FROM input i WHERE NOT EXISTS (SELECT 1 FROM existing e WHERE e.ord = i.ord)
 ), wanted AS (
-    SELECT room_id, count(*) AS n FROM fresh GROUP BY room_id
+    SELECT room_id, count(*) AS n, max(created_at) AS at FROM fresh GROUP BY room_id
 ), locked AS MATERIALIZED (
     SELECT r.id FROM rooms r
     WHERE r.id = ANY (ARRAY (SELECT room_id FROM wanted)) AND r.deleted_at IS NULL
     ORDER BY r.id FOR NO KEY UPDATE
 ), bumped AS (
-    UPDATE rooms r SET last_seq = r.last_seq + w.n
+    UPDATE rooms r SET last_seq = r.last_seq + w.n,
+        last_activity_at = greatest(r.last_activity_at, w.at)
     FROM locked l JOIN wanted w ON w.room_id = l.id
     WHERE r.id = l.id AND r.deleted_at IS NULL
     RETURNING r.id, r.last_seq - w.n AS base
 ), planned AS (
     SELECT f.ord, f.room_id, b.base + f.n AS seq, f.emitter, f.entity, f.content,
-           f.client_id, f.created_at
+           f.client_id, f.created_at, f.system
     FROM fresh f JOIN bumped b ON b.id = f.room_id
 ), inserted AS (
-    INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at)
-    SELECT room_id, seq, emitter, entity, content, client_id, created_at FROM planned
+    INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at, system)
+    SELECT room_id, seq, emitter, entity, content, client_id, created_at, system FROM planned
     RETURNING id, room_id, seq
 )
-SELECT p.ord, ins.id, p.seq, p.entity, p.content, p.created_at, TRUE AS created
+SELECT p.ord, ins.id, p.seq, p.entity, p.content, p.created_at, p.system, TRUE AS created
 FROM planned p JOIN inserted ins ON ins.room_id = p.room_id AND ins.seq = p.seq
 UNION ALL
-SELECT ord, id, seq, entity, content, created_at, FALSE AS created FROM existing
+SELECT ord, id, seq, entity, content, created_at, system, FALSE AS created FROM existing
 """
 
 # Tries of the batch statement when it collided with a concurrent writer (it was rolled back
@@ -555,6 +573,7 @@ class PostgresStore:
             [batch[index].content for index in sent],
             [batch[index].client_id for index in sent],
             [stamps[index] for index in sent],
+            [batch[index].system for index in sent],
         )
         rows = await self._run_batch(columns)
         by_ord = {int(row["ord"]): row for row in rows}
@@ -574,6 +593,7 @@ class PostgresStore:
                 content=str(row["content"]),
                 created_at=row["created_at"],
                 client_id=new.client_id,
+                system=bool(row["system"]),
             )
             outcomes[index] = (message, bool(row["created"]))
         return common.with_copies(outcomes, firsts)
@@ -611,3 +631,230 @@ class PostgresStore:
         sql, args = common.history_sql(query, common.utc, _placeholder)
         rows = await self._fetch(sql, *args)
         return common.history_messages(rows, query, _timestamptz)
+
+    async def events(self, query: HistoryQuery) -> list[Message]:
+        """Every event in the range, by the same index walk as ``history``."""
+        sql, args = common.history_sql(query, common.utc, _placeholder, events=True)
+        rows = await self._fetch(sql, *args)
+        return common.history_messages(rows, query, _timestamptz)
+
+    async def edit_message(
+        self, room_id: int, seq: int, author: str, content: str, now: datetime
+    ) -> tuple[Message, Message]:
+        """The edit row and the message's new state, under the room's row lock."""
+        return await self._change(room_id, seq, author, False, now, "edit", content, None)
+
+    async def delete_message(
+        self, room_id: int, seq: int, by: str, is_admin: bool, now: datetime, entity: str = ""
+    ) -> tuple[Message, Message]:
+        """The delete row and the tombstone, under the room's row lock."""
+        return await self._change(room_id, seq, by, is_admin, now, "delete", "", entity)
+
+    async def _change(
+        self,
+        room_id: int,
+        seq: int,
+        actor: str,
+        admin: bool,
+        now: datetime,
+        kind: str,
+        content: str,
+        entity: str | None,
+    ) -> tuple[Message, Message]:
+        """Lock the room row (the lock ``append_batch`` takes), check the target, take the next
+        seq, insert the event and update the target: one transaction, so two deletes of one
+        message queue and the second finds it deleted."""
+        common.check_seq(seq)
+        stamp = common.utc(now)
+        try:
+            async with self._connection() as conn, conn.transaction():
+                locked = await conn.fetchval(
+                    "SELECT id FROM rooms WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE",
+                    room_id,
+                )
+                if locked is None:
+                    raise RoomGone(room_id)
+                target = await conn.fetchrow(
+                    "SELECT kind, emitter, deleted_at, entity FROM messages"
+                    " WHERE room_id = $1 AND seq = $2",
+                    room_id,
+                    seq,
+                )
+                common.check_target(room_id, seq, target, actor, admin=admin)
+                assert target is not None
+                event_seq = await conn.fetchval(
+                    "UPDATE rooms SET last_seq = last_seq + 1,"
+                    " last_activity_at = greatest(last_activity_at, $2)"
+                    " WHERE id = $1 RETURNING last_seq",
+                    room_id,
+                    stamp,
+                )
+                inserted = await conn.fetchrow(
+                    "INSERT INTO messages (room_id, seq, emitter, entity, content, created_at,"
+                    " kind, target_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                    f" RETURNING {_RETURNED_MSG}",
+                    room_id,
+                    event_seq,
+                    actor,
+                    str(target["entity"]) if entity is None else entity,
+                    content,
+                    stamp,
+                    kind,
+                    seq,
+                )
+                if kind == "edit":
+                    changed = await conn.fetchrow(
+                        "UPDATE messages SET first_content = coalesce(first_content, content),"
+                        " content = $3, edited_at = $4 WHERE room_id = $1 AND seq = $2"
+                        f" RETURNING {_RETURNED_MSG}",
+                        room_id,
+                        seq,
+                        content,
+                        stamp,
+                    )
+                else:
+                    changed = await conn.fetchrow(
+                        "UPDATE messages SET deleted_at = $3, deleted_by = $4"
+                        f" WHERE room_id = $1 AND seq = $2 RETURNING {_RETURNED_MSG}",
+                        room_id,
+                        seq,
+                        stamp,
+                        actor,
+                    )
+        except asyncpg.DataError as exc:
+            raise ContentRefused(type(exc).__name__) from exc
+        return (
+            common.message_from_row(inserted, _timestamptz),
+            common.message_from_row(changed, _timestamptz),
+        )
+
+    # -- read marks --------------------------------------------------------------------------
+    async def set_read_mark(self, room_id: int, user: str, seq: int, now: datetime) -> int:
+        """One upsert: max(held, least(seq, last_seq)) for a live room."""
+        common.check_seq(seq)
+        async with self._connection() as conn:
+            held = await conn.fetchval(
+                "INSERT INTO room_reads (room_id, user_uuid, seq, updated_at)"
+                " SELECT id, $2, least($3::bigint, last_seq), $4 FROM rooms"
+                " WHERE id = $1 AND deleted_at IS NULL"
+                " ON CONFLICT (room_id, user_uuid) DO UPDATE"
+                " SET seq = greatest(room_reads.seq, excluded.seq),"
+                " updated_at = CASE WHEN excluded.seq > room_reads.seq"
+                "  THEN excluded.updated_at ELSE room_reads.updated_at END"
+                " RETURNING seq",
+                room_id,
+                user,
+                seq,
+                common.utc(now),
+            )
+        if held is None:
+            raise RoomGone(room_id)
+        return int(held)
+
+    async def read_marks(self, room_id: int) -> list[ReadMark]:
+        rows = await self._fetch(
+            "SELECT room_id, user_uuid, seq, updated_at FROM room_reads"
+            ' WHERE room_id = $1 ORDER BY user_uuid COLLATE "C"',
+            room_id,
+        )
+        return [ReadMark(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows]
+
+    # -- direct messages and the conversation list -------------------------------------------
+    async def open_dm(
+        self, user: str, entity: str, other: str, level_admin: int, now: datetime
+    ) -> tuple[Room, bool]:
+        """INSERT ... ON CONFLICT DO NOTHING on the unique ``dm_key``: a concurrent caller
+        waits on the index entry until the first commits, then reads the committed room."""
+        key = common.dm_key(user, other)
+        stamp = common.utc(now)
+        room_uuid = str(uuid4())
+        async with self._connection() as conn, conn.transaction():
+            room_id = await conn.fetchval(
+                "INSERT INTO rooms (uuid, name, level_admin, type, entity_owner,"
+                " max_entity_rules, last_seq, created_at, updated_at, dm_key, dm_pending)"
+                " VALUES ($1, $2, $3, 'user2user', $4, $5, 0, $6, $6, $2, $7)"
+                " ON CONFLICT (dm_key) WHERE dm_key IS NOT NULL DO NOTHING RETURNING id",
+                room_uuid,
+                key,
+                level_admin,
+                entity,
+                common.DM_MAX_RULES,
+                stamp,
+                other,
+            )
+            if room_id is not None:
+                await conn.executemany(
+                    "INSERT INTO room_rules (room_id, kind, subject, permissions, level,"
+                    " accepted, created_at, updated_at) VALUES ($1, 'user', $2, 'rw', 0, $3,"
+                    " $4, $4)",
+                    [(room_id, user, True, stamp), (room_id, other, False, stamp)],
+                )
+                return (
+                    common.dm_room(int(room_id), room_uuid, key, level_admin, entity, now),
+                    True,
+                )
+            row = await conn.fetchrow(
+                f"SELECT {common.ROOM_COLS} FROM rooms r WHERE r.dm_key = $1", key
+            )
+            room = common.room_from_row(row, _timestamptz)
+            if room.deleted_at is not None:
+                raise RoomGone(room.id)
+            await conn.execute(
+                "UPDATE room_rules SET accepted = true, updated_at = $3"
+                " WHERE room_id = $1 AND kind = 'user' AND subject = $2 AND NOT accepted",
+                room.id,
+                user,
+                stamp,
+            )
+            await conn.execute(
+                "UPDATE rooms SET dm_pending = NULL WHERE id = $1 AND dm_pending = $2",
+                room.id,
+                user,
+            )
+        return room, False
+
+    async def settle_dms(self, user: str, entity: str, now: datetime) -> Settled:
+        """One statement: clear the wait and accept the rules where the entity owns the DM."""
+        rows = await self._fetch(
+            "WITH settled AS (UPDATE rooms SET dm_pending = NULL WHERE dm_pending = $1"
+            "  RETURNING id, entity_owner = $2 AND deleted_at IS NULL AS same),"
+            " accepted AS (UPDATE room_rules SET accepted = true, updated_at = $3"
+            "  WHERE kind = 'user' AND subject = $1"
+            "  AND room_id IN (SELECT id FROM settled WHERE same) RETURNING room_id)"
+            " SELECT id, same FROM settled ORDER BY id",
+            user,
+            entity,
+            common.utc(now),
+        )
+        return Settled(
+            added=tuple(int(r[0]) for r in rows if r[1]),
+            invited=tuple(int(r[0]) for r in rows if not r[1]),
+        )
+
+    async def conversations(
+        self, user: str, entity: str, level: int, order: str, limit: int, offset: int
+    ) -> list[Conversation]:
+        """One statement: the page of visible rooms, then their states."""
+        common.check_page(limit, offset)
+        sql, args = common.numbered(
+            common.room_states_sql(common.conversation_page_sql(_VISIBLE_IDS, order), order),
+            {"user": user, "entity": entity, "level": level, "limit": limit, "offset": offset},
+        )
+        return common.conversations_from_rows(await self._fetch(sql, *args), _timestamptz)
+
+    async def room_states(
+        self, user: str, entity: str, level: int, room_ids: Sequence[int]
+    ) -> dict[int, RoomState]:
+        """One statement over the given ids the user may read."""
+        if not room_ids:
+            return {}
+        page = (
+            "SELECT id, NULL::timestamptz AS activity FROM rooms WHERE id = ANY(:ids::bigint[])"
+            f" AND id IN ({_VISIBLE_IDS})"
+        )
+        sql, args = common.numbered(
+            common.room_states_sql(page, "id"),
+            {"user": user, "entity": entity, "level": level, "ids": list(room_ids)},
+        )
+        found = common.conversations_from_rows(await self._fetch(sql, *args), _timestamptz)
+        return {c.room.id: c.state for c in found}

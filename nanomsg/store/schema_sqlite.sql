@@ -99,3 +99,33 @@ WHERE id IN (
 
 UPDATE messages SET emitter = lower(emitter), entity = lower(entity)
 WHERE emitter <> lower(emitter) OR entity <> lower(entity);
+
+-- migration: 3 room events, read marks, direct messages
+-- Edits and deletes are rows of messages taking the room's next seq; the original keeps its
+-- current state (schema.sql explains every column). SQLite adds one column per statement.
+ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'message'
+    CHECK (kind IN ('message', 'edit', 'delete'));
+ALTER TABLE messages ADD COLUMN target_seq INTEGER NULL
+    CHECK ((kind = 'message') = (target_seq IS NULL));
+ALTER TABLE messages ADD COLUMN system INTEGER NOT NULL DEFAULT 0 CHECK (system IN (0, 1));
+ALTER TABLE messages ADD COLUMN first_content TEXT NULL;
+ALTER TABLE messages ADD COLUMN edited_at INTEGER NULL;
+ALTER TABLE messages ADD COLUMN deleted_at INTEGER NULL;
+ALTER TABLE messages ADD COLUMN deleted_by TEXT NULL;
+
+CREATE TABLE room_reads (
+    room_id    INTEGER NOT NULL REFERENCES rooms (id),
+    user_uuid  TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (room_id, user_uuid)
+);
+
+ALTER TABLE rooms ADD COLUMN dm_key TEXT NULL;
+ALTER TABLE rooms ADD COLUMN dm_pending TEXT NULL;
+ALTER TABLE rooms ADD COLUMN last_activity_at INTEGER NULL;
+UPDATE rooms SET last_activity_at = (
+    SELECT m.created_at FROM messages m WHERE m.room_id = rooms.id AND m.seq = rooms.last_seq
+);
+CREATE UNIQUE INDEX rooms_dm_key_idx ON rooms (dm_key) WHERE dm_key IS NOT NULL;
+CREATE INDEX rooms_dm_pending_idx ON rooms (dm_pending) WHERE dm_pending IS NOT NULL;

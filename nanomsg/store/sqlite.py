@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import uuid
 from collections import Counter
@@ -20,18 +21,34 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from nanomsg.models import Message, Room, RoomAccess, Rule
+from nanomsg.models import Message, ReadMark, Room, RoomAccess, RoomState, Rule
 from nanomsg.store import common
 from nanomsg.store.base import (
+    Conversation,
     HistoryQuery,
     NewMessage,
     NewRoom,
     RoomChanges,
     RoomGone,
+    Settled,
     StoreUnavailable,
     TooManyRules,
 )
 from nanomsg.store.migrate import load_migrations, sqlite_schema_path
+
+# The ids of the live rooms a caller may read (``rooms_visible_to`` explains the two
+# branches), with named parameters :user, :entity, :level.
+_VISIBLE_IDS = (
+    "SELECT id FROM rooms"
+    " WHERE entity_owner = :entity AND level_admin <= :level AND deleted_at IS NULL"
+    " UNION SELECT room_id FROM room_rules"
+    " WHERE subject IN (:user, :entity) AND accepted = 1"
+    " AND ((kind = 'user' AND subject = :user)"
+    "  OR (kind = 'entity' AND subject = :entity AND level <= :level))"
+    " GROUP BY room_id"
+    " HAVING max(instr(permissions, 'r') > 0 OR instr(permissions, 'a') > 0) = 1"
+    " AND max(instr(permissions, 'b') > 0) = 0"
+)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -326,17 +343,8 @@ class SqliteStore:
         common.check_page(limit, offset)
         async with self._read() as db:
             rows = await db.execute_fetchall(
-                f"SELECT {common.ROOM_COLS} FROM rooms r WHERE r.deleted_at IS NULL AND r.id IN ("
-                " SELECT id FROM rooms"
-                "  WHERE entity_owner = :entity AND level_admin <= :level AND deleted_at IS NULL"
-                " UNION SELECT room_id FROM room_rules"
-                "  WHERE subject IN (:user, :entity) AND accepted = 1"
-                "  AND ((kind = 'user' AND subject = :user)"
-                "   OR (kind = 'entity' AND subject = :entity AND level <= :level))"
-                "  GROUP BY room_id"
-                "  HAVING max(instr(permissions, 'r') > 0 OR instr(permissions, 'a') > 0) = 1"
-                "  AND max(instr(permissions, 'b') > 0) = 0"
-                ") ORDER BY r.id LIMIT :limit OFFSET :offset",
+                f"SELECT {common.ROOM_COLS} FROM rooms r WHERE r.deleted_at IS NULL"
+                f" AND r.id IN ({_VISIBLE_IDS}) ORDER BY r.id LIMIT :limit OFFSET :offset",
                 {
                     "user": user,
                     "entity": entity,
@@ -482,7 +490,12 @@ class SqliteStore:
                     outcomes[index] = (found, False)
                 else:
                     fresh.append(index)
-            seqs = await _take_seqs(db, Counter(batch[index].room_id for index in fresh))
+            latest: dict[int, int] = {}  # the newest stamp sent to each room
+            for index in fresh:
+                room_id = batch[index].room_id
+                latest[room_id] = max(latest.get(room_id, stamps[index]), stamps[index])
+            counts = Counter(batch[index].room_id for index in fresh)
+            seqs = await _take_seqs(db, counts, latest)
             planned: list[tuple[int, int]] = []  # (batch index, seq)
             for index in fresh:
                 room_id = batch[index].room_id
@@ -503,6 +516,7 @@ class SqliteStore:
                 content=new.content,
                 created_at=from_micros(stamps[index]),
                 client_id=new.client_id,
+                system=new.system,
             )
             outcomes[index] = (message, True)
         return common.with_copies(outcomes, firsts)
@@ -513,6 +527,247 @@ class SqliteStore:
         async with self._read() as db:
             rows = await db.execute_fetchall(sql, params)
         return common.history_messages(list(rows), query, from_micros)
+
+    async def events(self, query: HistoryQuery) -> list[Message]:
+        """Every event in the range, by the same index walk as ``history``."""
+        sql, params = common.history_sql(query, to_micros, _placeholder, events=True)
+        async with self._read() as db:
+            rows = await db.execute_fetchall(sql, params)
+        return common.history_messages(list(rows), query, from_micros)
+
+    async def edit_message(
+        self, room_id: int, seq: int, author: str, content: str, now: datetime
+    ) -> tuple[Message, Message]:
+        """The edit row and the message's new state, in one write transaction."""
+        return await self._change(room_id, seq, author, False, now, "edit", content, None)
+
+    async def delete_message(
+        self, room_id: int, seq: int, by: str, is_admin: bool, now: datetime, entity: str = ""
+    ) -> tuple[Message, Message]:
+        """The delete row and the tombstone, in one write transaction."""
+        return await self._change(room_id, seq, by, is_admin, now, "delete", "", entity)
+
+    async def _change(
+        self,
+        room_id: int,
+        seq: int,
+        actor: str,
+        admin: bool,
+        now: datetime,
+        kind: str,
+        content: str,
+        entity: str | None,
+    ) -> tuple[Message, Message]:
+        """Check the target, take the room's next seq, insert the event, update the target.
+
+        BEGIN IMMEDIATE holds the write lock from the first read, so nothing changes the
+        target between the check and the update (the room row lock of PostgreSQL).
+        """
+        common.check_seq(seq)
+        stamp = to_micros(now)
+        async with self._write() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT kind, emitter, deleted_at, entity FROM messages"
+                    " WHERE room_id = ? AND seq = ?",
+                    (room_id, seq),
+                )
+            )
+            live = list(
+                await db.execute_fetchall(
+                    "SELECT 1 FROM rooms WHERE id = ? AND deleted_at IS NULL", (room_id,)
+                )
+            )
+            if not live:
+                raise RoomGone(room_id)
+            common.check_target(room_id, seq, rows[0] if rows else None, actor, admin=admin)
+            bumped = list(
+                await db.execute_fetchall(
+                    "UPDATE rooms SET last_seq = last_seq + 1, last_activity_at ="
+                    " max(coalesce(last_activity_at, ?), ?) WHERE id = ? RETURNING last_seq",
+                    (stamp, stamp, room_id),
+                )
+            )
+            event_seq = int(bumped[0][0])
+            event_entity = str(rows[0][3]) if entity is None else entity
+            inserted = list(
+                await db.execute_fetchall(
+                    "INSERT INTO messages (room_id, seq, emitter, entity, content, created_at,"
+                    " kind, target_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                    f" RETURNING {common.MSG_COLS.replace('m.', '')}",
+                    (room_id, event_seq, actor, event_entity, content, stamp, kind, seq),
+                )
+            )
+            if kind == "edit":
+                update = (
+                    "UPDATE messages SET first_content = coalesce(first_content, content),"
+                    " content = ?, edited_at = ? WHERE room_id = ? AND seq = ?"
+                )
+                params: tuple[Any, ...] = (content, stamp, room_id, seq)
+            else:
+                update = (
+                    "UPDATE messages SET deleted_at = ?, deleted_by = ?"
+                    " WHERE room_id = ? AND seq = ?"
+                )
+                params = (stamp, actor, room_id, seq)
+            target = list(
+                await db.execute_fetchall(
+                    f"{update} RETURNING {common.MSG_COLS.replace('m.', '')}", params
+                )
+            )
+        return (
+            common.message_from_row(inserted[0], from_micros),
+            common.message_from_row(target[0], from_micros),
+        )
+
+    # -- read marks --------------------------------------------------------------------------
+    async def set_read_mark(self, room_id: int, user: str, seq: int, now: datetime) -> int:
+        """Upsert the mark to max(held, min(seq, last_seq)) in one write transaction."""
+        common.check_seq(seq)
+        stamp = to_micros(now)
+        async with self._write() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "INSERT INTO room_reads (room_id, user_uuid, seq, updated_at)"
+                    " SELECT id, ?, min(?, last_seq), ? FROM rooms"
+                    " WHERE id = ? AND deleted_at IS NULL"
+                    " ON CONFLICT (room_id, user_uuid) DO UPDATE"
+                    " SET seq = max(room_reads.seq, excluded.seq),"
+                    " updated_at = CASE WHEN excluded.seq > room_reads.seq"
+                    "  THEN excluded.updated_at ELSE room_reads.updated_at END"
+                    " RETURNING seq",
+                    (user, seq, stamp, room_id),
+                )
+            )
+        if not rows:
+            raise RoomGone(room_id)
+        return int(rows[0][0])
+
+    async def read_marks(self, room_id: int) -> list[ReadMark]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT room_id, user_uuid, seq, updated_at FROM room_reads"
+                " WHERE room_id = ? ORDER BY user_uuid",
+                (room_id,),
+            )
+        return [ReadMark(int(r[0]), str(r[1]), int(r[2]), from_micros(int(r[3]))) for r in rows]
+
+    # -- direct messages and the conversation list -------------------------------------------
+    async def open_dm(
+        self, user: str, entity: str, other: str, level_admin: int, now: datetime
+    ) -> tuple[Room, bool]:
+        """Find the pair's room by ``dm_key`` or create it, in one write transaction (which
+        SQLite serialises, so two callers cannot both create it)."""
+        key = common.dm_key(user, other)
+        stamp = to_micros(now)
+        async with self._write() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    f"SELECT {common.ROOM_COLS}, r.dm_pending FROM rooms r WHERE r.dm_key = ?",
+                    (key,),
+                )
+            )
+            if rows:
+                room = common.room_from_row(rows[0], from_micros)
+                if room.deleted_at is not None:
+                    raise RoomGone(room.id)
+                await db.execute(
+                    "UPDATE room_rules SET accepted = 1, updated_at = ?"
+                    " WHERE room_id = ? AND kind = 'user' AND subject = ? AND accepted = 0",
+                    (stamp, room.id, user),
+                )
+                await db.execute(
+                    "UPDATE rooms SET dm_pending = NULL WHERE id = ? AND dm_pending = ?",
+                    (room.id, user),
+                )
+                return room, False
+            room_uuid = str(uuid.uuid4())
+            inserted = list(
+                await db.execute_fetchall(
+                    "INSERT INTO rooms (uuid, name, level_admin, type, entity_owner,"
+                    " max_entity_rules, last_seq, created_at, updated_at, dm_key, dm_pending)"
+                    " VALUES (?, ?, ?, 'user2user', ?, ?, 0, ?, ?, ?, ?) RETURNING id",
+                    (
+                        room_uuid,
+                        key,
+                        level_admin,
+                        entity,
+                        common.DM_MAX_RULES,
+                        stamp,
+                        stamp,
+                        key,
+                        other,
+                    ),
+                )
+            )
+            room_id = int(inserted[0][0])
+            await db.executemany(
+                "INSERT INTO room_rules (room_id, kind, subject, permissions, level, accepted,"
+                " created_at, updated_at) VALUES (?, 'user', ?, 'rw', 0, ?, ?, ?)",
+                [(room_id, user, 1, stamp, stamp), (room_id, other, 0, stamp, stamp)],
+            )
+        return common.dm_room(room_id, room_uuid, key, level_admin, entity, now), True
+
+    async def settle_dms(self, user: str, entity: str, now: datetime) -> Settled:
+        """Accept the user's rule in the waiting DMs their entity owns; clear the wait.
+
+        A read first: drivers call this on every authentication, and almost always nothing
+        waits, which must not cost SQLite's one write lock.
+        """
+        async with self._read() as db:
+            waiting = list(
+                await db.execute_fetchall(
+                    "SELECT 1 FROM rooms WHERE dm_pending = ? LIMIT 1", (user,)
+                )
+            )
+        if not waiting:
+            return Settled()
+        async with self._write() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "UPDATE rooms SET dm_pending = NULL WHERE dm_pending = ?"
+                    " RETURNING id, entity_owner = ? AND deleted_at IS NULL",
+                    (user, entity),
+                )
+            )
+            added = sorted(int(row[0]) for row in rows if row[1])
+            if added:
+                marks = ",".join("?" * len(added))
+                await db.execute(
+                    "UPDATE room_rules SET accepted = 1, updated_at = ?"
+                    f" WHERE kind = 'user' AND subject = ? AND room_id IN ({marks})",
+                    (to_micros(now), user, *added),
+                )
+        invited = sorted(int(row[0]) for row in rows if not row[1])
+        return Settled(added=tuple(added), invited=tuple(invited))
+
+    async def conversations(
+        self, user: str, entity: str, level: int, order: str, limit: int, offset: int
+    ) -> list[Conversation]:
+        """One statement: the page of visible rooms, then their states."""
+        common.check_page(limit, offset)
+        sql = common.room_states_sql(common.conversation_page_sql(_VISIBLE_IDS, order), order)
+        params = {"user": user, "entity": entity, "level": level}
+        async with self._read() as db:
+            rows = await db.execute_fetchall(sql, {**params, "limit": limit, "offset": offset})
+        return common.conversations_from_rows(list(rows), from_micros)
+
+    async def room_states(
+        self, user: str, entity: str, level: int, room_ids: Sequence[int]
+    ) -> dict[int, RoomState]:
+        """One statement over the given ids (passed as one JSON array) the user may read."""
+        if not room_ids:
+            return {}
+        page = (
+            "SELECT id, NULL AS activity FROM rooms"
+            " WHERE id IN (SELECT value FROM json_each(:ids))"
+            f" AND id IN ({_VISIBLE_IDS})"
+        )
+        params = {"user": user, "entity": entity, "level": level, "ids": json.dumps(list(room_ids))}
+        async with self._read() as db:
+            rows = await db.execute_fetchall(common.room_states_sql(page, "id"), params)
+        found = common.conversations_from_rows(list(rows), from_micros)
+        return {c.room.id: c.state for c in found}
 
 
 def _chunks(items: Sequence[_T], width: int) -> list[Sequence[_T]]:
@@ -551,18 +806,23 @@ async def _stored_client_ids(
     return stored
 
 
-async def _take_seqs(db: aiosqlite.Connection, wanted: Mapping[int, int]) -> dict[int, int]:
-    """Reserve ``wanted[room]`` seqs in each live room; its last seq before them, by room.
+async def _take_seqs(
+    db: aiosqlite.Connection, wanted: Mapping[int, int], latest: Mapping[int, int]
+) -> dict[int, int]:
+    """Reserve ``wanted[room]`` seqs in each live room, stamping its last activity with
+    ``latest[room]`` (micros) unless it is already later; its last seq before them, by room.
 
     Rooms absent or deleted are left out (and keep their last_seq).
     """
     bases: dict[int, int] = {}
-    for chunk in _chunks(list(wanted.items()), 2):
+    triples = [(room_id, n, latest[room_id]) for room_id, n in wanted.items()]
+    for chunk in _chunks(triples, 3):
         rows = await db.execute_fetchall(
-            "UPDATE rooms SET last_seq = last_seq + c.column2"
-            f" FROM (VALUES {_values(len(chunk), 2)}) AS c"
+            "UPDATE rooms SET last_seq = last_seq + c.column2,"
+            " last_activity_at = max(coalesce(last_activity_at, c.column3), c.column3)"
+            f" FROM (VALUES {_values(len(chunk), 3)}) AS c"
             " WHERE rooms.id = c.column1 AND rooms.deleted_at IS NULL RETURNING id, last_seq",
-            [value for pair in chunk for value in pair],
+            [value for triple in chunk for value in triple],
         )
         bases.update((int(row[0]), int(row[1]) - wanted[int(row[0])]) for row in rows)
     return bases
@@ -576,10 +836,10 @@ async def _insert_messages(
     RETURNING rows come in no promised order, hence the (room_id, seq) key.
     """
     ids: dict[tuple[int, int], int] = {}
-    for chunk in _chunks(rows, 7):
+    for chunk in _chunks(rows, 8):
         returned = await db.execute_fetchall(
             "INSERT INTO messages (room_id, seq, emitter, entity, content, client_id,"
-            f" created_at) VALUES {_values(len(chunk), 7)} RETURNING room_id, seq, id",
+            f" created_at, system) VALUES {_values(len(chunk), 8)} RETURNING room_id, seq, id",
             [
                 value
                 for new, seq, stamp in chunk
@@ -591,6 +851,7 @@ async def _insert_messages(
                     new.content,
                     new.client_id,
                     stamp,
+                    int(new.system),
                 )
             ],
         )

@@ -283,6 +283,9 @@ async def test_openapi_document_parses_and_lists_every_path(api: Api) -> None:
         "/rooms/{id}/members/{uuid}",
         "/rooms/{id}/invitation",
         "/rooms/{id}/messages",
+        "/rooms/{id}/read",
+        "/rooms/{id}/reads",
+        "/dm",
     }
     assert set(paths["/rooms"]) == {"get", "post"}
     assert set(paths["/rooms/{id}"]) >= {"get", "delete"}
