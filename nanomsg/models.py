@@ -38,6 +38,9 @@ class Room:
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None = None
+    # A DM (opened with open_dm): private to its two users, so rank in the owner entity
+    # grants nothing in it (permissions.evaluate).
+    dm: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -2,7 +2,7 @@
 
 Rules (protocol.md, "Permissions"):
 - owner-entity admins (entity is the room's owner and level >= level_admin) hold every flag and
-  cannot be banned;
+  cannot be banned, except in a DM, which only its two users' rules open;
 - otherwise the flags are the union of the *accepted* rules that apply: the ``user`` rule for the
   user, and ``entity`` rules for the user's entity whose level <= the user's level;
 - ``a`` implies ``r`` and ``w``; a ``b`` on any applying rule denies everything.
@@ -53,7 +53,12 @@ def evaluate(principal: Principal, room: Room | None, rules: Iterable[Rule]) -> 
     """The principal's access to ``room``; a missing or deleted room grants nothing."""
     if room is None or room.deleted_at is not None:
         return Access(read=False, write=False, admin=False, reason="no such room")
-    if principal.entity == room.entity_owner and principal.level >= room.level_admin:
+    # A DM is private to its two users: no rank in the owner entity reads it.
+    if (
+        not room.dm
+        and principal.entity == room.entity_owner
+        and principal.level >= room.level_admin
+    ):
         return Access(read=True, write=True, admin=True, reason="owner-entity admin")
     flags: set[str] = set()
     for rule in rules:

@@ -34,8 +34,8 @@ from nanomsg.store.base import (
 )
 from nanomsg.store.common import CONVERSATION_ORDERS
 
-# A DM's level_admin: the highest a room may have, so only the owner entity's top rank
-# administers (and reads) a DM by rank alone; members below it read it only by their rule.
+# A DM's level_admin: the highest a room may have. It grants nothing there (a DM is private to
+# its two users whatever anyone's rank: permissions.evaluate), but the column needs a value.
 DM_LEVEL_ADMIN = LEVEL_ADMIN_MAX
 
 

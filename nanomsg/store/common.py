@@ -37,9 +37,9 @@ Outcome = tuple[Message, bool] | RoomGone
 
 ROOM_COLS = (
     "r.id, r.uuid, r.name, r.level_admin, r.type, r.entity_owner, r.max_entity_rules, "
-    "r.last_seq, r.created_at, r.updated_at, r.deleted_at"
+    "r.last_seq, r.created_at, r.updated_at, r.deleted_at, (r.dm_key IS NOT NULL)"
 )
-ROOM_WIDTH = 11
+ROOM_WIDTH = 12
 RULE_COLS = (
     "rr.room_id, rr.subject, rr.kind, rr.permissions, rr.level, rr.accepted, "
     "rr.created_at, rr.updated_at"
@@ -95,6 +95,7 @@ def room_from_row(row: Row, stamp: Stamp) -> Room:
         created_at=stamp(row[8]),
         updated_at=stamp(row[9]),
         deleted_at=None if row[10] is None else stamp(row[10]),
+        dm=bool(row[11]),
     )
 
 
@@ -194,6 +195,7 @@ def dm_room(
         last_seq=0,
         created_at=utc(now),
         updated_at=utc(now),
+        dm=True,
     )
 
 

@@ -39,6 +39,7 @@ from nanomsg.store.migrate import load_migrations, postgres_schema_path
 _VISIBLE_IDS = (
     "SELECT id FROM rooms"
     " WHERE entity_owner = :entity AND level_admin <= :level AND deleted_at IS NULL"
+    " AND dm_key IS NULL"
     " UNION SELECT room_id FROM room_rules"
     " WHERE subject IN (:user, :entity) AND accepted"
     " AND ((kind = 'user' AND subject = :user)"
@@ -406,6 +407,7 @@ class PostgresStore:
             f"SELECT {common.ROOM_COLS} FROM rooms r WHERE r.deleted_at IS NULL AND r.id IN ("
             " SELECT id FROM rooms"
             "  WHERE entity_owner = $2 AND level_admin <= $3 AND deleted_at IS NULL"
+            "  AND dm_key IS NULL"
             " UNION SELECT room_id FROM room_rules"
             "  WHERE subject IN ($1, $2) AND accepted"
             "  AND ((kind = 'user' AND subject = $1)"

@@ -41,6 +41,7 @@ from nanomsg.store.migrate import load_migrations, sqlite_schema_path
 _VISIBLE_IDS = (
     "SELECT id FROM rooms"
     " WHERE entity_owner = :entity AND level_admin <= :level AND deleted_at IS NULL"
+    " AND dm_key IS NULL"
     " UNION SELECT room_id FROM room_rules"
     " WHERE subject IN (:user, :entity) AND accepted = 1"
     " AND ((kind = 'user' AND subject = :user)"

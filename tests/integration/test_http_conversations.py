@@ -66,6 +66,19 @@ async def test_same_entity_dm_is_readable_by_the_other_at_their_first_request(ap
     assert history.status == 200 and [m["content"] for m in history.content] == ["hello bob"]
 
 
+async def test_a_dm_is_private_to_its_two_users_whatever_the_rank_of_others(api: Api) -> None:
+    alice = api.caller()
+    bob = api.caller(entity=alice.entity)
+    chief = api.caller(entity=alice.entity, level=1_000_000_000)  # top rank of their entity
+    room_id = (await api.call("POST", "/dm", alice, json={"user": bob.user})).content["room"]["id"]
+    await send(api, room_id, alice, "between us")
+    for method, path in (("GET", f"/rooms/{room_id}"), ("GET", f"/rooms/{room_id}/messages")):
+        reply = await api.call(method, path, chief)
+        assert (reply.status, reply.reason) == (404, "no such room"), path
+    listed = await api.call("GET", "/rooms/all", chief)
+    assert room_id not in [room["id"] for room in listed.content]
+
+
 async def test_cross_entity_dm_is_a_pending_invitation_until_accepted(api: Api) -> None:
     alice, mallory = api.caller(), api.caller()  # two entities
     opened = await api.call("POST", "/dm", alice, json={"user": mallory.user})
@@ -183,8 +196,10 @@ async def test_post_dm_for_a_deleted_dm_is_404(api: Api) -> None:
     alice = api.caller(level=1000)
     bob = api.caller(entity=alice.entity)
     room_id = (await api.call("POST", "/dm", alice, json={"user": bob.user})).content["room"]["id"]
-    deleted = await api.call("DELETE", f"/rooms/{room_id}", alice)
-    assert deleted.status == 200, deleted.body
+    # No one administers a DM by rank (it is private to its two users): storage deletes it.
+    refused = await api.call("DELETE", f"/rooms/{room_id}", alice)
+    assert refused.status == 403, refused.body
+    assert await api.store.delete_room(room_id, datetime.now(UTC))
     again = await api.call("POST", "/dm", bob, json={"user": alice.user})
     assert (again.status, again.reason) == (404, "no such room")
 

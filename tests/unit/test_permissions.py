@@ -235,3 +235,11 @@ def test_valid_flags_accepted(flags: str) -> None:
 @pytest.mark.parametrize("flags", ["rwx", "rr", "R", "x", " r", "r,w", "rwbaa", "r\u0301"])
 def test_invalid_flags_refused(flags: str) -> None:
     assert not is_valid_flags(flags)
+
+
+def test_no_rank_in_the_owner_entity_reads_a_dm() -> None:
+    dm = replace(ROOM, dm=True)
+    top = who(OWNER, 1_000_000_000, user="99999999-9999-4999-8999-999999999999")
+    assert evaluate(top, dm, []).flags == ""  # the same rank administers an ordinary room
+    assert evaluate(top, ROOM, []).flags == "rwa"
+    assert evaluate(who(OWNER, 1_000_000_000), dm, [user_rule("rw")]).flags == "rw"
