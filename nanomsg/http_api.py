@@ -1,4 +1,4 @@
-"""The HTTP side-port for partner backends: rooms, members, invitations and history.
+"""The HTTP side-port for partner backends: rooms, members, invitations, history and posting.
 
 Built by ``build_http_app`` from injected collaborators (no global state). Every answer, errors
 included, is the original's JSON envelope ``{"meta": {"code", "message"[, "reason"]},
