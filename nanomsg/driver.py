@@ -57,7 +57,7 @@ from nanomsg.events import (
 )
 from nanomsg.fanout import text_frame
 from nanomsg.models import RoomAccess
-from nanomsg.session import Session, State
+from nanomsg.session import Session
 from nanomsg.store.base import ContentRefused, HistoryQuery, RoomGone, Store, StoreUnavailable
 from nanomsg.store.writer import Stored
 
@@ -83,7 +83,6 @@ class _Reply:
     frames: list[bytes] = field(default_factory=list)  # not yet handed to the transport
     size: int = 0  # bytes in ``frames``
     streamed: int = 0  # bytes handed to the transport so far: room earned for held frames
-    replaying: bool = False  # a resume's replay is still being read: held frames wait for it
     streaming: bool = False  # the result is in: frames written now go behind the reply
 
 
@@ -103,11 +102,10 @@ class Driver:
     draining: bool
     receiving: bool
     closing: bool
-    joined: int | None
-    held: list[bytes] | None
-    held_bytes: int
+    # Live frames (room id, frame) held behind a long reply being written, not None then.
+    held: list[tuple[int, bytes]] | None
+    held_bytes: int  # bytes held: behind a long reply, and by subscriptions replaying
     reply: _Reply | None
-    min_seq: int
 
     if TYPE_CHECKING:
 
@@ -123,7 +121,7 @@ class Driver:
 
         def close(self, code: int, reason: str = "") -> None: ...
 
-        def write_frame(self, frame: bytes, seq: int) -> None: ...
+        def write_frame(self, frame: bytes, seq: int, room_id: int = 0) -> None: ...
 
     def _pump(self) -> None:
         """Hand queued commands to the session in order: sends may overlap (up to
@@ -138,11 +136,7 @@ class Driver:
         ):
             if self.pipeline:
                 command = self.inbox[0]
-                if (
-                    type(command) not in PIPELINABLE
-                    or session.state is not State.READY
-                    or len(self.pipeline) >= PIPELINE
-                ):
+                if not session.pipelinable(command) or len(self.pipeline) >= PIPELINE:
                     break
                 del self.inbox[0]
                 for effect in session.receive(command):
@@ -166,18 +160,9 @@ class Driver:
             elif isinstance(effect, Join):
                 self._join(effect)
             elif isinstance(effect, EndReplay):
-                if self.reply is not None:  # the held frames follow the reply (_send_reply)
-                    self.reply.replaying = False
-                else:
-                    self._release_held()
+                self._end_replay(effect.room_id)
             elif isinstance(effect, Leave):
-                self.server.hub.leave(self, effect.room_id)
-                self.joined, self.held, self.held_bytes = None, None, 0
-                if self.reply is not None and self.reply.streaming:
-                    # A long reply being written still holds back whatever follows it.
-                    self.reply.replaying, self.held = False, []
-                else:  # a replay not read yet: forgotten (its result ends it, if it comes)
-                    self.reply = None
+                self._leave(effect.room_id)
             elif isinstance(effect, StoreMessage):
                 self._submit(effect)
             elif isinstance(effect, LoadRoom) and (
@@ -200,24 +185,56 @@ class Driver:
             elif isinstance(effect, AuthRefused):
                 log.info("connection %s: token refused: %s", self.conn_id, effect.reason)
 
-    def _release_held(self) -> None:
-        held, self.held, self.held_bytes = self.held or [], None, 0
-        for frame in held:
+    def _end_replay(self, room_id: int) -> None:
+        """The replay of ``room_id`` is written (into the long reply): the live frames its
+        subscription held meanwhile follow it, before anything held behind the reply since."""
+        sub = self.session.subs.get(room_id) if self.session is not None else None
+        if sub is None or sub.held is None:
+            return
+        frames, sub.held = sub.held, None
+        if self.reply is not None and self.reply.streaming:
+            self.held = [(room_id, frame) for frame in frames] + (self.held or [])
+            return
+        self.held_bytes -= sum(map(len, frames))
+        for frame in frames:
             self._write(frame)
 
+    def _leave(self, room_id: int) -> None:
+        """The session dropped ``room_id``: the hub forgets this receiver there, and frames of
+        that room still held (by its replay, or behind a long reply) are never written."""
+        self.server.hub.leave(self, room_id)
+        if self.held:
+            self.held = [(room, frame) for room, frame in self.held if room != room_id]
+        self.held_bytes = self.held_total()
+
+    def held_total(self) -> int:
+        """Bytes held: behind a long reply, and by the subscriptions whose replay is read."""
+        size = sum(len(frame) for _, frame in self.held or ())
+        if self.session is not None:
+            for sub in self.session.subs.values():
+                if sub.held:
+                    size += sum(map(len, sub.held))
+        return size
+
+    def leave_all(self) -> None:
+        """Closing: this connection receives nothing more from any room it holds."""
+        if self.session is not None:
+            for room_id in self.session.subs:
+                self.server.hub.leave(self, room_id)
+
     def _join(self, join: Join) -> None:
-        self.joined = join.room_id
         live_from = self.server.hub.join(self, join.room_id, join.last_seq, join.access)
-        self.min_seq = join.since or 0
+        sub = self.session.subs.get(join.room_id) if self.session is not None else None
+        if sub is None:
+            return
+        sub.min_seq = join.since or 0
         if join.since is None:
             return
-        # Replay seqs since+1 .. live_from-1 from storage; live frames from live_from are held
-        # until the replay is written, so the client sees no gap and no duplicate.
-        if self.held is None:
-            self.held, self.held_bytes = [], 0
-        if self.reply is None:
-            self.reply = _Reply()
-        self.reply.replaying = True
+        # Replay seqs since+1 .. live_from-1 from storage; live frames of the room from
+        # live_from on are held by its subscription until the replay is written, so the client
+        # sees no gap and no duplicate. Other rooms' frames flow meanwhile.
+        if sub.held is None:
+            sub.held = []
         self.busy = True
         self.server.spawn(self._run(_Replay(join.room_id, join.since, live_from)))
 
@@ -279,9 +296,9 @@ class Driver:
                 self.apply(self.session.result(result))
             self._pump()
 
-    def reauthorize(self, access: RoomAccess | None) -> None:
+    def reauthorize(self, room_id: int, access: RoomAccess | None) -> None:
         if self.session is not None and not self.closing:
-            self.apply(self.session.reauthorize(access))
+            self.apply(self.session.reauthorize(room_id, access))
 
 
 @dataclass(eq=False, slots=True)

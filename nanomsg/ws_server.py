@@ -103,12 +103,11 @@ class Connection(Driver, asyncio.Protocol):
         self.draining = False  # shutting down: no new commands are started
         self.receiving = True
         self.closing = False
-        self.joined: int | None = None
-        # Live frames held while a replay is read or a long reply is written (not None then).
-        self.held: list[bytes] | None = None
+        # Live frames (room id, frame) held while a long reply is written (not None then);
+        # frames held while a room's resume replay is read are its subscription's.
+        self.held: list[tuple[int, bytes]] | None = None
         self.held_bytes = 0
         self.reply: _Reply | None = None  # a replay is out or a long reply is being written
-        self.min_seq = 0
         self.pong_pending: bytes | None = None  # payload of the ping not yet answered
         # Attributes are few on purpose: past 30, CPython stops sharing the keys of instance
         # dicts and an idle connection costs 1.5 KB more.
@@ -142,9 +141,7 @@ class Connection(Driver, asyncio.Protocol):
             handle.cancel()
         self.timers.clear()
         self.closing = True
-        if self.joined is not None:
-            self.server.hub.leave(self, self.joined)
-            self.joined = None
+        self.leave_all()
         self.outbox, self.outbox_bytes = [], 0
         self._drop_output()
         if self.accounted:
@@ -308,14 +305,17 @@ class Connection(Driver, asyncio.Protocol):
                 reply.streamed += size
                 self.written += size
                 transport.write(chunk)  # may call pause_writing, which ends this loop
-            if frames or reply.replaying:
-                return  # resume_writing continues, or EndReplay has yet to come
+            if frames:
+                return  # resume_writing continues
             if self.held:
                 # The live frames held meanwhile, written against the same flow control.
-                reply.frames, reply.size = self.held, self.held_bytes
-                self.held, self.held_bytes = [], 0
+                reply.frames = [frame for _, frame in self.held]
+                reply.size = sum(map(len, reply.frames))
+                self.held = []
+                self.held_bytes -= reply.size
                 continue
-            self.reply, self.held, self.held_bytes = None, None, 0
+            self.reply, self.held = None, None
+            self.held_bytes = self.held_total()
             self.busy = False
             self._pump()
 
@@ -364,15 +364,25 @@ class Connection(Driver, asyncio.Protocol):
 
     # -- sending ------------------------------------------------------------------------------
 
-    def write_frame(self, frame: bytes, seq: int) -> None:
-        """A room message from the hub (``fanout.Receiver``): the per-recipient hot path, so
-        the outbox append of ``_write`` is inlined."""
-        if seq <= self.min_seq or self.closing or not self.receiving:
+    def write_frame(self, frame: bytes, seq: int, room_id: int = 0) -> None:
+        """A message of room ``room_id`` from the hub (``fanout.Receiver``): the per-recipient
+        hot path, so the outbox append of ``_write`` is inlined. The room's subscription
+        drops seqs below its resume floor and holds frames while its replay is read."""
+        if self.closing or not self.receiving:
+            return
+        session = self.session
+        sub = session.subs.get(room_id) if session is not None else None
+        if sub is not None and seq <= sub.min_seq:
             return
         if self.deflate_bits is not None:
             frame = self.server.deflate.deflated(frame, self.deflate_bits)
-        if self.held is not None:
-            self.held.append(frame)
+        held = self.held
+        if (sub is not None and sub.held is not None) or held is not None:
+            if sub is not None and sub.held is not None:
+                sub.held.append(frame)  # behind the room's replay, still being read
+            else:
+                assert held is not None
+                held.append((room_id, frame))  # behind a long reply being written
             self.held_bytes += len(frame)
             # A reader who reads the reply earns room for what is held behind it.
             streamed = self.reply.streamed if self.reply is not None else 0
@@ -460,6 +470,9 @@ class Connection(Driver, asyncio.Protocol):
         """Closing: held frames and a long reply will never be written (the outbox still goes
         out: it holds the replies that explain the close)."""
         self.held, self.held_bytes, self.reply = None, 0, None
+        if self.session is not None:
+            for sub in self.session.subs.values():
+                sub.held = None
         self.fragments = []
 
     def _flush(self) -> None:
@@ -488,9 +501,7 @@ class Connection(Driver, asyncio.Protocol):
         if self.closing or self.ws.state is not WsState.OPEN:
             return
         self.server.closed(self, code, reason)
-        if self.joined is not None:
-            self.server.hub.leave(self, self.joined)
-            self.joined = None
+        self.leave_all()
         self.closing = True
         self._drop_output()
         self.ws.send_close(code, reason)
@@ -570,7 +581,11 @@ class WsServer:
         self.writer = writer
         self.verifier = verifier
         self.clock = clock
-        self.limits = Limits(auth_timeout=config.auth_timeout, refresh_grace=config.refresh_grace)
+        self.limits = Limits(
+            auth_timeout=config.auth_timeout,
+            refresh_grace=config.refresh_grace,
+            max_subscriptions=config.max_subscriptions,
+        )
         self.connections: set[Connection] = set()
         # Keepalive: each connection is pinged in the slice it was accepted in, so it is pinged
         # once per interval however many connections open and close meanwhile.
