@@ -89,8 +89,10 @@ class _Reply:
 class Driver:
     """Command scheduling, session effects and the storage runner of one connection.
 
-    The attributes and methods below are the adapter's (``ws_server.Connection``); they are
-    declared here for the type checker only."""
+    The slots are the driver's own state; the other attributes and the methods declared below
+    are the adapter's (``ws_server.Connection``), declared here for the type checker only."""
+
+    __slots__ = ("busy", "held", "held_bytes", "inbox", "pipeline", "receiving", "reply")
 
     server: WsServer
     conn_id: str

@@ -111,6 +111,21 @@ class Session:
     nanomsg/subscription.py); ``room_id`` is the selected room, the one commands without a
     ``room_id`` act on (held, unless None)."""
 
+    # Slots: every connection has one, and an idle connection's memory is counted in bytes.
+    __slots__ = (
+        "_load",
+        "_replay",
+        "clock",
+        "limits",
+        "principal",
+        "refusal",
+        "room_id",
+        "state",
+        "subs",
+        "trials",
+        "verifier",
+    )
+
     def __init__(self, verifier: Verifier, clock: Clock, limits: Limits) -> None:
         self.verifier = verifier
         self.clock = clock
