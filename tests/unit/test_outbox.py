@@ -17,7 +17,7 @@ import pytest_asyncio
 from nanomsg.auth import Verifier
 from nanomsg.clock import SystemClock
 from nanomsg.config import Config
-from nanomsg.events import Leave
+from nanomsg.events import EndReplay, Leave, Send
 from nanomsg.fanout import Hub, text_frame
 from nanomsg.store.sqlite import SqliteStore
 from nanomsg.store.writer import BatchWriter
@@ -374,3 +374,26 @@ async def test_leaving_the_room_while_its_replay_is_read_forgets_the_replay(
     assert conn.held_bytes == 0 and conn.reply is None
     await one_pass()
     assert transport.writes == [frame(1)]
+
+
+async def test_a_rooms_replay_holds_only_that_rooms_frames_and_they_follow_the_replay(
+    server: WsServer,
+) -> None:
+    conn, transport = connect(server)
+    replaying = hold(conn, 7)
+    replaying.held = []  # room 7's resume replay is being read
+    hold(conn, 8)
+    conn.write_frame(frame(5), 5, 7)  # held by room 7's subscription
+    conn.write_frame(frame(1), 1, 8)  # room 8 flows meanwhile
+    await one_pass()
+    assert transport.writes == [frame(1)]
+    transport.writes.clear()
+    # The replay is read: written as a long reply, then room 7's held frames, in that order.
+    conn.reply, conn.held, conn.busy = _Reply(streaming=True), [], True
+    replay = text_frame(b'{"replayed":4}')
+    conn.apply([Send(b'{"replayed":4}'), EndReplay(7)])
+    assert replaying.held is None
+    conn.write_frame(frame(2), 2, 8)  # arrives after the replay result: behind the reply too
+    conn._send_reply()
+    assert b"".join(transport.writes) == replay + frame(5) + frame(2)
+    assert conn.reply is None and conn.held is None and conn.held_bytes == 0 and not conn.busy
