@@ -211,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--publishers", type=int, default=4, help="publishing connections")
         p.add_argument(
+            "--rooms-per-receiver",
+            type=int,
+            default=1,
+            help="rooms each receiver holds: the measured room selected, the rest subscribed "
+            "(quiet rooms, so the fan-out measures delivery with several subscriptions held)",
+        )
+        p.add_argument(
             "--max-outstanding",
             type=int,
             default=256,

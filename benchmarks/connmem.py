@@ -71,10 +71,10 @@ class NullTransport:
 
 
 class _Member:
-    def write_frame(self, frame: bytes, seq: int) -> None:
+    def write_frame(self, frame: bytes, seq: int, room_id: int = 0) -> None:
         pass
 
-    def reauthorize(self, access: RoomAccess | None) -> None:
+    def reauthorize(self, room_id: int, access: RoomAccess | None) -> None:
         pass
 
 
@@ -87,7 +87,7 @@ def client_frame(obj: object) -> bytes:
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
 
 
-async def measure(count: int, top: int) -> dict[str, Any]:
+async def measure(count: int, top: int, rooms: int = 1) -> dict[str, Any]:
     clock = SystemClock()
     with tempfile.TemporaryDirectory() as tmp:
         store = SqliteStore(f"{tmp}/connmem.db")
@@ -101,10 +101,11 @@ async def measure(count: int, top: int) -> dict[str, Any]:
         )
         now = datetime.now(UTC)
         entity = str(uuid.uuid4())
-        room = Room(1, str(uuid.uuid4()), "r", 100, "group", entity, 10, 0, now, now, None)
-        rules = (Rule(1, entity, "entity", "rw", 100, True, now, now),)
-        # The room is live with its rules known, as for every select after the first.
-        server.hub.join(_Member(), 1, 0, RoomAccess(room, rules))
+        # The rooms are live with their rules known, as for every select after the first.
+        for room_id in range(1, rooms + 1):
+            room = Room(room_id, str(uuid.uuid4()), "r", 100, "group", entity, 10, 0, now, now)
+            rules = (Rule(room_id, entity, "entity", "rw", 100, True, now, now),)
+            server.hub.join(_Member(), room_id, 0, RoomAccess(room, rules))
         frames = [
             (
                 client_frame(
@@ -120,6 +121,10 @@ async def measure(count: int, top: int) -> dict[str, Any]:
                     }
                 ),
                 client_frame({"type": "select_room", "room_id": 1}),
+                [
+                    client_frame({"type": "subscribe", "room_id": room_id})
+                    for room_id in range(2, rooms + 1)
+                ],
             )
             for _ in range(count)
         ]
@@ -127,18 +132,26 @@ async def measure(count: int, top: int) -> dict[str, Any]:
         tracemalloc.start(12)
         before = tracemalloc.take_snapshot()
         conns = []
-        for token, select in frames:
+        for token, select, subscribes in frames:
             conn = Connection(server)
             conn.connection_made(NullTransport())  # type: ignore[arg-type]
             conn.data_received(UPGRADE)
             conn.data_received(token)
             conn.data_received(select)
+            for subscribe in subscribes:
+                conn.data_received(subscribe)
             conns.append(conn)
         await asyncio.sleep(0)
         gc.collect()
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
-        joined = sum(1 for c in conns if c.joined == 1)
+        joined = sum(
+            1
+            for c in conns
+            if c.session is not None
+            and len(c.session.subs) == rooms
+            and all(sub.joined for sub in c.session.subs.values())
+        )
         stats = after.compare_to(before, "traceback")
         total = sum(s.size_diff for s in stats)
         sites = []
@@ -156,6 +169,7 @@ async def measure(count: int, top: int) -> dict[str, Any]:
     return {
         "scenario": "connmem",
         "connections": count,
+        "rooms_per_conn": rooms,
         "joined": joined,
         "python_heap_bytes_per_conn": round(total / count),
         "top_sites": sites,
@@ -167,8 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.connmem", description=__doc__)
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--top", type=int, default=12, help="allocation sites to list")
+    parser.add_argument(
+        "--rooms",
+        type=int,
+        default=1,
+        help="rooms each connection holds (1 selected, the rest subscribed)",
+    )
     args = parser.parse_args(argv)
-    result = asyncio.run(measure(args.connections, args.top))
+    result = asyncio.run(measure(args.connections, args.top, args.rooms))
     print(json.dumps(result))
     print(
         f"{result['joined']:,} of {args.connections:,} connections authenticated and joined; "

@@ -161,6 +161,12 @@ async def fanout(args: argparse.Namespace, target: Target, point: dict[str, Any]
         issuer=target.issuer,
     ) as admin:
         room = await admin.create_room(f"bench-fanout-{nonce:08x}")
+        extra = tuple(
+            [
+                await admin.create_room(f"bench-fanout-{nonce:08x}-{n}")
+                for n in range(1, max(1, getattr(args, "rooms_per_receiver", 1)))
+            ]
+        )
     pub_url = target.ws_urls[0]
     recv_urls = target.ws_urls[1:] if cross else target.ws_urls
     srcs = source_addresses(pub_url, subscribers + publishers, args.source_addrs)
@@ -174,6 +180,7 @@ async def fanout(args: argparse.Namespace, target: Target, point: dict[str, Any]
             1 + publishers + i,
             srcs[(publishers + i) % len(srcs)],
             0,
+            extra,
         )
         for i in range(subscribers)
     ]
@@ -255,6 +262,7 @@ async def fanout(args: argparse.Namespace, target: Target, point: dict[str, Any]
         "publishers": publishers,
         "size": args.size,
         "nodes": len(target.ws_urls),
+        "rooms_per_receiver": 1 + len(extra),
     }
     return Outcome(params, metrics, info)
 

@@ -190,8 +190,10 @@ class BenchConn(asyncio.Protocol):
         tally: Tally,
         sample_every: int = 1,
         tag: int = 0,
+        extra_rooms: tuple[int, ...] = (),
     ) -> None:
         self.url = url
+        self.extra_rooms = extra_rooms
         self.token = token
         self.room_id = room_id
         self.tally = tally
@@ -379,11 +381,15 @@ class BenchConn(asyncio.Protocol):
         elif phase == AWAIT_READY:
             if word == "READY":
                 self.phase = AWAIT_CONNECTED
+                for room in self.extra_rooms:  # several rooms per connection: the rest first
+                    self.send({"type": "subscribe", "room_id": room})
                 self.send({"type": "select_room", "room_id": self.room_id})
             else:
                 self.fail(f"token refused: {word}")
         elif phase == AWAIT_CONNECTED:
-            if word == "CONNECTED":
+            if word == "SUBSCRIBED":
+                pass  # an extra room; the select's answer follows
+            elif word == "CONNECTED":
                 self.phase = OPEN
                 if not self.ready.done():
                     self.ready.set_result(now)

@@ -45,6 +45,7 @@ class ConnSpec(NamedTuple):
     user: int  # index: userUUID = user_uuid(job.nonce, user)
     src: str  # source address to bind ("" = let the kernel choose)
     tag: int  # written into the content of messages this connection sends
+    extra_rooms: tuple[int, ...] = ()  # subscribed before the room is selected
 
 
 @dataclass
@@ -186,6 +187,7 @@ class _Worker:
             "room_id": spec.room,
             "tally": self.tally,
             "tag": spec.tag,
+            "extra_rooms": spec.extra_rooms,
         }
         if job.kind in ("publish", "storage"):
             return AckingConn(sample_every=1, **common)

@@ -21,9 +21,11 @@ from nanomsg.events import (
     Quit,
     SelectRoom,
     SendMessage,
+    Subscribe,
     Token,
     TooLarge,
     Unknown,
+    Unsubscribe,
 )
 from nanomsg.models import Message
 
@@ -65,6 +67,19 @@ def history_end(count: int) -> bytes:
 def resumed(room_id: int, count: int, complete: bool) -> bytes:
     """Ends a resume replay; live messages follow."""
     return _frame("status", "RESUMED", room_id=room_id, count=count, complete=complete)
+
+
+def subscribed(room_id: int) -> bytes:
+    return _frame("status", "SUBSCRIBED", room_id=room_id)
+
+
+def unsubscribed(room_id: int) -> bytes:
+    return _frame("status", "UNSUBSCRIBED", room_id=room_id)
+
+
+def too_many(room_id: int) -> bytes:
+    """A subscription past ``--max-subscriptions``."""
+    return _frame("status", "TOOMANY", room_id=room_id)
 
 
 def revoked(room_id: int) -> bytes:
@@ -182,7 +197,41 @@ def _select_room(obj: dict[str, Any], max_content: int, lenient: bool) -> Comman
     return SelectRoom(room_id, since)
 
 
+def _room_field(obj: dict[str, Any], command: str) -> int | BadArgs | None:
+    """The optional ``room_id`` of a command acting on a room (None: the selected room)."""
+    if obj.get("room_id") is None:
+        return None
+    room_id = _int_field(obj, "room_id", minimum=1, digits_ok=False)
+    if room_id is None:
+        return BadArgs(command, "room_id must be a positive integer")
+    return room_id
+
+
+def _subscribe(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
+    if obj.get("room_id") is None:
+        return BadArgs("subscribe", "room_id is required")
+    room_id = _room_field(obj, "subscribe")
+    if not isinstance(room_id, int):
+        return room_id or BadArgs("subscribe", "room_id is required")
+    since = None
+    if obj.get("since") is not None:
+        since = _int_field(obj, "since", minimum=0, digits_ok=False)
+        if since is None:
+            return BadArgs("subscribe", "since must be an integer seq >= 0")
+    return Subscribe(room_id, since)
+
+
+def _unsubscribe(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
+    room_id = _room_field(obj, "unsubscribe")
+    if not isinstance(room_id, int):
+        return room_id or BadArgs("unsubscribe", "room_id is required")
+    return Unsubscribe(room_id)
+
+
 def _message(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
+    room_id = _room_field(obj, "message")
+    if isinstance(room_id, BadArgs):
+        return room_id
     content = obj.get("content")
     if not isinstance(content, str):
         return BadArgs("message", "content must be a string")
@@ -200,10 +249,13 @@ def _message(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
         problem = _text_problem(client_id, lenient)
         if problem is not None:
             return BadArgs("message", f"client_id {problem}")
-    return SendMessage(content, client_id)
+    return SendMessage(content, client_id, room_id)
 
 
 def _get_past_messages(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
+    room_id = _room_field(obj, "get_past_messages")
+    if isinstance(room_id, BadArgs):
+        return room_id
     limit = HISTORY_DEFAULT
     if obj.get("limit") is not None:
         got = _int_field(obj, "limit", minimum=1, digits_ok=False)
@@ -215,7 +267,7 @@ def _get_past_messages(obj: dict[str, Any], max_content: int, lenient: bool) -> 
         before = _int_field(obj, "before", minimum=1, digits_ok=False)
         if before is None:
             return BadArgs("get_past_messages", "before must be a positive integer seq")
-    return GetPastMessages(limit, before)
+    return GetPastMessages(limit, before, room_id)
 
 
 def _quit(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
@@ -225,6 +277,8 @@ def _quit(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
 _DECODERS = {
     "token": _token,
     "select_room": _select_room,
+    "subscribe": _subscribe,
+    "unsubscribe": _unsubscribe,
     "message": _message,
     "get_past_messages": _get_past_messages,
     "quit": _quit,

@@ -126,6 +126,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("write_batch", int, 500, "most messages committed in one storage transaction"),
     Option("resume_cap", int, 1000, "most messages replayed by select_room with since"),
+    Option(
+        "max_subscriptions",
+        int,
+        500,
+        "rooms one connection may hold at once (subscribe, select_room); one more is TOOMANY",
+    ),
     Option("workers", int, 1, "processes sharing the ports (SO_REUSEPORT); >1 needs Redis"),
     Option(
         "reuse_port",
@@ -174,6 +180,7 @@ class Config:
     write_shards: int = 2
     write_batch: int = 500
     resume_cap: int = 1000
+    max_subscriptions: int = 500
     workers: int = 1
     reuse_port: bool = False
     shutdown_timeout: float = 10.0
@@ -231,6 +238,8 @@ class Config:
             )
         if self.resume_cap < 1:
             raise ConfigError("NANOMSG_RESUME_CAP must be at least 1")
+        if self.max_subscriptions < 1:
+            raise ConfigError("NANOMSG_MAX_SUBSCRIPTIONS must be at least 1")
         if not 0 < self.shutdown_timeout < math.inf:
             raise ConfigError("NANOMSG_SHUTDOWN_TIMEOUT must be positive")
         for name in ("write_shards", "write_batch"):

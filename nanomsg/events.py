@@ -25,15 +25,30 @@ class SelectRoom:
 
 
 @dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Hold the room alongside the others (several rooms per connection)."""
+
+    room_id: int
+    since: int | None = None  # resume, as select_room's
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    room_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class SendMessage:
     content: str
     client_id: str | None
+    room_id: int | None = None  # None: the selected room
 
 
 @dataclass(frozen=True, slots=True)
 class GetPastMessages:
     limit: int
     before: int | None
+    room_id: int | None = None  # None: the selected room
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +82,8 @@ class BadJson:
 Command = (
     Token
     | SelectRoom
+    | Subscribe
+    | Unsubscribe
     | SendMessage
     | GetPastMessages
     | Quit
@@ -202,7 +219,9 @@ class Join:
 
 @dataclass(frozen=True, slots=True)
 class EndReplay:
-    """The replay is written: release the live messages held meanwhile."""
+    """The replay of the room is written: release its live messages held meanwhile."""
+
+    room_id: int
 
 
 @dataclass(frozen=True, slots=True)

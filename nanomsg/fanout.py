@@ -1,4 +1,4 @@
-"""Room fan-out for one process: which local connections have which room selected, the order in
+"""Room fan-out for one process: which local connections hold which room, the order in
 which a room's messages are delivered, and the one place that writes room messages to sockets.
 
 Order: every process keeps, per room with local receivers, the next ``seq`` it owes them.
@@ -81,10 +81,11 @@ class DeflateCache:
 class Receiver(Protocol):
     """What the hub needs of a connection."""
 
-    def write_frame(self, frame: bytes, seq: int) -> None:
-        """Write a ready room-message frame (unless closing, not receiving, or already had)."""
+    def write_frame(self, frame: bytes, seq: int, room_id: int = 0) -> None:
+        """Write a ready frame of room ``room_id`` (unless closing, not receiving, or already
+        had)."""
 
-    def reauthorize(self, access: RoomAccess | None) -> None:
+    def reauthorize(self, room_id: int, access: RoomAccess | None) -> None:
         """The room's rules changed; re-check and act (leave, tell the client)."""
 
 
@@ -247,13 +248,14 @@ class Hub:
         channel.next_seq = seq + 1
         # Copy: a write can close a slow consumer, which leaves the room while we iterate.
         floors = channel.floors
+        room_id = channel.room_id
         if not floors:
             for receiver in list(channel.members):
-                receiver.write_frame(frame, seq)
+                receiver.write_frame(frame, seq, room_id)
             return
         for receiver in list(channel.members):
             if seq >= floors.get(receiver, 0):
-                receiver.write_frame(frame, seq)
+                receiver.write_frame(frame, seq, room_id)
         for receiver in [r for r, floor in floors.items() if floor <= seq + 1]:
             del floors[receiver]  # from the next seq on, it gets what everyone gets
 
@@ -351,7 +353,7 @@ class Hub:
         if current is not None and current is channel and current.changes == seen:
             current.access = access
         for receiver in self.receivers(room_id):
-            receiver.reauthorize(access)
+            receiver.reauthorize(room_id, access)
 
     # -- tasks ----------------------------------------------------------------------------------
 

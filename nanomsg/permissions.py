@@ -10,8 +10,10 @@ Rules (protocol.md, "Permissions"):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from nanomsg.models import Principal, Room, Rule
 
@@ -49,25 +51,7 @@ def rule_applies(principal: Principal, rule: Rule) -> bool:
     return rule.subject == principal.entity and rule.level <= principal.level
 
 
-def evaluate(principal: Principal, room: Room | None, rules: Iterable[Rule]) -> Access:
-    """The principal's access to ``room``; a missing or deleted room grants nothing."""
-    if room is None or room.deleted_at is not None:
-        return Access(read=False, write=False, admin=False, reason="no such room")
-    # A DM is private to its two users: no rank in the owner entity reads it.
-    if (
-        not room.dm
-        and principal.entity == room.entity_owner
-        and principal.level >= room.level_admin
-    ):
-        return Access(read=True, write=True, admin=True, reason="owner-entity admin")
-    flags: set[str] = set()
-    for rule in rules:
-        if rule.accepted and rule_applies(principal, rule):
-            flags.update(rule.permissions)
-    if "b" in flags:
-        return Access(read=False, write=False, admin=False, reason="banned")
-    if not flags:
-        return NONE
+def _from_flags(flags: frozenset[str]) -> Access:
     admin = "a" in flags
     return Access(
         read=admin or "r" in flags,
@@ -75,3 +59,39 @@ def evaluate(principal: Principal, room: Room | None, rules: Iterable[Rule]) -> 
         admin=admin,
         reason="rules " + "".join(sorted(flags)),
     )
+
+
+# Every decision is one of these few values, built once and shared: a connection holding 100
+# rooms keeps 100 references, not 100 objects.
+_BY_FLAGS: Mapping[frozenset[str], Access] = MappingProxyType(
+    {
+        frozenset(combo): _from_flags(frozenset(combo))
+        for n in (1, 2, 3)
+        for combo in itertools.combinations("arw", n)
+    }
+)
+_NO_ROOM = Access(read=False, write=False, admin=False, reason="no such room")
+_OWNER_ADMIN = Access(read=True, write=True, admin=True, reason="owner-entity admin")
+_BANNED = Access(read=False, write=False, admin=False, reason="banned")
+
+
+def evaluate(principal: Principal, room: Room | None, rules: Iterable[Rule]) -> Access:
+    """The principal's access to ``room``; a missing or deleted room grants nothing."""
+    if room is None or room.deleted_at is not None:
+        return _NO_ROOM
+    # A DM is private to its two users: no rank in the owner entity reads it.
+    if (
+        not room.dm
+        and principal.entity == room.entity_owner
+        and principal.level >= room.level_admin
+    ):
+        return _OWNER_ADMIN
+    flags: set[str] = set()
+    for rule in rules:
+        if rule.accepted and rule_applies(principal, rule):
+            flags.update(rule.permissions)
+    if "b" in flags:
+        return _BANNED
+    if not flags:
+        return NONE
+    return _BY_FLAGS.get(frozenset(flags)) or _from_flags(frozenset(flags))

@@ -48,14 +48,17 @@ from nanomsg.events import (
     SetReceiving,
     StorageFailed,
     StoreMessage,
+    Subscribe,
     Timer,
     Token,
     TooLarge,
     Unknown,
+    Unsubscribe,
 )
 from nanomsg.models import Principal, RoomAccess, Rule
 from nanomsg.permissions import Access, evaluate
 from nanomsg.store.base import HistoryQuery, NewMessage
+from nanomsg.subscription import SubEvent, Subscription, SubState
 
 MAX_TRIALS = 3  # bad tokens plus other commands before auth, as in the original
 MAX_CLOSE_REASON = 123  # bytes of UTF-8 a WebSocket close reason may hold (RFC 6455 5.5)
@@ -86,13 +89,42 @@ class State(Enum):
 class Limits:
     auth_timeout: float = 10.0
     refresh_grace: float = 30.0
+    max_subscriptions: int = 500  # rooms held at once (subscribed or selected)
 
 
 Handler = Callable[["Session", Command], list[Effect]]
+RoomCommand = SelectRoom | Subscribe | SendMessage | GetPastMessages
+
+
+@dataclass(frozen=True, slots=True)
+class _Load:
+    """What the LoadRoom out is for: the command waiting for the room's rules."""
+
+    room_id: int
+    command: RoomCommand
 
 
 class Session:
-    """One connection's protocol state."""
+    """One connection's protocol state: its connection state and the rooms it holds.
+
+    ``subs`` maps each room held to its ``Subscription`` (a machine of its own, see
+    nanomsg/subscription.py); ``room_id`` is the selected room, the one commands without a
+    ``room_id`` act on (held, unless None)."""
+
+    # Slots: every connection has one, and an idle connection's memory is counted in bytes.
+    __slots__ = (
+        "_load",
+        "_replay",
+        "clock",
+        "limits",
+        "principal",
+        "refusal",
+        "room_id",
+        "state",
+        "subs",
+        "trials",
+        "verifier",
+    )
 
     def __init__(self, verifier: Verifier, clock: Clock, limits: Limits) -> None:
         self.verifier = verifier
@@ -102,14 +134,30 @@ class Session:
         self.principal: Principal | None = None
         self.trials = 0
         self.refusal: str | None = None  # why the last token was refused, for the close reason
-        self.room_id: int | None = None
-        self.access: Access | None = None
-        # The room a LoadRoom is out for, and whether it is a re-check (after a token refresh
-        # that changed entity or level) rather than a select_room.
-        self._loading: int | None = None
-        self._recheck = False
-        self._since: int | None = None  # of the select_room being loaded
-        self._replaying = False
+        self.room_id: int | None = None  # the selected room
+        self.subs: dict[int, Subscription] = {}
+        # The LoadRoom out (a room command waits for its rules) and the room whose resume
+        # replay is out. Commands that load are barriers, so there is at most one of each.
+        self._load: _Load | None = None
+        self._replay: int | None = None
+
+    @property
+    def access(self) -> Access | None:
+        """The decision on the selected room, if any."""
+        sub = self.subs.get(self.room_id) if self.room_id is not None else None
+        return sub.access if sub is not None else None
+
+    def pipelinable(self, command: Command) -> bool:
+        """Whether ``command`` may be answered behind sends still in flight: it changes no
+        session state (only Send or StoreMessage comes out)."""
+        if self.state is not State.READY:
+            return False
+        if type(command) is SendMessage:
+            if command.room_id is None or command.room_id == self.room_id:
+                return True
+            sub = self.subs.get(command.room_id)
+            return sub is not None and sub.joined  # a room not held is loaded first
+        return type(command) in _PIPELINABLE
 
     # -- entry points ---------------------------------------------------------------------------
 
@@ -131,10 +179,15 @@ class Session:
         if isinstance(result, RoomLoaded):
             return self._room_loaded(result)
         if isinstance(result, MessageStored):
+            message = result.message
+            held = self.subs.get(message.room_id)
             if result.created:
-                return [Publish(result.message)]
+                if held is not None and held.joined:
+                    return [Publish(message)]  # the echo comes with the room's traffic
+                # Posted to a room this connection does not hold: its own echo is the ack.
+                return [Publish(message), Send(codec.message_frame(message))]
             # An idempotent resend: everyone already has it; answer the sender alone.
-            return [Send(codec.message_frame(result.message))]
+            return [Send(codec.message_frame(message))]
         if isinstance(result, MessageRefused):
             return [Send(codec.badargs(result.reason))]
         if isinstance(result, HistoryLoaded):
@@ -142,26 +195,28 @@ class Session:
             out.append(Send(codec.history_end(len(result.messages))))
             return out
         if isinstance(result, Replayed):
-            self._replaying = False
-            if result.room_id != self.room_id:  # the room was lost while reading the replay
-                return [EndReplay()]
+            self._replay = None
+            sub = self.subs.get(result.room_id)
+            if sub is None or sub.state is not SubState.REPLAYING:
+                return [EndReplay(result.room_id)]  # the room was lost while reading the replay
+            sub.fire(SubEvent.REPLAYED)
             out = [Send(codec.history_frame(m)) for m in result.messages]
             out.append(Send(codec.resumed(result.room_id, len(result.messages), result.complete)))
-            out.append(EndReplay())
+            out.append(EndReplay(result.room_id))
             return out
         if isinstance(result, RoomMissing):
-            self._loading = None
-            if result.room_id != self.room_id:
-                # A pipelined send to a room already lost: every send still gets its answer.
+            self._load = None
+            if result.room_id not in self.subs:
+                # A pipelined send to a room already lost (or never held): every send still
+                # gets its answer.
                 return [Send(codec.revoked(result.room_id))]
-            return self._lose_room(result.room_id)
+            return self._lose(result.room_id)
         assert isinstance(result, StorageFailed)
-        self._loading = None
-        if self._replaying and self.room_id is not None:
+        self._load_failed()
+        if self._replay is not None:
             # A resume whose replay could not be read: leave rather than leave a gap.
-            self._replaying = False
-            room_id, self.room_id, self.access = self.room_id, None, None
-            return [Leave(room_id), Send(codec.UNAVAILABLE)]
+            room_id, self._replay = self._replay, None
+            return [*self._drop(room_id, SubEvent.REVOKED), Send(codec.UNAVAILABLE)]
         return [Send(codec.UNAVAILABLE)]
 
     def timer_fired(self, timer: Timer) -> list[Effect]:
@@ -183,17 +238,18 @@ class Session:
             return self._close(CloseCode.POLICY, "token expired")
         return []
 
-    def reauthorize(self, access: RoomAccess | None) -> list[Effect]:
-        """The room's rules changed (or it was deleted): re-evaluate the selected room."""
-        if self.room_id is None or self.principal is None or self.state is State.CLOSED:
+    def reauthorize(self, room_id: int, access: RoomAccess | None) -> list[Effect]:
+        """The rules of a held room changed (or it was deleted): re-evaluate that room."""
+        sub = self.subs.get(room_id)
+        if sub is None or not sub.joined or self.principal is None or self.state is State.CLOSED:
             return []
-        if access is not None and access.room.id != self.room_id:
+        if access is not None and access.room.id != room_id:
             return []
         decision = evaluate(self.principal, access.room if access else None, self._rules(access))
         if decision.read:
-            self.access = decision
+            sub.access, sub.rules = decision, access
             return []
-        return self._lose_room(self.room_id)
+        return self._lose(room_id)
 
     # -- handlers, referenced from TRANSITIONS -----------------------------------------------------
 
@@ -238,9 +294,12 @@ class Session:
         if was_expired:
             out += [Disarm(Timer.REFRESH), SetReceiving(True)]
         out += [Send(codec.READY), Arm(Timer.EXPIRY, self.verifier.expires_at(principal))]
-        if changed and self.room_id is not None:
-            self._loading, self._recheck = self.room_id, True
-            out.append(LoadRoom(self.room_id))
+        if changed:
+            # Another entity or level: every held room is decided again, each on its own, on
+            # the rules it holds (kept current by the hub's re-checks after every change).
+            for room_id, sub in list(self.subs.items()):
+                if sub.joined:
+                    out += self.reauthorize(room_id, sub.rules)
         return out
 
     def _token_query(self, command: Command) -> list[Effect]:
@@ -248,33 +307,41 @@ class Session:
 
     def _select(self, command: Command) -> list[Effect]:
         assert isinstance(command, SelectRoom)
-        self._loading, self._recheck, self._since = command.room_id, False, command.since
-        return [LoadRoom(command.room_id)]
+        return self._load_for(command.room_id, command, explicit=False)
+
+    def _subscribe(self, command: Command) -> list[Effect]:
+        assert isinstance(command, Subscribe)
+        return self._load_for(command.room_id, command, explicit=True)
+
+    def _unsubscribe(self, command: Command) -> list[Effect]:
+        assert isinstance(command, Unsubscribe)
+        out = self._drop(command.room_id, SubEvent.LEFT)
+        out.append(Send(codec.unsubscribed(command.room_id)))
+        return out
 
     def _send(self, command: Command) -> list[Effect]:
         assert isinstance(command, SendMessage) and self.principal is not None
-        if self.room_id is None or self.access is None:
+        room_id = command.room_id if command.room_id is not None else self.room_id
+        if room_id is None:
             return [Send(codec.SELECTROOM_Q)]
-        if not self.access.write:
+        sub = self.subs.get(room_id)
+        if sub is None or sub.access is None:
+            self._load = _Load(room_id, command)  # a room not held: needs its rules first
+            return [LoadRoom(room_id)]
+        if not sub.access.write:
             return [Send(codec.NOTAUTHORIZED)]
-        new = NewMessage(
-            room_id=self.room_id,
-            emitter=self.principal.user,
-            entity=self.principal.entity,
-            content=command.content,
-            client_id=command.client_id,
-            now=utc_datetime(self.clock.wall()),
-        )
-        return [StoreMessage(new)]
+        return [StoreMessage(self._new_message(room_id, command))]
 
     def _history(self, command: Command) -> list[Effect]:
         assert isinstance(command, GetPastMessages)
-        if self.room_id is None:
+        room_id = command.room_id if command.room_id is not None else self.room_id
+        if room_id is None:
             return [Send(codec.SELECTROOM_Q)]
-        query = HistoryQuery(
-            room_id=self.room_id, limit=command.limit, before=command.before, newest=True
-        )
-        return [LoadHistory(query)]
+        sub = self.subs.get(room_id)
+        if sub is None or sub.access is None:
+            self._load = _Load(room_id, command)
+            return [LoadRoom(room_id)]
+        return [LoadHistory(_history_query(room_id, command))]
 
     def _quit(self, command: Command) -> list[Effect]:
         return self._close(CloseCode.NORMAL, "bye")
@@ -320,55 +387,146 @@ class Session:
 
     def _close(self, code: int, reason: str) -> list[Effect]:
         out: list[Effect] = []
-        if self.room_id is not None:
-            out.append(Leave(self.room_id))
-            self.room_id = self.access = None
+        for room_id in list(self.subs):
+            out += self._drop(room_id, SubEvent.LEFT)
         self.state = State.CLOSED
         out.append(Close(code, reason))
         return out
 
+    def _load_for(
+        self, room_id: int, command: SelectRoom | Subscribe, explicit: bool
+    ) -> list[Effect]:
+        """select_room / subscribe: the room's rules are read (or taken from the hub) first.
+        A room not held yet counts against ``max_subscriptions`` from now on, except a select
+        that will replace the selected room (which it leaves)."""
+        if room_id not in self.subs:
+            held = len(self.subs)
+            selected = self.subs.get(self.room_id) if self.room_id is not None else None
+            if not explicit and selected is not None and not selected.explicit:
+                held -= 1
+            if held >= self.limits.max_subscriptions:
+                return [Send(codec.too_many(room_id))]
+            self.subs[room_id] = Subscription(room_id, explicit=explicit)
+        self._load = _Load(room_id, command)
+        return [LoadRoom(room_id)]
+
+    def _load_failed(self) -> None:
+        """The LoadRoom out failed: forget a room that was only being loaded."""
+        load, self._load = self._load, None
+        if load is not None:
+            sub = self.subs.get(load.room_id)
+            if sub is not None and sub.state is SubState.LOADING:
+                del self.subs[load.room_id]
+
     def _room_loaded(self, loaded: RoomLoaded) -> list[Effect]:
-        if self._loading != loaded.room_id or self.principal is None:
+        load = self._load
+        if load is None or load.room_id != loaded.room_id or self.principal is None:
             return []
-        self._loading = None
+        self._load = None
         access = loaded.access
         decision = evaluate(self.principal, access.room if access else None, self._rules(access))
-        if self._recheck:
-            if decision.read and self.room_id == loaded.room_id:
-                self.access = decision
-                return []
-            return self._lose_room(loaded.room_id)
-        out: list[Effect] = []
-        if not decision.read or access is None:
-            if self.room_id is not None:
-                out.append(Leave(self.room_id))
-            self.room_id = self.access = None
-            out.append(Send(codec.NOTAUTHORIZED))
-            return out
-        since = self._since
-        # A resume of the current room joins again (to get its replay lined up with the live
+        command = load.command
+        if isinstance(command, SendMessage):
+            # A room not held: missing, unreadable and read-only rooms answer alike.
+            if access is None or not decision.write:
+                return [Send(codec.NOTAUTHORIZED)]
+            return [StoreMessage(self._new_message(loaded.room_id, command))]
+        if isinstance(command, GetPastMessages):
+            if access is None or not decision.read:
+                return [Send(codec.NOTAUTHORIZED)]
+            return [LoadHistory(_history_query(loaded.room_id, command))]
+        if access is None or not decision.read:
+            return self._refuse(loaded.room_id, command)
+        sub = self.subs.get(loaded.room_id)
+        if sub is None:  # lost while its rules were read
+            sub = self.subs[loaded.room_id] = Subscription(loaded.room_id, explicit=False)
+        sub.access, sub.rules = decision, access
+        since = command.since
+        # A resume of a room already held joins again (to get its replay lined up with the live
         # stream) but does not leave first: leaving could drop the room's channel on this
         # process, and the join would then rebuild it from a position that may be stale.
-        rejoin = self.room_id != loaded.room_id or since is not None
-        if self.room_id is not None and self.room_id != loaded.room_id:
-            out.append(Leave(self.room_id))
-        self.room_id, self.access = loaded.room_id, decision
-        out.append(Send(codec.CONNECTED))
+        rejoin = not sub.joined or since is not None
+        out: list[Effect] = []
+        if isinstance(command, Subscribe):
+            sub.explicit = True
+            out.append(Send(codec.subscribed(loaded.room_id)))
+        else:
+            previous = self.room_id
+            if previous is not None and previous != loaded.room_id:
+                out += self._leave_selected(previous)
+            self.room_id = loaded.room_id
+            out.append(Send(codec.CONNECTED))
         if rejoin:
-            self._replaying = since is not None
+            sub.fire(SubEvent.GRANTED_RESUME if since is not None else SubEvent.GRANTED)
+            if since is not None:
+                self._replay = loaded.room_id
             out.append(Join(loaded.room_id, access.room.last_seq, since, access))
         return out
 
-    def _lose_room(self, room_id: int) -> list[Effect]:
-        """Access to the selected room is gone: leave it and say so, naming the room."""
-        if self.room_id != room_id:
+    def _refuse(self, room_id: int, command: RoomCommand) -> list[Effect]:
+        """select_room / subscribe of a room the user may not read (or that does not exist)."""
+        out: list[Effect] = []
+        if isinstance(command, Subscribe):
+            out += self._drop(room_id, SubEvent.DENIED)
+            out.append(Send(codec.revoked(room_id)))
+            return out
+        # select_room, as before: the previous room is left too (unless subscribed).
+        previous = self.room_id
+        if previous is not None and previous != room_id:
+            out += self._leave_selected(previous)
+        out += self._drop(room_id, SubEvent.DENIED)
+        self.room_id = None
+        out.append(Send(codec.NOTAUTHORIZED))
+        return out
+
+    def _leave_selected(self, room_id: int) -> list[Effect]:
+        """Another room is being selected: the previous one is left unless it was subscribed
+        explicitly (then it is only no longer the selected one)."""
+        sub = self.subs.get(room_id)
+        self.room_id = None
+        if sub is None or sub.explicit:
             return []
-        self.room_id = self.access = None
-        return [Leave(room_id), Send(codec.revoked(room_id))]
+        return self._drop(room_id, SubEvent.LEFT)
+
+    def _drop(self, room_id: int, event: SubEvent) -> list[Effect]:
+        """Stop holding ``room_id``: its subscription ends (``event``), the hub forgets it."""
+        sub = self.subs.pop(room_id, None)
+        if self.room_id == room_id:
+            self.room_id = None
+        if self._replay == room_id:
+            self._replay = None
+        if sub is None:
+            return []
+        joined = sub.joined
+        sub.fire(event)
+        return [Leave(room_id)] if joined else []
+
+    def _lose(self, room_id: int) -> list[Effect]:
+        """Read access to a held room is gone: leave it and say so, naming the room."""
+        if room_id not in self.subs:
+            return []
+        out = self._drop(room_id, SubEvent.REVOKED)
+        out.append(Send(codec.revoked(room_id)))
+        return out
+
+    def _new_message(self, room_id: int, command: SendMessage) -> NewMessage:
+        assert self.principal is not None
+        return NewMessage(
+            room_id=room_id,
+            emitter=self.principal.user,
+            entity=self.principal.entity,
+            content=command.content,
+            client_id=command.client_id,
+            now=utc_datetime(self.clock.wall()),
+        )
 
     @staticmethod
     def _rules(access: RoomAccess | None) -> tuple[Rule, ...]:
         return access.rules if access else ()
+
+
+def _history_query(room_id: int, command: GetPastMessages) -> HistoryQuery:
+    return HistoryQuery(room_id=room_id, limit=command.limit, before=command.before, newest=True)
 
 
 def _close_reason(text: str) -> str:
@@ -386,9 +544,12 @@ def _kept(principal: Principal) -> Principal:
 
 
 S = Session
+_PIPELINABLE: frozenset[type] = frozenset({BadArgs, TooLarge, Unknown})
 _COMMANDS: tuple[type, ...] = (
     Token,
     SelectRoom,
+    Subscribe,
+    Unsubscribe,
     SendMessage,
     GetPastMessages,
     Quit,
@@ -417,6 +578,8 @@ TRANSITIONS: dict[State, dict[type, Handler]] = {
         S._command_query,
         Token=S._refresh,
         SelectRoom=S._select,
+        Subscribe=S._subscribe,
+        Unsubscribe=S._unsubscribe,
         SendMessage=S._send,
         GetPastMessages=S._history,
         Quit=S._quit,

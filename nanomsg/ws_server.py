@@ -8,13 +8,9 @@ while the connection's own writes are not draining) and outbound limits (a reade
 passes ``max_backlog``, or whose writes make no progress for ``STALL_TIMEOUT``, is closed with
 4000; past the process-wide ``max_outbound`` the largest backlogs are closed first).
 
-Ordering and batching:
+This is the WebSocket adapter; command scheduling, session effects and the storage runner are
+``driver.Driver``, a mixin of ``Connection``.
 
-- **Pipelined sends.** Up to ``PIPELINE`` message sends of a connection are handed to the
-  batching writer (``store.writer``) without waiting for each other, so one connection is not
-  capped by commit latency; their results are applied strictly in the order of the commands.
-  Every other command waits until the sends before it are answered, so replies still come in
-  command order (protocol.md section 2).
 - **Outbox.** Everything written to a connection during one pass of the event loop (replies,
   room messages, control frames) is appended to its outbox and written with one
   ``transport.write`` at the end of the pass: the cost of a delivery is one list append, and a
@@ -37,7 +33,6 @@ import logging
 import secrets
 import sys
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from websockets.extensions.base import ServerExtensionFactory
@@ -55,52 +50,18 @@ from nanomsg import codec
 from nanomsg.auth import Verifier
 from nanomsg.clock import Clock
 from nanomsg.config import Config
-from nanomsg.events import (
-    Arm,
-    AuthRefused,
-    BadArgs,
-    BadJson,
-    Close,
-    Command,
-    Disarm,
-    Effect,
-    EndReplay,
-    HistoryLoaded,
-    Join,
-    Leave,
-    LoadHistory,
-    LoadRoom,
-    MessageRefused,
-    MessageStored,
-    Publish,
-    Replayed,
-    Result,
-    RoomLoaded,
-    RoomMissing,
-    Send,
-    SendMessage,
-    SetReceiving,
-    StorageFailed,
-    StoreMessage,
-    Timer,
-    TooLarge,
-    Unknown,
-)
-from nanomsg.fanout import DeflateCache, Hub, text_frame
-from nanomsg.models import RoomAccess
-from nanomsg.session import CloseCode, Limits, Session, State
-from nanomsg.store.base import ContentRefused, HistoryQuery, RoomGone, Store, StoreUnavailable
-from nanomsg.store.writer import BatchWriter, Stored
+from nanomsg.driver import INBOX_PAUSE, INBOX_RESUME, PIPELINE, Driver, _InFlight, _Reply
+from nanomsg.events import BadJson, Command, Effect, Timer
+from nanomsg.fanout import DeflateCache, Hub
+from nanomsg.session import CloseCode, Limits, Session
+from nanomsg.store.base import Store
+from nanomsg.store.writer import BatchWriter
+
+__all__ = ["INBOX_PAUSE", "INBOX_RESUME", "PIPELINE", "Connection", "WsServer", "_Reply"]
 
 log = logging.getLogger(__name__)
 
 PATH = "/chat"
-INBOX_PAUSE = 32  # commands queued behind a slow store operation before we stop reading
-INBOX_RESUME = 8
-PIPELINE = 64  # message sends of one connection in flight at once
-# Commands whose READY handler changes no session state (only Send or StoreMessage comes out),
-# so they may be answered behind sends still in flight. Anything else is a barrier.
-PIPELINABLE: frozenset[type] = frozenset({SendMessage, BadArgs, TooLarge, Unknown})
 PING_SLICES = 20  # the keepalive sweep is spread over this many steps per interval
 CLOSE_TIMEOUT = 3.0  # seconds to wait for the client's close frame before dropping the socket
 MAX_FRAGMENTS = 128  # frames of one fragmented message: past it, close 1009 (frames, not bytes)
@@ -112,8 +73,30 @@ ABORTED = 1006  # counted for connections dropped without a close frame (handsha
 STALL = "stall"  # the timer key of the stalled-writer check
 
 
-class Connection(asyncio.Protocol):
+class Connection(Driver, asyncio.Protocol):
     """One TCP connection: HTTP upgrade, then WebSocket frames in, session effects out."""
+
+    # Slots: an idle connection's memory is counted in bytes (no instance dict to share keys).
+    __slots__ = (
+        "accounted",
+        "closing",
+        "conn_id",
+        "deflate_bits",
+        "draining",
+        "fragment_binary",
+        "fragments",
+        "outbox",
+        "outbox_bytes",
+        "paused",
+        "pong_pending",
+        "server",
+        "session",
+        "timers",
+        "transport",
+        "write_paused",
+        "written",
+        "ws",
+    )
 
     def __init__(self, server: WsServer) -> None:
         self.server = server
@@ -142,15 +125,13 @@ class Connection(asyncio.Protocol):
         self.draining = False  # shutting down: no new commands are started
         self.receiving = True
         self.closing = False
-        self.joined: int | None = None
-        # Live frames held while a replay is read or a long reply is written (not None then).
-        self.held: list[bytes] | None = None
+        # Live frames (room id, frame) held while a long reply is written (not None then);
+        # frames held while a room's resume replay is read are its subscription's.
+        self.held: list[tuple[int, bytes]] | None = None
         self.held_bytes = 0
         self.reply: _Reply | None = None  # a replay is out or a long reply is being written
-        self.min_seq = 0
         self.pong_pending: bytes | None = None  # payload of the ping not yet answered
-        # Attributes are few on purpose: past 30, CPython stops sharing the keys of instance
-        # dicts and an idle connection costs 1.5 KB more.
+        # Attributes are few on purpose: each is 8 bytes of every connection.
         self.written = 0  # bytes handed to the transport: progress of a stalled writer
         self.accounted = 0  # this connection's share of WsServer.outbound
         self.timers: dict[Timer | str | None, asyncio.TimerHandle] = {}
@@ -181,9 +162,7 @@ class Connection(asyncio.Protocol):
             handle.cancel()
         self.timers.clear()
         self.closing = True
-        if self.joined is not None:
-            self.server.hub.leave(self, self.joined)
-            self.joined = None
+        self.leave_all()
         self.outbox, self.outbox_bytes = [], 0
         self._drop_output()
         if self.accounted:
@@ -323,160 +302,6 @@ class Connection(asyncio.Protocol):
         else:
             transport.resume_reading()
 
-    def _pump(self) -> None:
-        """Hand queued commands to the session in order: sends may overlap (up to
-        ``PIPELINE``), any other command waits for everything before it to be answered."""
-        session = self.session
-        while (
-            not self.busy
-            and self.inbox
-            and session is not None
-            and not self.closing
-            and not self.draining
-        ):
-            if self.pipeline:
-                command = self.inbox[0]
-                if (
-                    type(command) not in PIPELINABLE
-                    or session.state is not State.READY
-                    or len(self.pipeline) >= PIPELINE
-                ):
-                    break
-                del self.inbox[0]
-                for effect in session.receive(command):
-                    if isinstance(effect, StoreMessage):
-                        self._submit(effect)
-                    else:  # a reply: it waits behind the sends in flight
-                        self.pipeline.append([effect])
-            else:
-                self.apply(session.receive(self.inbox.pop(0)))
-        if self.paused and len(self.inbox) <= INBOX_RESUME:
-            self._update_reading()
-
-    # -- effects ------------------------------------------------------------------------------
-
-    def apply(self, effects: list[Effect]) -> None:
-        for effect in effects:
-            if isinstance(effect, Send):
-                self._write(text_frame(effect.payload))
-            elif isinstance(effect, Publish):
-                self.server.hub.publish(effect.message)
-            elif isinstance(effect, Join):
-                self._join(effect)
-            elif isinstance(effect, EndReplay):
-                if self.reply is not None:  # the held frames follow the reply (_send_reply)
-                    self.reply.replaying = False
-                else:
-                    self._release_held()
-            elif isinstance(effect, Leave):
-                self.server.hub.leave(self, effect.room_id)
-                self.joined, self.held, self.held_bytes = None, None, 0
-                if self.reply is not None and self.reply.streaming:
-                    # A long reply being written still holds back whatever follows it.
-                    self.reply.replaying, self.held = False, []
-                else:  # a replay not read yet: forgotten (its result ends it, if it comes)
-                    self.reply = None
-            elif isinstance(effect, StoreMessage):
-                self._submit(effect)
-            elif isinstance(effect, LoadRoom) and (
-                cached := self.server.hub.cached_access(effect.room_id)
-            ):
-                # The room is live on this process: its rules are known and kept current.
-                assert self.session is not None
-                self.apply(self.session.result(RoomLoaded(effect.room_id, cached)))
-            elif isinstance(effect, LoadRoom | LoadHistory):
-                self.busy = True
-                self.server.spawn(self._run(effect))
-            elif isinstance(effect, Arm):
-                self._arm(effect.timer, effect.at - self.server.clock.wall())
-            elif isinstance(effect, Disarm):
-                self._disarm(effect.timer)
-            elif isinstance(effect, SetReceiving):
-                self.receiving = effect.on
-            elif isinstance(effect, Close):
-                self.close(effect.code, effect.reason)
-            elif isinstance(effect, AuthRefused):
-                log.info("connection %s: token refused: %s", self.conn_id, effect.reason)
-
-    def _release_held(self) -> None:
-        held, self.held, self.held_bytes = self.held or [], None, 0
-        for frame in held:
-            self._write(frame)
-
-    def _join(self, join: Join) -> None:
-        self.joined = join.room_id
-        live_from = self.server.hub.join(self, join.room_id, join.last_seq, join.access)
-        self.min_seq = join.since or 0
-        if join.since is None:
-            return
-        # Replay seqs since+1 .. live_from-1 from storage; live frames from live_from are held
-        # until the replay is written, so the client sees no gap and no duplicate.
-        if self.held is None:
-            self.held, self.held_bytes = [], 0
-        if self.reply is None:
-            self.reply = _Reply()
-        self.reply.replaying = True
-        self.busy = True
-        self.server.spawn(self._run(_Replay(join.room_id, join.since, live_from)))
-
-    def _submit(self, effect: StoreMessage) -> None:
-        entry = _InFlight(self)
-        self.pipeline.append(entry)
-        self.server.writer.enqueue(effect.new, entry)
-
-    def _advance(self) -> None:
-        """Apply the results at the head of the pipeline that are ready, in command order."""
-        pipeline = self.pipeline
-        while pipeline:
-            head = pipeline[0]
-            if isinstance(head, list):
-                del pipeline[0]
-                if self.session is not None and not self.closing:
-                    self.apply(head)
-                continue
-            result = head.result
-            if result is None:
-                break
-            del pipeline[0]
-            if self.session is not None and not self.closing:
-                self.apply(self.session.result(result))
-            elif isinstance(result, MessageStored) and result.created:
-                # The sender is gone, but the message is stored: the room must still get it.
-                self.server.hub.publish(result.message)
-        self._pump()
-
-    async def _run(self, effect: LoadRoom | LoadHistory | _Replay) -> None:
-        store = self.server.store
-        result: Result
-        try:
-            if isinstance(effect, LoadRoom):
-                result = RoomLoaded(effect.room_id, await store.room_access(effect.room_id))
-            elif isinstance(effect, LoadHistory):
-                result = HistoryLoaded(tuple(await store.history(effect.query)))
-            else:
-                result = await effect.load(store, self.server.config.resume_cap)
-        except StoreUnavailable:
-            result = StorageFailed()
-        except Exception:
-            log.exception("storage operation failed unexpectedly")
-            result = StorageFailed()
-        finally:
-            self.busy = False
-        if self.session is not None and not self.closing:
-            if isinstance(result, HistoryLoaded | Replayed):
-                # A long reply: written as the client reads it, live frames held behind it.
-                self.busy = True
-                if self.reply is None:
-                    self.reply = _Reply()
-                self.reply.streaming = True
-                if self.held is None:
-                    self.held, self.held_bytes = [], 0
-                self.apply(self.session.result(result))
-                self._send_reply()
-            else:
-                self.apply(self.session.result(result))
-            self._pump()
-
     def _send_reply(self) -> None:
         """Hand the long reply to the transport chunk by chunk while its buffer is under the
         high-water mark (``resume_writing`` calls again), then the live frames held behind it,
@@ -501,14 +326,17 @@ class Connection(asyncio.Protocol):
                 reply.streamed += size
                 self.written += size
                 transport.write(chunk)  # may call pause_writing, which ends this loop
-            if frames or reply.replaying:
-                return  # resume_writing continues, or EndReplay has yet to come
+            if frames:
+                return  # resume_writing continues
             if self.held:
                 # The live frames held meanwhile, written against the same flow control.
-                reply.frames, reply.size = self.held, self.held_bytes
-                self.held, self.held_bytes = [], 0
+                reply.frames = [frame for _, frame in self.held]
+                reply.size = sum(map(len, reply.frames))
+                self.held = []
+                self.held_bytes -= reply.size
                 continue
-            self.reply, self.held, self.held_bytes = None, None, 0
+            self.reply, self.held = None, None
+            self.held_bytes = self.held_total()
             self.busy = False
             self._pump()
 
@@ -557,15 +385,25 @@ class Connection(asyncio.Protocol):
 
     # -- sending ------------------------------------------------------------------------------
 
-    def write_frame(self, frame: bytes, seq: int) -> None:
-        """A room message from the hub (``fanout.Receiver``): the per-recipient hot path, so
-        the outbox append of ``_write`` is inlined."""
-        if seq <= self.min_seq or self.closing or not self.receiving:
+    def write_frame(self, frame: bytes, seq: int, room_id: int = 0) -> None:
+        """A message of room ``room_id`` from the hub (``fanout.Receiver``): the per-recipient
+        hot path, so the outbox append of ``_write`` is inlined. The room's subscription
+        drops seqs below its resume floor and holds frames while its replay is read."""
+        if self.closing or not self.receiving:
+            return
+        session = self.session
+        sub = session.subs.get(room_id) if session is not None else None
+        if sub is not None and seq <= sub.min_seq:
             return
         if self.deflate_bits is not None:
             frame = self.server.deflate.deflated(frame, self.deflate_bits)
-        if self.held is not None:
-            self.held.append(frame)
+        held = self.held
+        if (sub is not None and sub.held is not None) or held is not None:
+            if sub is not None and sub.held is not None:
+                sub.held.append(frame)  # behind the room's replay, still being read
+            else:
+                assert held is not None
+                held.append((room_id, frame))  # behind a long reply being written
             self.held_bytes += len(frame)
             # A reader who reads the reply earns room for what is held behind it.
             streamed = self.reply.streamed if self.reply is not None else 0
@@ -581,10 +419,6 @@ class Connection(asyncio.Protocol):
         self.outbox_bytes += len(frame)
         if self.outbox_bytes > self.server.config.max_backlog:
             self._slow_consumer()
-
-    def reauthorize(self, access: RoomAccess | None) -> None:
-        if self.session is not None and not self.closing:
-            self.apply(self.session.reauthorize(access))
 
     def _write(self, data: bytes) -> None:
         """Queue a frame in the outbox (or behind a long reply being written); the server
@@ -657,6 +491,9 @@ class Connection(asyncio.Protocol):
         """Closing: held frames and a long reply will never be written (the outbox still goes
         out: it holds the replies that explain the close)."""
         self.held, self.held_bytes, self.reply = None, 0, None
+        if self.session is not None:
+            for sub in self.session.subs.values():
+                sub.held = None
         self.fragments = []
 
     def _flush(self) -> None:
@@ -685,9 +522,7 @@ class Connection(asyncio.Protocol):
         if self.closing or self.ws.state is not WsState.OPEN:
             return
         self.server.closed(self, code, reason)
-        if self.joined is not None:
-            self.server.hub.leave(self, self.joined)
-            self.joined = None
+        self.leave_all()
         self.closing = True
         self._drop_output()
         self.ws.send_close(code, reason)
@@ -715,60 +550,6 @@ class Connection(asyncio.Protocol):
         self.pong_pending = secrets.token_bytes(8)
         self.ws.send_ping(self.pong_pending)
         self._flush()
-
-
-@dataclass(eq=False, slots=True)
-class _Reply:
-    """A history reply or resume replay of one connection, written as the client reads it."""
-
-    frames: list[bytes] = field(default_factory=list)  # not yet handed to the transport
-    size: int = 0  # bytes in ``frames``
-    streamed: int = 0  # bytes handed to the transport so far: room earned for held frames
-    replaying: bool = False  # a resume's replay is still being read: held frames wait for it
-    streaming: bool = False  # the result is in: frames written now go behind the reply
-
-
-@dataclass(eq=False, slots=True)
-class _InFlight:
-    """A send handed to the batching writer; called with its outcome after the commit."""
-
-    conn: Connection
-    result: Result | None = None
-
-    def __call__(self, outcome: Stored | Exception) -> None:
-        if isinstance(outcome, tuple):
-            self.result = MessageStored(*outcome)
-        elif isinstance(outcome, RoomGone):
-            self.result = RoomMissing(int(outcome.args[0]) if outcome.args else 0)
-        elif isinstance(outcome, ContentRefused):
-            self.result = MessageRefused("content refused by storage")
-        else:
-            if not isinstance(outcome, StoreUnavailable):
-                log.error("storing a message failed unexpectedly", exc_info=outcome)
-            self.result = StorageFailed()
-        self.conn._advance()
-
-
-@dataclass(frozen=True, slots=True)
-class _Replay:
-    """Read what a resuming connection missed: seq in (since, live_from), the latest ``cap``."""
-
-    room_id: int
-    since: int
-    live_from: int
-
-    async def load(self, store: Store, cap: int) -> Replayed:
-        missed = max(self.live_from - 1 - self.since, 0)
-        if missed == 0:
-            return Replayed(self.room_id, (), True)
-        query = HistoryQuery(
-            room_id=self.room_id,
-            limit=min(missed, cap),
-            after=self.since,
-            before=self.live_from,
-            newest=True,
-        )
-        return Replayed(self.room_id, tuple(await store.history(query)), missed <= cap)
 
 
 class _QuietLogger(logging.LoggerAdapter[logging.Logger]):
@@ -821,7 +602,11 @@ class WsServer:
         self.writer = writer
         self.verifier = verifier
         self.clock = clock
-        self.limits = Limits(auth_timeout=config.auth_timeout, refresh_grace=config.refresh_grace)
+        self.limits = Limits(
+            auth_timeout=config.auth_timeout,
+            refresh_grace=config.refresh_grace,
+            max_subscriptions=config.max_subscriptions,
+        )
         self.connections: set[Connection] = set()
         # Keepalive: each connection is pinged in the slice it was accepted in, so it is pinged
         # once per interval however many connections open and close meanwhile.

@@ -158,3 +158,36 @@ async def test_permission_change_through_one_process_reaches_the_other(
         "room_id": room,
     }
     await on_b.close()
+
+
+async def test_a_subscriber_to_two_rooms_on_one_process_gets_both_rooms_sent_on_the_other(
+    nodes: list[Node], make_token: TokenFactory
+) -> None:
+    a, b = nodes
+    owner = user(make_token)
+    rooms = []
+    for name in ("first", "second"):
+        status, body = await http(a, "POST", "/rooms", owner, {"name": name, "level_admin": 100})
+        assert status == 200
+        rooms.append(body["content"]["room"]["id"])
+    reader = Client(await connect(f"ws://127.0.0.1:{b.ws_port}/chat"))
+    await reader.recv()
+    assert (await reader.ask({"type": "token", "content": owner.token}))["data"] == "READY"
+    for room in rooms:
+        reply = await reader.ask({"type": "subscribe", "room_id": room})
+        assert reply == {"type": "status", "data": "SUBSCRIBED", "room_id": room}
+    sender = await join(a, owner, rooms[0])
+    await asyncio.sleep(0.3)  # let node B's Redis subscriptions take effect
+    sent = []
+    for n in range(3):
+        for room in rooms:  # one to the selected room, one naming the other
+            echo = await sender.ask({"type": "message", "room_id": room, "content": f"{n}"})
+            sent.append((echo["data"]["room_id"], echo["data"]["seq"]))
+    got = [await reader.recv(timeout=10) for _ in range(len(sent))]
+    assert sorted((f["data"]["room_id"], f["data"]["seq"]) for f in got) == sorted(sent)
+    for room in rooms:  # each room in its own order
+        seqs = [f["data"]["seq"] for f in got if f["data"]["room_id"] == room]
+        assert seqs == [1, 2, 3]
+    assert await reader.silent(0.3)
+    await reader.close()
+    await sender.close()

@@ -21,9 +21,11 @@ from nanomsg.events import (
     Quit,
     SelectRoom,
     SendMessage,
+    Subscribe,
     Token,
     TooLarge,
     Unknown,
+    Unsubscribe,
 )
 from nanomsg.session import Limits, Session
 
@@ -352,3 +354,28 @@ def test_decode_never_raises_on_any_json_value_in_any_field_of_any_command(
     command = codec.decode(text, max_content=max_content)
     check_command(command)
     assert not isinstance(command, BadJson), text  # all of it is valid JSON
+
+
+def test_subscribe_and_unsubscribe_take_a_room_id_and_subscribe_an_optional_since() -> None:
+    assert decode('{"type":"subscribe","room_id":7}') == Subscribe(7)
+    assert decode('{"type":"subscribe","room_id":7,"since":3}') == Subscribe(7, 3)
+    assert decode('{"type":"unsubscribe","room_id":7}') == Unsubscribe(7)
+    assert decode('{"type":"subscribe","room_id":"7"}') == BadArgs(
+        "subscribe", "room_id must be a positive integer"
+    )
+    assert decode('{"type":"unsubscribe"}') == BadArgs("unsubscribe", "room_id is required")
+
+
+def test_message_and_history_take_an_optional_room_id() -> None:
+    assert decode('{"type":"message","content":"x","room_id":8}') == SendMessage("x", None, 8)
+    assert decode('{"type":"message","content":"x","room_id":null}') == SendMessage("x", None)
+    assert decode('{"type":"get_past_messages","room_id":8}') == GetPastMessages(50, None, 8)
+    assert decode('{"type":"message","content":"x","room_id":-1}') == BadArgs(
+        "message", "room_id must be a positive integer"
+    )
+
+
+def test_the_new_room_frames_name_their_room() -> None:
+    assert codec.subscribed(7) == b'{"type":"status","data":"SUBSCRIBED","room_id":7}'
+    assert codec.unsubscribed(7) == b'{"type":"status","data":"UNSUBSCRIBED","room_id":7}'
+    assert codec.too_many(7) == b'{"type":"status","data":"TOOMANY","room_id":7}'

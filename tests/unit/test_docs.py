@@ -25,6 +25,7 @@ def test_protocol_md_names_every_status_and_query_word_the_server_sends() -> Non
     frames = [v for v in vars(codec).values() if isinstance(v, bytes)]
     frames += [codec.badargs("r"), codec.history_end(0), codec.revoked(1)]
     frames += [codec.resumed(1, 0, True)]
+    frames += [codec.subscribed(1), codec.unsubscribed(1), codec.too_many(1)]
     for frame in frames:
         word = orjson.loads(frame)["data"]
         assert f"`{word}`" in protocol, word

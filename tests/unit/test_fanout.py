@@ -29,13 +29,16 @@ class Recorder:
     def __init__(self) -> None:
         self.seqs: list[int] = []
         self.frames: list[bytes] = []
+        self.rooms: list[int] = []
+        self.rechecked: list[tuple[int, RoomAccess | None]] = []
 
-    def write_frame(self, frame: bytes, seq: int) -> None:
+    def write_frame(self, frame: bytes, seq: int, room_id: int = 0) -> None:
         self.frames.append(frame)
         self.seqs.append(seq)
+        self.rooms.append(room_id)
 
-    def reauthorize(self, access: RoomAccess | None) -> None:
-        pass
+    def reauthorize(self, room_id: int, access: RoomAccess | None) -> None:
+        self.rechecked.append((room_id, access))
 
 
 class RecordingRelay:
@@ -302,4 +305,38 @@ async def test_resuming_the_only_readers_room_keeps_its_position_and_others_get_
     await hub.check_heads()  # storage is at 5: nothing to fill, nothing re-sent
     await asyncio.sleep(0.1)
     assert reader.seqs == [1, 2, 3, 4, 5] and other.seqs == []
+    await hub.close()
+
+
+async def test_a_receiver_in_two_rooms_gets_each_rooms_frames_named_by_room(
+    store: SqliteStore,
+) -> None:
+    first, first_msgs = await room_with(store, 2)
+    second, second_msgs = await room_with(store, 1)
+    hub, rec = Hub(store), Recorder()
+    hub.join(rec, first, 0)
+    hub.join(rec, second, 0)
+    hub.deliver(first_msgs[0])
+    hub.deliver(second_msgs[0])
+    hub.deliver(first_msgs[1])
+    assert list(zip(rec.rooms, rec.seqs, strict=True)) == [(first, 1), (second, 1), (first, 2)]
+    hub.leave(rec, first)  # leaving one room keeps the other
+    assert hub.receivers(first) == [] and hub.receivers(second) == [rec]
+    await hub.close()
+
+
+async def test_a_recheck_names_its_room_to_each_receiver(store: SqliteStore) -> None:
+    first, _ = await room_with(store, 0)
+    second, _ = await room_with(store, 0)
+    hub, rec = Hub(store), Recorder()
+    hub.join(rec, first, 0)
+    hub.join(rec, second, 0)
+    hub.room_changed(second)
+    for _ in range(100):  # bounded: the re-check is one storage read
+        if rec.rechecked:
+            break
+        await asyncio.sleep(0.01)
+    assert [(room_id, access.room.id if access else None) for room_id, access in rec.rechecked] == [
+        (second, second)
+    ]
     await hub.close()

@@ -17,10 +17,11 @@ import pytest_asyncio
 from nanomsg.auth import Verifier
 from nanomsg.clock import SystemClock
 from nanomsg.config import Config
-from nanomsg.events import Leave
+from nanomsg.events import EndReplay, Leave, Send
 from nanomsg.fanout import Hub, text_frame
 from nanomsg.store.sqlite import SqliteStore
 from nanomsg.store.writer import BatchWriter
+from nanomsg.subscription import SubEvent, Subscription
 from nanomsg.ws_server import Connection, WsServer, _Reply
 
 pytestmark = pytest.mark.asyncio
@@ -158,13 +159,23 @@ async def test_control_frames_keep_their_place_after_queued_frames(server: WsSer
     assert stream == frame(1) + ping + frame(2)
 
 
+def hold(conn: Connection, room_id: int) -> Subscription:
+    """Make ``conn``'s session hold ``room_id`` (as a granted select or subscribe does)."""
+    assert conn.session is not None
+    sub = conn.session.subs[room_id] = Subscription(room_id, explicit=True)
+    sub.fire(SubEvent.GRANTED)
+    return sub
+
+
 async def test_frames_already_had_are_not_written(server: WsServer) -> None:
     conn, transport = connect(server)
-    conn.min_seq = 2  # a resume since seq 2
+    hold(conn, 7).min_seq = 2  # a resume of room 7 since seq 2
+    hold(conn, 8)  # another room held: its floor is its own
     for seq in (1, 2, 3):
-        conn.write_frame(frame(seq), seq)
+        conn.write_frame(frame(seq), seq, 7)
+    conn.write_frame(frame(2), 2, 8)
     await one_pass()
-    assert transport.writes == [frame(3)]
+    assert transport.writes == [frame(3) + frame(2)]
 
 
 async def test_outbox_over_the_backlog_bound_closes_4000_and_spares_others(
@@ -351,9 +362,38 @@ async def test_leaving_the_room_while_its_replay_is_read_forgets_the_replay(
     server: WsServer,
 ) -> None:
     conn, transport = connect(server)
-    conn.reply, conn.held = _Reply(replaying=True), []
+    replaying = hold(conn, 7)
+    replaying.held = []  # its replay is being read
+    hold(conn, 8)
+    conn.write_frame(frame(5), 5, 7)  # held behind room 7's replay
+    conn.write_frame(frame(1), 1, 8)  # another room's frames are not held
+    assert conn.held_bytes == len(frame(5))
+    assert conn.session is not None
+    del conn.session.subs[7]  # the session dropped the room, then asks the shell to leave
     conn.apply([Leave(7)])
-    assert conn.reply is None and conn.held is None
-    conn.write_frame(frame(1), 1)  # the next room's frames are not held
+    assert conn.held_bytes == 0 and conn.reply is None
     await one_pass()
     assert transport.writes == [frame(1)]
+
+
+async def test_a_rooms_replay_holds_only_that_rooms_frames_and_they_follow_the_replay(
+    server: WsServer,
+) -> None:
+    conn, transport = connect(server)
+    replaying = hold(conn, 7)
+    replaying.held = []  # room 7's resume replay is being read
+    hold(conn, 8)
+    conn.write_frame(frame(5), 5, 7)  # held by room 7's subscription
+    conn.write_frame(frame(1), 1, 8)  # room 8 flows meanwhile
+    await one_pass()
+    assert transport.writes == [frame(1)]
+    transport.writes.clear()
+    # The replay is read: written as a long reply, then room 7's held frames, in that order.
+    conn.reply, conn.held, conn.busy = _Reply(streaming=True), [], True
+    replay = text_frame(b'{"replayed":4}')
+    conn.apply([Send(b'{"replayed":4}'), EndReplay(7)])
+    assert replaying.held is None
+    conn.write_frame(frame(2), 2, 8)  # arrives after the replay result: behind the reply too
+    conn._send_reply()
+    assert b"".join(transport.writes) == replay + frame(5) + frame(2)
+    assert conn.reply is None and conn.held is None and conn.held_bytes == 0 and not conn.busy

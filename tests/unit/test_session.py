@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 import uuid
 from datetime import UTC, datetime
 
@@ -17,6 +18,7 @@ from nanomsg.events import (
     BadArgs,
     BadJson,
     Close,
+    Command,
     Disarm,
     Effect,
     EndReplay,
@@ -39,10 +41,12 @@ from nanomsg.events import (
     SetReceiving,
     StorageFailed,
     StoreMessage,
+    Subscribe,
     Timer,
     Token,
     TooLarge,
     Unknown,
+    Unsubscribe,
 )
 from nanomsg.models import Message, Room, RoomAccess, Rule
 from nanomsg.session import (
@@ -55,6 +59,7 @@ from nanomsg.session import (
     State,
     _close_reason,
 )
+from nanomsg.subscription import SubState
 
 SECRET = "unit-secret-0123456789abcdef-0123456789"
 USER = str(uuid.uuid4())
@@ -117,8 +122,11 @@ def in_room(session: Session, clock: FakeClock, flags: str = "rw", room_id: int 
 
 
 def test_every_state_has_an_answer_for_every_command() -> None:
+    # The commands come from the Command union itself, not from the table's own list.
+    commands = set(typing.get_args(Command))
+    assert commands == set(_COMMANDS)
     for state in State:
-        assert set(TRANSITIONS[state]) == set(_COMMANDS), state
+        assert set(TRANSITIONS[state]) == commands, state
 
 
 def test_start_asks_for_a_token_and_arms_the_auth_timer(clock: FakeClock) -> None:
@@ -389,31 +397,42 @@ def test_no_refresh_within_grace_closes_1008(session: Session, clock: FakeClock)
     assert closes(session.timer_fired(Timer.REFRESH)) == [CloseCode.POLICY]
 
 
-def test_refresh_that_lowers_level_rechecks_the_room(session: Session, clock: FakeClock) -> None:
-    in_room(session, clock)
+def test_refresh_that_lowers_level_drops_only_the_rooms_it_no_longer_reads(
+    session: Session, clock: FakeClock
+) -> None:
+    authed(session, clock)
+    # Room 7 is read through an entity rule for level 50 and up, room 8 through a user rule.
+    by_level = RoomAccess(room(7), (Rule(7, ENTITY, "entity", "r", 50, True, T0, T0),))
+    session.receive(Subscribe(7))
+    session.result(RoomLoaded(7, by_level))
+    session.receive(Subscribe(8))
+    session.result(RoomLoaded(8, access("r", 8)))
     effects = session.receive(token(clock, level=5))
-    assert LoadRoom(7) in effects
-    # The re-check finds no access any more: leave and say which room.
-    lost = session.result(RoomLoaded(7, RoomAccess(room(), ())))
-    assert Leave(7) in lost
-    assert sent(lost) == [{"type": "status", "data": "NOTAUTHORIZED", "room_id": 7}]
+    # Decided again on the rules each subscription holds: no storage read, each room alone.
+    assert not any(isinstance(e, LoadRoom) for e in effects)
+    assert Leave(7) in effects and Leave(8) not in effects
+    assert sent(effects) == [
+        {"type": "status", "data": "READY"},
+        {"type": "status", "data": "NOTAUTHORIZED", "room_id": 7},
+    ]
+    assert set(session.subs) == {8}
 
 
 def test_reauthorize_revokes_when_rule_removed(session: Session, clock: FakeClock) -> None:
     in_room(session, clock)
-    effects = session.reauthorize(RoomAccess(room(), ()))
+    effects = session.reauthorize(7, RoomAccess(room(), ()))
     assert effects == [Leave(7), Send(codec.revoked(7))]
     assert session.room_id is None
 
 
 def test_reauthorize_revokes_when_room_deleted(session: Session, clock: FakeClock) -> None:
     in_room(session, clock)
-    assert Leave(7) in session.reauthorize(None)
+    assert Leave(7) in session.reauthorize(7, None)
 
 
 def test_reauthorize_updates_write_permission(session: Session, clock: FakeClock) -> None:
     in_room(session, clock, flags="rw")
-    assert session.reauthorize(access("r")) == []
+    assert session.reauthorize(7, access("r")) == []
     assert sent(session.receive(SendMessage("x", None))) == [
         {"type": "status", "data": "NOTAUTHORIZED"}
     ]
@@ -421,7 +440,7 @@ def test_reauthorize_updates_write_permission(session: Session, clock: FakeClock
 
 def test_reauthorize_for_another_room_does_nothing(session: Session, clock: FakeClock) -> None:
     in_room(session, clock, room_id=7)
-    assert session.reauthorize(RoomAccess(room(8), ())) == []
+    assert session.reauthorize(8, RoomAccess(room(8), ())) == []
     assert session.room_id == 7
 
 
@@ -445,7 +464,7 @@ def test_select_with_since_joins_for_a_replay_then_ends_it_with_resumed(
         "count": 1,
         "complete": True,
     }
-    assert done[-1] == EndReplay()
+    assert done[-1] == EndReplay(7)
 
 
 def test_resuming_the_current_room_rejoins_it_without_leaving_it(
@@ -484,9 +503,9 @@ def test_replay_for_a_room_lost_meanwhile_sends_nothing(session: Session, clock:
     authed(session, clock)
     session.receive(SelectRoom(7, since=0))
     session.result(RoomLoaded(7, access("r")))
-    session.reauthorize(None)  # room deleted while the replay was read
+    session.reauthorize(7, None)  # room deleted while the replay was read
     msg = Message(1, 7, 1, USER, ENTITY, "x", T0)
-    assert session.result(Replayed(7, (msg,), True)) == [EndReplay()]
+    assert session.result(Replayed(7, (msg,), True)) == [EndReplay(7)]
 
 
 def test_history_and_replay_frames_are_marked_history_and_live_frames_are_not(
@@ -559,3 +578,226 @@ def test_close_reasons_are_cut_to_what_a_close_frame_holds() -> None:
     assert _close_reason("short") == "short"
     cut = _close_reason("é" * 100)
     assert len(cut.encode()) <= MAX_CLOSE_REASON and cut == "é" * 61
+
+
+# -- several rooms per connection ------------------------------------------------------------------
+
+
+def subscribed(session: Session, room_id: int, flags: str = "rw") -> list[Effect]:
+    assert session.receive(Subscribe(room_id)) == [LoadRoom(room_id)]
+    return session.result(RoomLoaded(room_id, access(flags, room_id)))
+
+
+def test_subscribing_to_rooms_joins_each_and_keeps_the_others(
+    session: Session, clock: FakeClock
+) -> None:
+    authed(session, clock)
+    for room_id in (7, 8, 9):
+        effects = subscribed(session, room_id)
+        assert sent(effects) == [{"type": "status", "data": "SUBSCRIBED", "room_id": room_id}]
+        join = effects[-1]
+        assert isinstance(join, Join) and (join.room_id, join.last_seq, join.since) == (
+            room_id,
+            3,
+            None,
+        )
+        assert not any(isinstance(e, Leave) for e in effects)
+    assert set(session.subs) == {7, 8, 9}
+    assert session.room_id is None  # subscribing selects nothing
+    assert all(sub.state is SubState.LIVE for sub in session.subs.values())
+
+
+def test_select_room_leaves_a_selected_room_but_not_a_subscribed_one(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock, room_id=7)  # selected only
+    subscribed(session, 8)
+    session.receive(SelectRoom(8))  # select a subscribed room: 7 is left
+    effects = session.result(RoomLoaded(8, access("rw", 8)))
+    assert effects[0] == Leave(7)
+    assert not any(isinstance(e, Join) for e in effects)  # 8 is already joined
+    assert session.room_id == 8 and set(session.subs) == {8}
+    session.receive(SelectRoom(9))  # select another: 8 stays, it was subscribed
+    effects = session.result(RoomLoaded(9, access("rw", 9)))
+    assert not any(isinstance(e, Leave) for e in effects)
+    assert session.room_id == 9 and set(session.subs) == {8, 9}
+
+
+def test_one_room_past_max_subscriptions_is_toomany(clock: FakeClock) -> None:
+    verifier = Verifier.from_material(clock=clock, secret=SECRET, leeway=5)
+    session = Session(verifier, clock, Limits(max_subscriptions=2))
+    session.start()
+    authed(session, clock)
+    subscribed(session, 7)
+    subscribed(session, 8)
+    assert sent(session.receive(Subscribe(9))) == [
+        {"type": "status", "data": "TOOMANY", "room_id": 9}
+    ]
+    assert sent(session.receive(SelectRoom(9))) == [
+        {"type": "status", "data": "TOOMANY", "room_id": 9}
+    ]
+    assert set(session.subs) == {7, 8}
+    # A room already held is no new one.
+    assert session.receive(Subscribe(8)) == [LoadRoom(8)]
+
+
+def test_a_select_that_replaces_the_selected_room_does_not_count_twice(
+    clock: FakeClock,
+) -> None:
+    verifier = Verifier.from_material(clock=clock, secret=SECRET, leeway=5)
+    session = Session(verifier, clock, Limits(max_subscriptions=1))
+    session.start()
+    in_room(session, clock, room_id=7)
+    assert session.receive(SelectRoom(8)) == [LoadRoom(8)]
+
+
+def test_a_refused_subscribe_names_the_room_and_keeps_the_others(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock, room_id=7)
+    subscribed(session, 8)
+    session.receive(Subscribe(9))
+    refused = session.result(RoomLoaded(9, None))  # no such room: answered like a forbidden one
+    assert sent(refused) == [{"type": "status", "data": "NOTAUTHORIZED", "room_id": 9}]
+    session.receive(Subscribe(10))
+    refused = session.result(RoomLoaded(10, access("w", 10)))  # no read
+    assert sent(refused) == [{"type": "status", "data": "NOTAUTHORIZED", "room_id": 10}]
+    assert set(session.subs) == {7, 8} and session.room_id == 7
+
+
+def test_unsubscribe_leaves_the_room_and_a_room_not_held_is_answered_alike(
+    session: Session, clock: FakeClock
+) -> None:
+    authed(session, clock)
+    subscribed(session, 7)
+    subscribed(session, 8)
+    effects = session.receive(Unsubscribe(7))
+    assert effects == [Leave(7), Send(codec.unsubscribed(7))]
+    assert set(session.subs) == {8}
+    assert session.receive(Unsubscribe(42)) == [Send(codec.unsubscribed(42))]
+
+
+def test_unsubscribing_the_selected_room_unselects_it(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock, room_id=7)
+    assert session.receive(Unsubscribe(7)) == [Leave(7), Send(codec.unsubscribed(7))]
+    assert session.room_id is None
+    assert sent(session.receive(SendMessage("x", None))) == [
+        {"type": "query", "data": "SELECTROOM?"}
+    ]
+
+
+def test_a_message_to_a_room_not_held_is_checked_then_stored_and_echoed_to_the_sender(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock, room_id=7)
+    command = SendMessage("hi", "c1", room_id=8)
+    assert not session.pipelinable(command)  # its rules must be read first
+    assert session.receive(command) == [LoadRoom(8)]
+    (store,) = session.result(RoomLoaded(8, access("w", 8)))  # write without read is enough
+    assert isinstance(store, StoreMessage) and store.new.room_id == 8
+    msg = Message(1, 8, 4, USER, ENTITY, "hi", T0)
+    # Not a receiver of room 8: the echo comes to it alone, after the room's delivery.
+    assert session.result(MessageStored(msg, True)) == [
+        Publish(msg),
+        Send(codec.message_frame(msg)),
+    ]
+    assert session.room_id == 7 and set(session.subs) == {7}
+
+
+def test_a_message_to_a_room_not_held_without_write_is_notauthorized(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock, room_id=7)
+    session.receive(SendMessage("hi", None, room_id=8))
+    assert sent(session.result(RoomLoaded(8, access("r", 8)))) == [
+        {"type": "status", "data": "NOTAUTHORIZED"}
+    ]
+    session.receive(SendMessage("hi", None, room_id=9))
+    assert sent(session.result(RoomLoaded(9, None))) == [
+        {"type": "status", "data": "NOTAUTHORIZED"}
+    ]
+    assert set(session.subs) == {7}
+
+
+def test_a_message_to_a_subscribed_room_is_stored_at_once_and_echoed_by_the_room(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock, room_id=7)
+    subscribed(session, 8)
+    command = SendMessage("hi", None, room_id=8)
+    assert session.pipelinable(command)
+    (store,) = session.receive(command)
+    assert isinstance(store, StoreMessage) and store.new.room_id == 8
+    msg = Message(1, 8, 4, USER, ENTITY, "hi", T0)
+    assert session.result(MessageStored(msg, True)) == [Publish(msg)]
+
+
+def test_history_of_a_room_not_held_needs_read_access(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock, room_id=7)
+    assert session.receive(GetPastMessages(5, None, room_id=8)) == [LoadRoom(8)]
+    (load,) = session.result(RoomLoaded(8, access("r", 8)))
+    assert isinstance(load, LoadHistory) and load.query.room_id == 8
+    session.receive(GetPastMessages(5, None, room_id=9))
+    assert sent(session.result(RoomLoaded(9, access("w", 9)))) == [
+        {"type": "status", "data": "NOTAUTHORIZED"}
+    ]
+    # A room held is read at once.
+    (load,) = session.receive(GetPastMessages(5, 3, room_id=7))
+    assert isinstance(load, LoadHistory) and (load.query.room_id, load.query.before) == (7, 3)
+
+
+def test_revocation_of_one_room_keeps_the_others(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock, room_id=7)
+    subscribed(session, 8)
+    assert session.reauthorize(8, None) == [Leave(8), Send(codec.revoked(8))]
+    assert set(session.subs) == {7} and session.room_id == 7
+    assert session.reauthorize(7, RoomAccess(room(7), ())) == [Leave(7), Send(codec.revoked(7))]
+    assert session.subs == {} and session.room_id is None
+
+
+def test_subscribe_with_since_replays_that_room_alone(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock, room_id=7)
+    session.receive(Subscribe(8, since=1))
+    loaded = access("r", 8)
+    effects = session.result(RoomLoaded(8, loaded))
+    assert sent(effects) == [{"type": "status", "data": "SUBSCRIBED", "room_id": 8}]
+    assert effects[-1] == Join(8, 3, since=1, access=loaded)
+    assert session.subs[8].state is SubState.REPLAYING
+    assert session.subs[7].state is SubState.LIVE
+    msg = Message(1, 8, 2, USER, ENTITY, "missed", T0)
+    done = session.result(Replayed(8, (msg,), True))
+    assert sent(done)[-1] == {
+        "type": "status",
+        "data": "RESUMED",
+        "room_id": 8,
+        "count": 1,
+        "complete": True,
+    }
+    assert done[-1] == EndReplay(8)
+    assert session.subs[8].state is SubState.LIVE
+
+
+def test_a_failed_replay_drops_only_its_room(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock, room_id=7)
+    session.receive(Subscribe(8, since=0))
+    session.result(RoomLoaded(8, access("r", 8)))
+    effects = session.result(StorageFailed())
+    assert Leave(8) in effects and Leave(7) not in effects
+    assert sent(effects) == [{"type": "status", "data": "UNAVAILABLE"}]
+    assert set(session.subs) == {7}
+
+
+def test_a_failed_load_forgets_a_room_only_being_loaded(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock, room_id=7)
+    session.receive(Subscribe(8))
+    assert set(session.subs) == {7, 8}  # counted while loading
+    assert sent(session.result(StorageFailed())) == [{"type": "status", "data": "UNAVAILABLE"}]
+    assert set(session.subs) == {7}
+
+
+def test_closing_leaves_every_room_held(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock, room_id=7)
+    subscribed(session, 8)
+    effects = session.receive(Quit())
+    assert Leave(7) in effects and Leave(8) in effects
+    assert session.subs == {}

@@ -1,0 +1,346 @@
+"""The command driver of a /chat connection: which command runs when, what the session's
+effects do, and the storage runner.
+
+The WebSocket adapter (``ws_server.Connection``) turns bytes into commands and frames into bytes;
+this part sits between it and the pure ``Session``:
+
+- **Scheduling.** Commands are handed to the session in order. Up to ``PIPELINE`` message sends
+  of a connection are handed to the batching writer (``store.writer``) without waiting for each
+  other, so one connection is not capped by commit latency; their results are applied strictly
+  in the order of the commands. Every other command waits until the sends before it are
+  answered, so replies still come in command order (protocol.md section 2).
+- **Effects.** Replies go to the adapter's outbox, room membership to the hub, timers to the
+  adapter's timer table, storage operations to the runner.
+- **Storage runner.** Room loads, history reads and resume replays run as tasks owned by the
+  server; their results go back to the session, history and replays as long replies that the
+  adapter writes as the client reads them.
+
+``Driver`` is a mixin of ``Connection``: one object per connection, so splitting the code costs
+an idle connection no memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nanomsg.events import (
+    Arm,
+    AuthRefused,
+    BadArgs,
+    Close,
+    Command,
+    Disarm,
+    Effect,
+    EndReplay,
+    HistoryLoaded,
+    Join,
+    Leave,
+    LoadHistory,
+    LoadRoom,
+    MessageRefused,
+    MessageStored,
+    Publish,
+    Replayed,
+    Result,
+    RoomLoaded,
+    RoomMissing,
+    Send,
+    SendMessage,
+    SetReceiving,
+    StorageFailed,
+    StoreMessage,
+    Timer,
+    TooLarge,
+    Unknown,
+)
+from nanomsg.fanout import text_frame
+from nanomsg.models import RoomAccess
+from nanomsg.session import Session
+from nanomsg.store.base import ContentRefused, HistoryQuery, RoomGone, Store, StoreUnavailable
+from nanomsg.store.writer import Stored
+
+if TYPE_CHECKING:
+    from nanomsg.ws_server import WsServer
+
+# Connection log lines keep the adapter's logger name: operators filter on one name per
+# connection, whichever half of the connection code writes the line.
+log = logging.getLogger("nanomsg.ws_server")
+
+INBOX_PAUSE = 32  # commands queued behind a slow store operation before we stop reading
+INBOX_RESUME = 8
+PIPELINE = 64  # message sends of one connection in flight at once
+# Commands whose READY handler changes no session state (only Send or StoreMessage comes out),
+# so they may be answered behind sends still in flight. Anything else is a barrier.
+PIPELINABLE: frozenset[type] = frozenset({SendMessage, BadArgs, TooLarge, Unknown})
+
+
+@dataclass(eq=False, slots=True)
+class _Reply:
+    """A history reply or resume replay of one connection, written as the client reads it."""
+
+    frames: list[bytes] = field(default_factory=list)  # not yet handed to the transport
+    size: int = 0  # bytes in ``frames``
+    streamed: int = 0  # bytes handed to the transport so far: room earned for held frames
+    streaming: bool = False  # the result is in: frames written now go behind the reply
+
+
+class Driver:
+    """Command scheduling, session effects and the storage runner of one connection.
+
+    The slots are the driver's own state; the other attributes and the methods declared below
+    are the adapter's (``ws_server.Connection``), declared here for the type checker only."""
+
+    __slots__ = ("busy", "held", "held_bytes", "inbox", "pipeline", "receiving", "reply")
+
+    server: WsServer
+    conn_id: str
+    session: Session | None
+    inbox: list[Command]
+    busy: bool
+    pipeline: list[_InFlight | list[Effect]]
+    paused: bool
+    draining: bool
+    receiving: bool
+    closing: bool
+    # Live frames (room id, frame) held behind a long reply being written, not None then.
+    held: list[tuple[int, bytes]] | None
+    held_bytes: int  # bytes held: behind a long reply, and by subscriptions replaying
+    reply: _Reply | None
+
+    if TYPE_CHECKING:
+
+        def _write(self, data: bytes) -> None: ...
+
+        def _update_reading(self) -> None: ...
+
+        def _send_reply(self) -> None: ...
+
+        def _arm(self, timer: Timer | None, delay: float) -> None: ...
+
+        def _disarm(self, timer: Timer | str | None) -> None: ...
+
+        def close(self, code: int, reason: str = "") -> None: ...
+
+        def write_frame(self, frame: bytes, seq: int, room_id: int = 0) -> None: ...
+
+    def _pump(self) -> None:
+        """Hand queued commands to the session in order: sends may overlap (up to
+        ``PIPELINE``), any other command waits for everything before it to be answered."""
+        session = self.session
+        while (
+            not self.busy
+            and self.inbox
+            and session is not None
+            and not self.closing
+            and not self.draining
+        ):
+            if self.pipeline:
+                command = self.inbox[0]
+                if not session.pipelinable(command) or len(self.pipeline) >= PIPELINE:
+                    break
+                del self.inbox[0]
+                for effect in session.receive(command):
+                    if isinstance(effect, StoreMessage):
+                        self._submit(effect)
+                    else:  # a reply: it waits behind the sends in flight
+                        self.pipeline.append([effect])
+            else:
+                self.apply(session.receive(self.inbox.pop(0)))
+        if self.paused and len(self.inbox) <= INBOX_RESUME:
+            self._update_reading()
+
+    # -- effects ------------------------------------------------------------------------------
+
+    def apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Send):
+                self._write(text_frame(effect.payload))
+            elif isinstance(effect, Publish):
+                self.server.hub.publish(effect.message)
+            elif isinstance(effect, Join):
+                self._join(effect)
+            elif isinstance(effect, EndReplay):
+                self._end_replay(effect.room_id)
+            elif isinstance(effect, Leave):
+                self._leave(effect.room_id)
+            elif isinstance(effect, StoreMessage):
+                self._submit(effect)
+            elif isinstance(effect, LoadRoom) and (
+                cached := self.server.hub.cached_access(effect.room_id)
+            ):
+                # The room is live on this process: its rules are known and kept current.
+                assert self.session is not None
+                self.apply(self.session.result(RoomLoaded(effect.room_id, cached)))
+            elif isinstance(effect, LoadRoom | LoadHistory):
+                self.busy = True
+                self.server.spawn(self._run(effect))
+            elif isinstance(effect, Arm):
+                self._arm(effect.timer, effect.at - self.server.clock.wall())
+            elif isinstance(effect, Disarm):
+                self._disarm(effect.timer)
+            elif isinstance(effect, SetReceiving):
+                self.receiving = effect.on
+            elif isinstance(effect, Close):
+                self.close(effect.code, effect.reason)
+            elif isinstance(effect, AuthRefused):
+                log.info("connection %s: token refused: %s", self.conn_id, effect.reason)
+
+    def _end_replay(self, room_id: int) -> None:
+        """The replay of ``room_id`` is written (into the long reply): the live frames its
+        subscription held meanwhile follow it, before anything held behind the reply since."""
+        sub = self.session.subs.get(room_id) if self.session is not None else None
+        if sub is None or sub.held is None:
+            return
+        frames, sub.held = sub.held, None
+        if self.reply is not None and self.reply.streaming:
+            self.held = [(room_id, frame) for frame in frames] + (self.held or [])
+            return
+        self.held_bytes -= sum(map(len, frames))
+        for frame in frames:
+            self._write(frame)
+
+    def _leave(self, room_id: int) -> None:
+        """The session dropped ``room_id``: the hub forgets this receiver there, and frames of
+        that room still held (by its replay, or behind a long reply) are never written."""
+        self.server.hub.leave(self, room_id)
+        if self.held:
+            self.held = [(room, frame) for room, frame in self.held if room != room_id]
+        self.held_bytes = self.held_total()
+
+    def held_total(self) -> int:
+        """Bytes held: behind a long reply, and by the subscriptions whose replay is read."""
+        size = sum(len(frame) for _, frame in self.held or ())
+        if self.session is not None:
+            for sub in self.session.subs.values():
+                if sub.held:
+                    size += sum(map(len, sub.held))
+        return size
+
+    def leave_all(self) -> None:
+        """Closing: this connection receives nothing more from any room it holds."""
+        if self.session is not None:
+            for room_id in self.session.subs:
+                self.server.hub.leave(self, room_id)
+
+    def _join(self, join: Join) -> None:
+        live_from = self.server.hub.join(self, join.room_id, join.last_seq, join.access)
+        sub = self.session.subs.get(join.room_id) if self.session is not None else None
+        if sub is None:
+            return
+        sub.min_seq = join.since or 0
+        if join.since is None:
+            return
+        # Replay seqs since+1 .. live_from-1 from storage; live frames of the room from
+        # live_from on are held by its subscription until the replay is written, so the client
+        # sees no gap and no duplicate. Other rooms' frames flow meanwhile.
+        if sub.held is None:
+            sub.held = []
+        self.busy = True
+        self.server.spawn(self._run(_Replay(join.room_id, join.since, live_from)))
+
+    def _submit(self, effect: StoreMessage) -> None:
+        entry = _InFlight(self)
+        self.pipeline.append(entry)
+        self.server.writer.enqueue(effect.new, entry)
+
+    def _advance(self) -> None:
+        """Apply the results at the head of the pipeline that are ready, in command order."""
+        pipeline = self.pipeline
+        while pipeline:
+            head = pipeline[0]
+            if isinstance(head, list):
+                del pipeline[0]
+                if self.session is not None and not self.closing:
+                    self.apply(head)
+                continue
+            result = head.result
+            if result is None:
+                break
+            del pipeline[0]
+            if self.session is not None and not self.closing:
+                self.apply(self.session.result(result))
+            elif isinstance(result, MessageStored) and result.created:
+                # The sender is gone, but the message is stored: the room must still get it.
+                self.server.hub.publish(result.message)
+        self._pump()
+
+    async def _run(self, effect: LoadRoom | LoadHistory | _Replay) -> None:
+        store = self.server.store
+        result: Result
+        try:
+            if isinstance(effect, LoadRoom):
+                result = RoomLoaded(effect.room_id, await store.room_access(effect.room_id))
+            elif isinstance(effect, LoadHistory):
+                result = HistoryLoaded(tuple(await store.history(effect.query)))
+            else:
+                result = await effect.load(store, self.server.config.resume_cap)
+        except StoreUnavailable:
+            result = StorageFailed()
+        except Exception:
+            log.exception("storage operation failed unexpectedly")
+            result = StorageFailed()
+        finally:
+            self.busy = False
+        if self.session is not None and not self.closing:
+            if isinstance(result, HistoryLoaded | Replayed):
+                # A long reply: written as the client reads it, live frames held behind it.
+                self.busy = True
+                if self.reply is None:
+                    self.reply = _Reply()
+                self.reply.streaming = True
+                if self.held is None:
+                    self.held, self.held_bytes = [], 0
+                self.apply(self.session.result(result))
+                self._send_reply()
+            else:
+                self.apply(self.session.result(result))
+            self._pump()
+
+    def reauthorize(self, room_id: int, access: RoomAccess | None) -> None:
+        if self.session is not None and not self.closing:
+            self.apply(self.session.reauthorize(room_id, access))
+
+
+@dataclass(eq=False, slots=True)
+class _InFlight:
+    """A send handed to the batching writer; called with its outcome after the commit."""
+
+    conn: Driver
+    result: Result | None = None
+
+    def __call__(self, outcome: Stored | Exception) -> None:
+        if isinstance(outcome, tuple):
+            self.result = MessageStored(*outcome)
+        elif isinstance(outcome, RoomGone):
+            self.result = RoomMissing(int(outcome.args[0]) if outcome.args else 0)
+        elif isinstance(outcome, ContentRefused):
+            self.result = MessageRefused("content refused by storage")
+        else:
+            if not isinstance(outcome, StoreUnavailable):
+                log.error("storing a message failed unexpectedly", exc_info=outcome)
+            self.result = StorageFailed()
+        self.conn._advance()
+
+
+@dataclass(frozen=True, slots=True)
+class _Replay:
+    """Read what a resuming connection missed: seq in (since, live_from), the latest ``cap``."""
+
+    room_id: int
+    since: int
+    live_from: int
+
+    async def load(self, store: Store, cap: int) -> Replayed:
+        missed = max(self.live_from - 1 - self.since, 0)
+        if missed == 0:
+            return Replayed(self.room_id, (), True)
+        query = HistoryQuery(
+            room_id=self.room_id,
+            limit=min(missed, cap),
+            after=self.since,
+            before=self.live_from,
+            newest=True,
+        )
+        return Replayed(self.room_id, tuple(await store.history(query)), missed <= cap)
