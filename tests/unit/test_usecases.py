@@ -62,13 +62,13 @@ class Receiver:
     def __init__(self) -> None:
         self.frames: list[dict[str, Any]] = []
 
-    def write_frame(self, frame: bytes, seq: int) -> None:
+    def write_frame(self, frame: bytes, seq: int, room_id: int = 0) -> None:
         # The hub hands over a whole WebSocket text frame; its payload follows a 2- or 4-byte
         # header (these frames stay under 64 KiB).
         start = 4 if frame[1] & 0x7F == 126 else 2
         self.frames.append(orjson.loads(frame[start:]))
 
-    def reauthorize(self, access: RoomAccess | None) -> None:
+    def reauthorize(self, room_id: int, access: RoomAccess | None) -> None:
         pass
 
 
