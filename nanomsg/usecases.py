@@ -199,10 +199,15 @@ class UseCases:
         storage is down (nothing stored, nothing delivered).
 
         The WebSocket driver will call the two halves instead, keeping its pipeline and the
-        access it holds per subscription (no storage read per send): ``new_message`` with that
-        access when the command arrives, the writer's ``enqueue`` itself, then ``stored`` with
-        the outcome when its turn comes, answering a ``Posted`` that was not created with the
-        echo to the sender alone, and mapping the errors to its status words.
+        rights it holds per subscription (no storage read per send): ``message_to_post`` (or
+        ``new_message``) with those rights when the command arrives, mapping Forbidden to
+        ``NOTAUTHORIZED``; the writer's ``enqueue`` itself; then ``stored`` with the outcome
+        when its turn comes in the pipeline, which publishes a new message (the echo reaches
+        a subscribed sender through the hub; a sender not subscribed to the room needs the
+        frame sent to it directly, as does a ``Posted`` that was not created) and raises the
+        refusals it maps to ``NOTAUTHORIZED`` with ``room_id``, ``BADARGS`` and
+        ``UNAVAILABLE``. A ``system`` flag on the WebSocket ``message`` command would need
+        only the codec to read it.
         """
         granted = await self.readable(principal, room_id)
         new = self.new_message(principal, room_id, granted.rights, content, client_id, system)
@@ -235,22 +240,8 @@ class UseCases:
         client_id: str | None,
         system: bool,
     ) -> NewMessage:
-        """The rule for posting, given the caller's rights in the room: ``w`` is needed, and
-        a system message (``system``) needs room admin rights (``a``, or an owner-entity
-        admin); Forbidden otherwise. The message to hand to the writer."""
-        if not rights.write:
-            raise Forbidden("write permission required")
-        if system and not rights.admin:
-            raise Forbidden("system messages need admin rights in the room")
-        return NewMessage(
-            room_id=room_id,
-            emitter=principal.user,
-            entity=principal.entity,
-            content=content,
-            client_id=client_id,
-            now=self.now(),
-            system=system,
-        )
+        """``message_to_post`` stamped with this instance's clock."""
+        return message_to_post(principal, room_id, rights, content, client_id, system, self.now())
 
     def stored(self, outcome: Stored | Exception) -> Posted:
         """The writer's outcome for a posted message: a new message is published; a refusal
@@ -369,6 +360,36 @@ class UseCases:
         except (NotAuthor, AlreadyDeleted, UnknownSeq, RoomGone) as exc:
             raise _refused(exc) from None
         return Changed(event=event, message=message)
+
+
+def message_to_post(
+    principal: Principal,
+    room_id: int,
+    rights: Access,
+    content: str,
+    client_id: str | None,
+    system: bool,
+    now: datetime,
+) -> NewMessage:
+    """The rule for posting, given the caller's rights in the room (``permissions.evaluate``):
+    ``w`` is needed, and a system message (``system``) needs room admin rights (``a``, or an
+    owner-entity admin); Forbidden otherwise. The message to hand to the writer.
+
+    A pure function, so the WebSocket session, which holds each subscription's rights and
+    its own clock, can apply the same rule without a storage read per send."""
+    if not rights.write:
+        raise Forbidden("write permission required")
+    if system and not rights.admin:
+        raise Forbidden("system messages need admin rights in the room")
+    return NewMessage(
+        room_id=room_id,
+        emitter=principal.user,
+        entity=principal.entity,
+        content=content,
+        client_id=client_id,
+        now=now,
+        system=system,
+    )
 
 
 def _check_seq(seq: int) -> None:

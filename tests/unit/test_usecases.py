@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,11 @@ import pytest_asyncio
 from nanomsg.clock import FakeClock
 from nanomsg.fanout import Hub
 from nanomsg.models import Principal, Room, RoomAccess
+from nanomsg.permissions import Access
 from nanomsg.store.base import ContentRefused, NewMessage, NewRoom, RoomGone, StoreUnavailable
 from nanomsg.store.sqlite import SqliteStore
 from nanomsg.store.writer import BatchWriter
-from nanomsg.usecases import BadArgs, Forbidden, NoSuchRoom, UseCases
+from nanomsg.usecases import BadArgs, Forbidden, NoSuchRoom, UseCases, message_to_post
 
 pytestmark = pytest.mark.asyncio
 
@@ -149,6 +151,22 @@ async def test_post_needs_write_and_a_system_message_needs_room_admin(
         assert made.message.system and made.message.to_json()["system"] is True
     assert [f["data"]["system"] for f in receiver.frames] == [True, True]
     assert (await posting.post(writer, room.id, "plain")).message.system is False
+
+
+async def test_the_post_rule_is_pure_over_the_rights_a_driver_holds() -> None:
+    """What the WebSocket session will call with a subscription's rights: no store at all."""
+    who, now = person(), FakeClock().wall()
+    stamp = datetime.fromtimestamp(now, UTC)
+    reader = Access(read=True, write=False, admin=False, reason="rules r")
+    writer = Access(read=True, write=True, admin=False, reason="rules rw")
+    admin = Access(read=True, write=True, admin=True, reason="rules a")
+    with pytest.raises(Forbidden, match="write permission required"):
+        message_to_post(who, 7, reader, "hi", None, False, stamp)
+    with pytest.raises(Forbidden, match="admin"):
+        message_to_post(who, 7, writer, "hi", None, True, stamp)
+    made = message_to_post(who, 7, admin, "hi", "k", True, stamp)
+    assert made == NewMessage(7, who.user, who.entity, "hi", "k", stamp, system=True)
+    assert not message_to_post(who, 7, writer, "hi", None, False, stamp).system
 
 
 async def test_post_to_a_foreign_or_missing_room_is_no_such_room(posting: UseCases) -> None:
