@@ -116,6 +116,8 @@ class App:
             notify_room_changed=self.relay.room_changed,
             readiness=self.readiness,
             closes=lambda: self.ws.closes,
+            writer=self.writer,
+            publisher=self.hub,
         )
         self._runner = web.AppRunner(
             http_app,

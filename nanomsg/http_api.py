@@ -1,4 +1,4 @@
-"""The HTTP side-port for partner backends: rooms, members, invitations and history.
+"""The HTTP side-port for partner backends: rooms, members, invitations, history and posting.
 
 Built by ``build_http_app`` from injected collaborators (no global state). Every answer, errors
 included, is the original's JSON envelope ``{"meta": {"code", "message"[, "reason"]},
@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from nanomsg import codec, events
 from nanomsg.auth import AuthError, Verifier, canonical_uuid
 from nanomsg.clock import Clock, utc_datetime
 from nanomsg.config import Config
@@ -61,7 +62,7 @@ from nanomsg.store.base import (
     TooManyRules,
 )
 from nanomsg.store.common import CONVERSATION_ORDERS
-from nanomsg.usecases import BadArgs, Forbidden, NoSuchRoom, UseCases
+from nanomsg.usecases import BadArgs, Forbidden, MessageWriter, NoSuchRoom, Publisher, UseCases
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,50 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise bad_request("body must be a JSON object")
     return data
+
+
+MESSAGE_FIELDS = ("content", "client_id", "system")
+
+
+async def read_message_body(request: web.Request) -> dict[str, Any]:
+    """The body of ``POST /rooms/{id}/messages`` as a JSON object, parsed as the WebSocket
+    codec parses a frame: JSON that only the lenient parser reads (an escaped lone surrogate,
+    a number beyond a double) is still an object, so the field at fault gets its own reason
+    instead of "invalid JSON"."""
+    if request.content_type != "application/json":
+        raise HttpError(415, "Content-Type must be application/json")
+    raw = await read_body(request)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("invalid JSON") from None
+    data, _ = codec._loads(text)
+    if data is codec._MISSING:
+        raise bad_request("invalid JSON")
+    if not isinstance(data, dict):
+        raise bad_request("body must be a JSON object")
+    return data
+
+
+def checked_message(data: dict[str, Any], max_content: int) -> tuple[str, str | None, bool]:
+    """``content``, ``client_id`` and ``system`` of a message body, checked: unknown fields
+    and ``null`` are refused, and content and client_id go through the WebSocket codec's own
+    checks (``codec._message``), so both transports accept and refuse the same text, with
+    the same reasons. Content over ``max_content`` is 400 (the WebSocket's TOOLARGE): 413 is
+    the side-port's answer to a body over its byte limit, and the document's contract is
+    that an input it declares invalid is 400."""
+    body = JsonBody(data, MESSAGE_FIELDS)
+    if data.get("client_id", "") is None:
+        raise bad_request("client_id must not be null (leave it out for none)")
+    # The codec reads the same two fields from a frame; ``system`` is not one of them.
+    decoded = codec._message(data, max_content, True)
+    if isinstance(decoded, events.TooLarge):
+        raise bad_request(f"content must be at most {max_content} characters")
+    if isinstance(decoded, events.BadArgs):
+        raise bad_request(decoded.reason)
+    assert isinstance(decoded, events.SendMessage)
+    system = body.boolean("system", default=False)
+    return decoded.content, decoded.client_id, system
 
 
 _ABSENT: Any = object()  # a body field that was not given
@@ -482,6 +527,8 @@ class HttpApi:
         notify_room_changed: NotifyRoomChanged,
         readiness: Readiness,
         closes: CloseCounts = dict,
+        writer: MessageWriter | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         self.store = store
         self.verifier = verifier
@@ -490,8 +537,12 @@ class HttpApi:
         self.notify_room_changed = notify_room_changed
         self.readiness = readiness
         self.closes = closes
-        self.usecases = UseCases(store, clock)
-        self.spec = orjson.dumps(build_openapi(room_create_level=config.room_create_level))
+        self.usecases = UseCases(store, clock, writer=writer, publisher=publisher)
+        self.spec = orjson.dumps(
+            build_openapi(
+                room_create_level=config.room_create_level, max_content=config.max_content
+            )
+        )
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -841,6 +892,19 @@ class HttpApi:
                 page["next_after"] = found[-1].seq
         return envelope(200, [message.to_json() for message in found], page=page)
 
+    async def post_message(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        """Store and deliver a message as a WebSocket send does (the ``post`` use case): 200
+        with the message frame's ``data``, the same for a ``client_id`` repeat (which is
+        delivered to nobody again)."""
+        QueryArgs(request, ())
+        room_id = path_room_id(request)
+        content, client_id, system = checked_message(
+            await read_message_body(request), self.config.max_content
+        )
+        await self.usecases.settle(principal)
+        posted = await self.usecases.post(principal, room_id, content, client_id, system=system)
+        return envelope(200, posted.message.to_json())
+
     # -- routes -----------------------------------------------------------------------------
 
     def routes(self) -> list[web.RouteDef]:
@@ -863,6 +927,7 @@ class HttpApi:
             web.route("DELETE", "/rooms/{id}/members/{uuid}", a(self.delete_member)),
             web.route("PUT", "/rooms/{id}/invitation", a(self.put_invitation)),
             web.route("GET", "/rooms/{id}/messages", a(self.messages)),
+            web.route("POST", "/rooms/{id}/messages", a(self.post_message)),
             web.route("POST", "/rooms/{id}/read", a(self.mark_read)),
             web.route("GET", "/rooms/{id}/reads", a(self.reads)),
             web.route("POST", "/dm", a(self.open_dm)),
@@ -881,8 +946,11 @@ def build_http_app(
     notify_room_changed: NotifyRoomChanged,
     readiness: Readiness,
     closes: CloseCounts = dict,
+    writer: MessageWriter | None = None,
+    publisher: Publisher | None = None,
 ) -> web.Application:
-    """The side-port application; the caller owns the store and runs the app."""
+    """The side-port application; the caller owns the store and runs the app. ``writer`` (the
+    batching writer) and ``publisher`` (the hub) serve ``POST /rooms/{id}/messages``."""
     api = HttpApi(
         store=store,
         verifier=verifier,
@@ -891,6 +959,8 @@ def build_http_app(
         notify_room_changed=notify_room_changed,
         readiness=readiness,
         closes=closes,
+        writer=writer,
+        publisher=publisher,
     )
     app = web.Application(
         middlewares=[connection_middleware, envelope_middleware], client_max_size=MAX_BODY_BYTES

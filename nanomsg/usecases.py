@@ -11,13 +11,18 @@ answer with domain records or one of three errors every driver maps to its own w
 - ``Forbidden``: the caller may read the room but not do this (HTTP 403, ``NOTAUTHORIZED``);
 - ``BadArgs``: the request itself is wrong (HTTP 400, ``BADARGS``).
 
-No sockets, no global state: the clock is injected, so tests run them against a real store.
+No sockets, no global state: the clock, the batching writer and the hub are injected, so tests
+run them against a real store. Storage being down is ``StoreUnavailable`` from
+``nanomsg.store.base``, passed through unchanged (HTTP 503, WebSocket ``UNAVAILABLE``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from nanomsg.clock import Clock, utc_datetime
 from nanomsg.models import Message, Principal, ReadMark, Room, RoomAccess, RoomState
@@ -25,14 +30,20 @@ from nanomsg.openapi import LEVEL_ADMIN_MAX
 from nanomsg.permissions import Access, evaluate
 from nanomsg.store.base import (
     AlreadyDeleted,
+    ContentRefused,
     Conversation,
+    NewMessage,
     NotAuthor,
     RoomGone,
     Settled,
     Store,
+    StoreUnavailable,
     UnknownSeq,
 )
 from nanomsg.store.common import CONVERSATION_ORDERS
+from nanomsg.store.writer import Done, Stored
+
+log = logging.getLogger(__name__)
 
 # A DM's level_admin: the highest a room may have. It grants nothing there (a DM is private to
 # its two users whatever anyone's rank: permissions.evaluate), but the column needs a value.
@@ -93,12 +104,48 @@ class Changed:
     message: Message
 
 
-class UseCases:
-    """The use cases over one store; drivers hold one instance each."""
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """A message ``post``-ed: the stored message (the ``data`` of its message frame) and
+    whether it is new; False for a ``client_id`` repeat, answered with the message stored the
+    first time and delivered to nobody again."""
 
-    def __init__(self, store: Store, clock: Clock) -> None:
+    message: Message
+    created: bool
+
+
+class MessageWriter(Protocol):
+    """What ``post`` needs of the batching writer (``store.writer.BatchWriter``)."""
+
+    def enqueue(self, new: NewMessage, done: Done) -> None: ...
+
+
+class Publisher(Protocol):
+    """What ``post`` needs of the hub (``fanout.Hub``): deliver a stored message to this
+    process's receivers in seq order and relay it to the other processes."""
+
+    def publish(self, message: Message) -> None: ...
+
+
+class UseCases:
+    """The use cases over one store; drivers hold one instance each.
+
+    ``writer`` and ``publisher`` are needed by ``post`` only (a driver that never posts, or a
+    test of the other use cases, may leave them out).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        *,
+        writer: MessageWriter | None = None,
+        publisher: Publisher | None = None,
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.writer = writer
+        self.publisher = publisher
 
     def now(self) -> datetime:
         return utc_datetime(self.clock.wall())
@@ -127,6 +174,94 @@ class UseCases:
         if not granted.rights.write:
             raise Forbidden("write permission required")
         return granted
+
+    # -- posting -----------------------------------------------------------------------------
+    async def post(
+        self,
+        principal: Principal,
+        room_id: int,
+        content: str,
+        client_id: str | None = None,
+        *,
+        system: bool = False,
+    ) -> Posted:
+        """Store a message in a room the caller may write and deliver it like a WebSocket send.
+
+        ``content`` and ``client_id`` come checked by the driver's decoder (``codec``'s rules:
+        not empty, at most ``--max-content`` code points, no U+0000, no lone surrogate). The
+        message goes through the batching writer, so it takes the room's next seq among the
+        WebSocket sends, and ``client_id`` is idempotent per (room, user) whichever driver sent
+        it first. Answers once it is stored; a new message is published (this process's
+        receivers, then the relay) at the moment its batch commits, before this returns.
+
+        NoSuchRoom unless readable; Forbidden without ``w``, or with ``system`` and without
+        room admin rights; BadArgs if storage refuses the content; StoreUnavailable when
+        storage is down (nothing stored, nothing delivered).
+
+        The WebSocket driver will call the two halves instead, keeping its pipeline and the
+        rights it holds per subscription (no storage read per send): ``message_to_post`` (or
+        ``new_message``) with those rights when the command arrives, mapping Forbidden to
+        ``NOTAUTHORIZED``; the writer's ``enqueue`` itself; then ``stored`` with the outcome
+        when its turn comes in the pipeline, which publishes a new message (the echo reaches
+        a subscribed sender through the hub; a sender not subscribed to the room needs the
+        frame sent to it directly, as does a ``Posted`` that was not created) and raises the
+        refusals it maps to ``NOTAUTHORIZED`` with ``room_id``, ``BADARGS`` and
+        ``UNAVAILABLE``. A ``system`` flag on the WebSocket ``message`` command would need
+        only the codec to read it.
+        """
+        granted = await self.readable(principal, room_id)
+        new = self.new_message(principal, room_id, granted.rights, content, client_id, system)
+        if self.writer is None:
+            raise RuntimeError("UseCases.post needs a writer and a publisher")
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Posted] = loop.create_future()
+
+        def done(outcome: Stored | Exception) -> None:
+            # Runs in the writer's task when the batch commits: the publish happens there,
+            # in commit order, even if the caller has stopped waiting (an HTTP client gone).
+            try:
+                posted = self.stored(outcome)
+            except Exception as exc:
+                if not answer.done():
+                    answer.set_exception(exc)
+                return
+            if not answer.done():
+                answer.set_result(posted)
+
+        self.writer.enqueue(new, done)
+        return await answer
+
+    def new_message(
+        self,
+        principal: Principal,
+        room_id: int,
+        rights: Access,
+        content: str,
+        client_id: str | None,
+        system: bool,
+    ) -> NewMessage:
+        """``message_to_post`` stamped with this instance's clock."""
+        return message_to_post(principal, room_id, rights, content, client_id, system, self.now())
+
+    def stored(self, outcome: Stored | Exception) -> Posted:
+        """The writer's outcome for a posted message: a new message is published; a refusal
+        becomes the driver-neutral error (NoSuchRoom for a room deleted meanwhile, BadArgs for
+        content storage refused, StoreUnavailable for anything else)."""
+        if isinstance(outcome, tuple):
+            message, created = outcome
+            if created:
+                if self.publisher is None:
+                    raise RuntimeError("UseCases.post needs a writer and a publisher")
+                self.publisher.publish(message)
+            return Posted(message=message, created=created)
+        if isinstance(outcome, RoomGone):
+            raise NoSuchRoom()
+        if isinstance(outcome, ContentRefused):
+            raise BadArgs("content refused by storage")
+        if isinstance(outcome, StoreUnavailable):
+            raise StoreUnavailable(str(outcome))  # a fresh one: a batch shares its failure
+        log.error("storing a posted message failed unexpectedly", exc_info=outcome)
+        raise StoreUnavailable(f"unexpected storage error: {outcome!r}")
 
     # -- DMs ---------------------------------------------------------------------------------
     async def open_dm(self, principal: Principal, other: str) -> DmOpened:
@@ -225,6 +360,36 @@ class UseCases:
         except (NotAuthor, AlreadyDeleted, UnknownSeq, RoomGone) as exc:
             raise _refused(exc) from None
         return Changed(event=event, message=message)
+
+
+def message_to_post(
+    principal: Principal,
+    room_id: int,
+    rights: Access,
+    content: str,
+    client_id: str | None,
+    system: bool,
+    now: datetime,
+) -> NewMessage:
+    """The rule for posting, given the caller's rights in the room (``permissions.evaluate``):
+    ``w`` is needed, and a system message (``system``) needs room admin rights (``a``, or an
+    owner-entity admin); Forbidden otherwise. The message to hand to the writer.
+
+    A pure function, so the WebSocket session, which holds each subscription's rights and
+    its own clock, can apply the same rule without a storage read per send."""
+    if not rights.write:
+        raise Forbidden("write permission required")
+    if system and not rights.admin:
+        raise Forbidden("system messages need admin rights in the room")
+    return NewMessage(
+        room_id=room_id,
+        emitter=principal.user,
+        entity=principal.entity,
+        content=content,
+        client_id=client_id,
+        now=now,
+        system=system,
+    )
 
 
 def _check_seq(seq: int) -> None:

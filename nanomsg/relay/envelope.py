@@ -9,8 +9,10 @@ its own echoes from the first bytes without decoding the rest::
 
 - ``m``: stored messages of room ``r``, in the order they were published (receivers order by
   ``seq`` anyway). One array per message, positional, with ``created_at`` in RFC 3339 with
-  microseconds and its UTC offset, so the message is rebuilt exactly. Each message is encoded
-  once, by ``encode_message``, and the envelope is joined from those bytes.
+  microseconds and its UTC offset, so the message is rebuilt exactly. A system message (one a
+  partner backend posted) has an eighth element, ``true``; a plain message keeps the seven, so
+  its bytes are those of the previous release. Each message is encoded once, by
+  ``encode_message``, and the envelope is joined from those bytes.
 - ``s``: signals of room ``r``: ephemeral JSON objects (no seq, never stored), handed as they
   are to the receivers' signal handler.
 - ``c``: room-change notices: ids of rooms whose rules changed (or that were deleted).
@@ -60,6 +62,7 @@ def encode_message(message: Message) -> bytes:
             message.content,
             message.created_at,  # orjson writes RFC 3339 with microseconds, in C
             message.client_id,
+            *((True,) if message.system else ()),
         )
     )
 
@@ -100,11 +103,13 @@ def _str(value: Any) -> str:
 
 
 def _message(room_id: int, row: Any) -> Message:
-    if not isinstance(row, list) or len(row) != 7:
-        raise TypeError("a message is an array of 7")
-    msg_id, seq, emitter, entity, content, created_at, client_id = row
+    if not isinstance(row, list) or len(row) not in (7, 8):
+        raise TypeError("a message is an array of 7, or 8 for a system message")
+    msg_id, seq, emitter, entity, content, created_at, client_id = row[:7]
     if client_id is not None:
         client_id = _str(client_id)
+    if len(row) == 8 and row[7] is not True:
+        raise TypeError(f"a message's eighth element is true, not {row[7]!r}")
     return Message(
         id=_int(msg_id),
         room_id=room_id,
@@ -114,6 +119,7 @@ def _message(room_id: int, row: Any) -> Message:
         content=_str(content),
         created_at=datetime.fromisoformat(_str(created_at)),
         client_id=client_id,
+        system=len(row) == 8,
     )
 
 

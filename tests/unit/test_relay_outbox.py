@@ -3,6 +3,7 @@ what goes first, and that a payload comes back as it went."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 
 from nanomsg.models import Message
 from nanomsg.relay.base import RelayHandlers
-from nanomsg.relay.envelope import decode, from_node, hand_over, header
+from nanomsg.relay.envelope import decode, encode_message, from_node, hand_over, header
 from nanomsg.relay.outbox import Outbox, Packet, Signal
 from nanomsg.relay.redis import RedisRelay
 from nanomsg.relay.redis_cluster import RedisClusterRelay
@@ -180,11 +181,23 @@ def test_a_message_comes_back_exactly_as_it_went() -> None:
         msg(1, 2, client_id=None),
         Message(1, 1, 3, "e", "n", "", datetime(2026, 1, 1, tzinfo=UTC), "k"),
         Message(2, 1, 4, "e", "n", "z", datetime(2026, 1, 1, 12, 30, 1, 5, tzinfo=offset)),
+        Message(3, 1, 5, "e", "n", "posted", datetime(2026, 1, 1, tzinfo=UTC), system=True),
     ]
     outbox = Outbox(NODE)
     for message in sent:
         outbox.message(message)
     assert replay(outbox.take()).messages == sent
+
+
+def test_a_system_message_crosses_the_relay_marked_and_a_plain_one_as_before() -> None:
+    plain = msg(1, 1, client_id="k")
+    system = dataclasses.replace(plain, system=True)
+    assert orjson.loads(encode_message(plain))[7:] == []  # the previous release's 7 elements
+    assert orjson.loads(encode_message(system))[7:] == [True]
+    outbox = Outbox(NODE)
+    outbox.message(system)
+    heard = replay(outbox.take())
+    assert heard.messages == [system] and heard.messages[0].system
 
 
 def test_own_echoes_are_recognised_from_the_first_bytes() -> None:
@@ -231,6 +244,8 @@ def test_payloads_of_the_previous_format_are_still_understood() -> None:
         b'{"n":"x","r":1,"m":[[1,2,"e","n","c","not a date",null]]}',
         b'{"n":"x","r":1,"m":[[1,"2","e","n","c","2026-01-01T00:00:00+00:00",null]]}',
         b'{"n":"x","r":1,"s":[1]}',
+        b'{"n":"x","r":1,"m":[[1,2,"e","n","c","2026-01-01T00:00:00+00:00",null,false]]}',
+        b'{"n":"x","r":1,"m":[[1,2,"e","n","c","2026-01-01T00:00:00+00:00",null,true,1]]}',
         b"not json",
     ],
 )

@@ -1,21 +1,28 @@
 """The use-case layer's rules, without sockets, on a real SQLite store in a temporary file:
-who may edit and delete, DMs (oneself refused, one room per pair, tenant isolation), read marks
-(clamped, never backwards, only in readable rooms) and the conversation list."""
+who may post (write; system messages for room admins; through the real batching writer and
+hub), who may edit and delete, DMs (oneself refused, one room per pair, tenant isolation),
+read marks (clamped, never backwards, only in readable rooms) and the conversation list."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 import pytest_asyncio
 
 from nanomsg.clock import FakeClock
-from nanomsg.models import Principal, Room
-from nanomsg.store.base import NewMessage, NewRoom
+from nanomsg.fanout import Hub
+from nanomsg.models import Principal, Room, RoomAccess
+from nanomsg.permissions import Access
+from nanomsg.store.base import ContentRefused, NewMessage, NewRoom, RoomGone, StoreUnavailable
 from nanomsg.store.sqlite import SqliteStore
-from nanomsg.usecases import BadArgs, Forbidden, NoSuchRoom, UseCases
+from nanomsg.store.writer import BatchWriter
+from nanomsg.usecases import BadArgs, Forbidden, NoSuchRoom, UseCases, message_to_post
 
 pytestmark = pytest.mark.asyncio
 
@@ -49,6 +56,157 @@ async def post(cases: UseCases, room: Room, who: Principal, text: str = "hi") ->
         NewMessage(room.id, who.user, who.entity, text, None, cases.now())
     )
     return message.seq
+
+
+class Receiver:
+    """A hub receiver (what a WebSocket connection is to the hub): keeps the frames written."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+
+    def write_frame(self, frame: bytes, seq: int, room_id: int = 0) -> None:
+        # The hub hands over a whole WebSocket text frame; its payload follows a 2- or 4-byte
+        # header (these frames stay under 64 KiB).
+        start = 4 if frame[1] & 0x7F == 126 else 2
+        self.frames.append(orjson.loads(frame[start:]))
+
+    def reauthorize(self, room_id: int, access: RoomAccess | None) -> None:
+        pass
+
+
+@pytest_asyncio.fixture
+async def posting(tmp_path: Path) -> AsyncIterator[UseCases]:
+    """Use cases wired as the server wires them: the real batching writer and hub."""
+    store = SqliteStore(str(tmp_path / "posting.db"))
+    await store.open()
+    writer, hub = BatchWriter(store), Hub(store)
+    writer.start()
+    try:
+        yield UseCases(store, FakeClock(), writer=writer, publisher=hub)
+    finally:
+        await writer.close()
+        await hub.close()
+        await store.close()
+
+
+def watch(cases: UseCases, room: Room) -> Receiver:
+    receiver = Receiver()
+    assert isinstance(cases.publisher, Hub)
+    cases.publisher.join(receiver, room.id, room.last_seq)
+    return receiver
+
+
+# -- posting ------------------------------------------------------------------------------------
+
+
+async def test_post_stores_with_the_next_seq_and_publishes_the_message_frame(
+    posting: UseCases,
+) -> None:
+    admin, member = person(), person()
+    room = await group(posting, admin)
+    receiver = watch(posting, room)
+    first = await posting.post(member, room.id, "over http", "k1")
+    assert (first.created, first.message.seq, first.message.client_id) == (True, 1, "k1")
+    assert not first.message.system
+    second = await posting.post(admin, room.id, "next")
+    assert second.message.seq == 2
+    # Published once stored, before post returned: the hub wrote both frames, in seq order.
+    assert receiver.frames == [
+        {"type": "message", "data": first.message.to_json()},
+        {"type": "message", "data": second.message.to_json()},
+    ]
+
+
+async def test_a_client_id_repeat_answers_the_stored_message_and_publishes_nothing(
+    posting: UseCases,
+) -> None:
+    admin = person()
+    room = await group(posting, admin)
+    receiver = watch(posting, room)
+    first = await posting.post(admin, room.id, "once", "k1")
+    again = await posting.post(admin, room.id, "twice", "k1")
+    assert (again.created, again.message) == (False, first.message)
+    assert len(receiver.frames) == 1
+    other = await posting.post(person(), room.id, "same key, other user", "k1")
+    assert (other.created, other.message.seq) == (True, 2)
+
+
+async def test_post_needs_write_and_a_system_message_needs_room_admin(
+    posting: UseCases,
+) -> None:
+    admin, reader, writer, delegate = person(), person(GLOBEX), person(GLOBEX), person(GLOBEX)
+    room = await group(posting, admin)
+    now = posting.now()
+    await posting.store.put_rule(room.id, reader.user, "user", "r", 0, True, now)
+    await posting.store.put_rule(room.id, writer.user, "user", "rw", 0, True, now)
+    await posting.store.put_rule(room.id, delegate.user, "user", "a", 0, True, now)
+    receiver = watch(posting, room)
+    with pytest.raises(Forbidden, match="write permission required"):
+        await posting.post(reader, room.id, "hi")
+    with pytest.raises(Forbidden, match="system messages need admin rights"):
+        await posting.post(writer, room.id, "official", system=True)
+    assert receiver.frames == []
+    for who in (admin, delegate):  # owner-entity admin, and admin by rule
+        made = await posting.post(who, room.id, "attached", system=True)
+        assert made.message.system and made.message.to_json()["system"] is True
+    assert [f["data"]["system"] for f in receiver.frames] == [True, True]
+    assert (await posting.post(writer, room.id, "plain")).message.system is False
+
+
+async def test_the_post_rule_is_pure_over_the_rights_a_driver_holds() -> None:
+    """What the WebSocket session will call with a subscription's rights: no store at all."""
+    who, now = person(), FakeClock().wall()
+    stamp = datetime.fromtimestamp(now, UTC)
+    reader = Access(read=True, write=False, admin=False, reason="rules r")
+    writer = Access(read=True, write=True, admin=False, reason="rules rw")
+    admin = Access(read=True, write=True, admin=True, reason="rules a")
+    with pytest.raises(Forbidden, match="write permission required"):
+        message_to_post(who, 7, reader, "hi", None, False, stamp)
+    with pytest.raises(Forbidden, match="admin"):
+        message_to_post(who, 7, writer, "hi", None, True, stamp)
+    made = message_to_post(who, 7, admin, "hi", "k", True, stamp)
+    assert made == NewMessage(7, who.user, who.entity, "hi", "k", stamp, system=True)
+    assert not message_to_post(who, 7, writer, "hi", None, False, stamp).system
+
+
+async def test_post_to_a_foreign_or_missing_room_is_no_such_room(posting: UseCases) -> None:
+    admin = person()
+    room = await group(posting, admin)
+    for room_id in (room.id, 10**9):
+        with pytest.raises(NoSuchRoom):
+            await posting.post(person(GLOBEX), room_id, "hi")
+    await posting.store.delete_room(room.id, posting.now())
+    with pytest.raises(NoSuchRoom):
+        await posting.post(admin, room.id, "hi")
+
+
+async def test_post_while_storage_refuses_writes_is_store_unavailable(posting: UseCases) -> None:
+    admin = person()
+    room = await group(posting, admin)
+    receiver = watch(posting, room)
+    assert isinstance(posting.writer, BatchWriter)
+    await posting.writer.close()  # refuses from now on, as at shutdown
+    with pytest.raises(StoreUnavailable):
+        await posting.post(admin, room.id, "hi")
+    assert receiver.frames == []
+
+
+async def test_writer_outcomes_map_to_the_driver_neutral_errors(posting: UseCases) -> None:
+    with pytest.raises(NoSuchRoom):
+        posting.stored(RoomGone(3))
+    with pytest.raises(BadArgs, match="content refused by storage"):
+        posting.stored(ContentRefused("bad"))
+    with pytest.raises(StoreUnavailable, match="down"):
+        posting.stored(StoreUnavailable("down"))
+    with pytest.raises(StoreUnavailable, match="unexpected"):
+        posting.stored(ValueError("bug"))
+
+
+async def test_post_without_a_writer_is_a_wiring_error(cases: UseCases) -> None:
+    admin = person()
+    room = await group(cases, admin)
+    with pytest.raises(RuntimeError, match="needs a writer"):
+        await cases.post(admin, room.id, "hi")
 
 
 # -- edit and delete ----------------------------------------------------------------------------
