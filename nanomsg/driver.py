@@ -293,6 +293,11 @@ class Driver:
             result = StorageFailed()
         finally:
             self.busy = False
+        if isinstance(result, EventStored) and (self.session is None or self.closing):
+            # The editor is gone, but the event is stored and holds a seq: the room must get
+            # it (receivers would otherwise wait for a gap fill).
+            self.server.hub.publish(result.event)
+            return
         if self.session is not None and not self.closing:
             if isinstance(result, HistoryLoaded | Replayed):
                 # A long reply: written as the client reads it, live frames held behind it.
