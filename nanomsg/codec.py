@@ -17,6 +17,8 @@ from nanomsg.events import (
     BadArgs,
     BadJson,
     Command,
+    DeleteMessage,
+    EditMessage,
     GetPastMessages,
     Quit,
     SelectRoom,
@@ -98,6 +100,27 @@ def history_frame(message: Message) -> bytes:
     data = message.to_json()
     data["history"] = True
     return orjson.dumps({"type": "message", "data": data})
+
+
+_EVENT_TYPES = {"message": "message", "edit": "edited", "delete": "deleted"}
+
+
+def event_frame(event: Message) -> bytes:
+    """A live room event: ``message`` (as ``message_frame``), ``edited`` or ``deleted``, its
+    ``data`` from ``Message.event_json``. The hub encodes it once for the whole room."""
+    if event.kind == "message":
+        return message_frame(event)
+    return orjson.dumps({"type": _EVENT_TYPES[event.kind], "data": event.event_json()})
+
+
+def event_history_frame(event: Message) -> bytes:
+    """A stored room event sent again (history page, resume replay): the live frame's
+    ``data`` plus ``"history": true``."""
+    if event.kind == "message":
+        return history_frame(event)
+    data = event.event_json()
+    data["history"] = True
+    return orjson.dumps({"type": _EVENT_TYPES[event.kind], "data": data})
 
 
 def _int_field(obj: dict[str, Any], key: str, *, minimum: int, digits_ok: bool) -> int | None:
@@ -228,20 +251,63 @@ def _unsubscribe(obj: dict[str, Any], max_content: int, lenient: bool) -> Comman
     return Unsubscribe(room_id)
 
 
-def _message(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
-    room_id = _room_field(obj, "message")
-    if isinstance(room_id, BadArgs):
-        return room_id
+def _content(
+    obj: dict[str, Any], command: str, max_content: int, lenient: bool
+) -> str | BadArgs | TooLarge:
+    """The ``content`` of a message or edit: a non-empty storable string within the limit."""
     content = obj.get("content")
     if not isinstance(content, str):
-        return BadArgs("message", "content must be a string")
+        return BadArgs(command, "content must be a string")
     if not content:
-        return BadArgs("message", "content must not be empty")
+        return BadArgs(command, "content must not be empty")
     if len(content) > max_content:
         return TooLarge()
     problem = _text_problem(content, lenient)
     if problem is not None:
-        return BadArgs("message", f"content {problem}")
+        return BadArgs(command, f"content {problem}")
+    return content
+
+
+def _target_seq(obj: dict[str, Any], command: str) -> int | BadArgs:
+    """The ``seq`` of the message an edit or delete acts on."""
+    if obj.get("seq") is None:
+        return BadArgs(command, "seq is required")
+    seq = _int_field(obj, "seq", minimum=1, digits_ok=False)
+    if seq is None:
+        return BadArgs(command, "seq must be a positive integer")
+    return seq
+
+
+def _edit(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
+    room_id = _room_field(obj, "edit")
+    if isinstance(room_id, BadArgs):
+        return room_id
+    seq = _target_seq(obj, "edit")
+    if isinstance(seq, BadArgs):
+        return seq
+    content = _content(obj, "edit", max_content, lenient)
+    if not isinstance(content, str):
+        return content
+    return EditMessage(seq, content, room_id)
+
+
+def _delete(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
+    room_id = _room_field(obj, "delete")
+    if isinstance(room_id, BadArgs):
+        return room_id
+    seq = _target_seq(obj, "delete")
+    if isinstance(seq, BadArgs):
+        return seq
+    return DeleteMessage(seq, room_id)
+
+
+def _message(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
+    room_id = _room_field(obj, "message")
+    if isinstance(room_id, BadArgs):
+        return room_id
+    content = _content(obj, "message", max_content, lenient)
+    if not isinstance(content, str):
+        return content
     client_id = obj.get("client_id")
     if client_id is not None:
         if not isinstance(client_id, str) or not 1 <= len(client_id) <= CLIENT_ID_MAX:
@@ -281,5 +347,7 @@ _DECODERS = {
     "unsubscribe": _unsubscribe,
     "message": _message,
     "get_past_messages": _get_past_messages,
+    "edit": _edit,
+    "delete": _delete,
     "quit": _quit,
 }

@@ -125,7 +125,9 @@ OPTIONS: tuple[Option, ...] = (
         "message writers per process, each committing one batch at a time (rooms by id)",
     ),
     Option("write_batch", int, 500, "most messages committed in one storage transaction"),
-    Option("resume_cap", int, 1000, "most messages replayed by select_room with since"),
+    Option(
+        "resume_cap", int, 1000, "most room events replayed by select_room or subscribe with since"
+    ),
     Option(
         "max_subscriptions",
         int,

@@ -25,15 +25,20 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from nanomsg import codec
+from nanomsg import usecases as usecases_mod
 from nanomsg.events import (
     Arm,
     AuthRefused,
     BadArgs,
+    ChangeMessage,
+    ChangeRefused,
     Close,
     Command,
     Disarm,
     Effect,
     EndReplay,
+    EventStored,
     HistoryLoaded,
     Join,
     Leave,
@@ -62,6 +67,7 @@ from nanomsg.store.base import ContentRefused, HistoryQuery, RoomGone, Store, St
 from nanomsg.store.writer import Stored
 
 if TYPE_CHECKING:
+    from nanomsg.usecases import UseCases
     from nanomsg.ws_server import WsServer
 
 # Connection log lines keep the adapter's logger name: operators filter on one name per
@@ -173,7 +179,7 @@ class Driver:
                 # The room is live on this process: its rules are known and kept current.
                 assert self.session is not None
                 self.apply(self.session.result(RoomLoaded(effect.room_id, cached)))
-            elif isinstance(effect, LoadRoom | LoadHistory):
+            elif isinstance(effect, LoadRoom | LoadHistory | ChangeMessage):
                 self.busy = True
                 self.server.spawn(self._run(effect))
             elif isinstance(effect, Arm):
@@ -266,14 +272,18 @@ class Driver:
                 self.server.hub.publish(result.message)
         self._pump()
 
-    async def _run(self, effect: LoadRoom | LoadHistory | _Replay) -> None:
+    async def _run(self, effect: LoadRoom | LoadHistory | ChangeMessage | _Replay) -> None:
         store = self.server.store
         result: Result
         try:
             if isinstance(effect, LoadRoom):
                 result = RoomLoaded(effect.room_id, await store.room_access(effect.room_id))
             elif isinstance(effect, LoadHistory):
-                result = HistoryLoaded(tuple(await store.history(effect.query)))
+                # A history page is a page of the room's event stream: messages (deleted ones
+                # as tombstones) with the edits and deletions between them.
+                result = HistoryLoaded(tuple(await store.events(effect.query)))
+            elif isinstance(effect, ChangeMessage):
+                result = await _change(self.server.usecases, effect)
             else:
                 result = await effect.load(store, self.server.config.resume_cap)
         except StoreUnavailable:
@@ -283,6 +293,11 @@ class Driver:
             result = StorageFailed()
         finally:
             self.busy = False
+        if isinstance(result, EventStored) and (self.session is None or self.closing):
+            # The editor is gone, but the event is stored and holds a seq: the room must get
+            # it (receivers would otherwise wait for a gap fill).
+            self.server.hub.publish(result.event)
+            return
         if self.session is not None and not self.closing:
             if isinstance(result, HistoryLoaded | Replayed):
                 # A long reply: written as the client reads it, live frames held behind it.
@@ -324,6 +339,23 @@ class _InFlight:
         self.conn._advance()
 
 
+async def _change(usecases: UseCases, effect: ChangeMessage) -> Result:
+    """Run the edit or delete use case; its refusals become the WebSocket's status words
+    (StoreUnavailable propagates: the caller answers UNAVAILABLE)."""
+    try:
+        if effect.content is not None:
+            changed = await usecases.edit(
+                effect.principal, effect.room_id, effect.seq, effect.content
+            )
+        else:
+            changed = await usecases.delete(effect.principal, effect.room_id, effect.seq)
+    except usecases_mod.BadArgs as exc:
+        return ChangeRefused(codec.badargs(exc.reason))
+    except usecases_mod.UseCaseError:  # NoSuchRoom, Forbidden: alike, rooms are not probed
+        return ChangeRefused(codec.NOTAUTHORIZED)
+    return EventStored(changed.event)
+
+
 @dataclass(frozen=True, slots=True)
 class _Replay:
     """Read what a resuming connection missed: seq in (since, live_from), the latest ``cap``."""
@@ -343,4 +375,6 @@ class _Replay:
             before=self.live_from,
             newest=True,
         )
-        return Replayed(self.room_id, tuple(await store.history(query)), missed <= cap)
+        # Every event of the room's stream: a resume brings the edits and deletions made
+        # meanwhile as their own frames.
+        return Replayed(self.room_id, tuple(await store.events(query)), missed <= cap)

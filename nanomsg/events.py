@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from nanomsg.models import Message, RoomAccess
+from nanomsg.models import Message, Principal, RoomAccess
 from nanomsg.store.base import HistoryQuery, NewMessage
 
 # -- client commands ---------------------------------------------------------------------------
@@ -52,6 +52,23 @@ class GetPastMessages:
 
 
 @dataclass(frozen=True, slots=True)
+class EditMessage:
+    """Replace the content of the sender's own message ``seq``."""
+
+    seq: int
+    content: str
+    room_id: int | None = None  # None: the selected room
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteMessage:
+    """Soft-delete message ``seq`` (the sender's own, or any for a room admin)."""
+
+    seq: int
+    room_id: int | None = None  # None: the selected room
+
+
+@dataclass(frozen=True, slots=True)
 class Quit:
     pass
 
@@ -86,6 +103,8 @@ Command = (
     | Unsubscribe
     | SendMessage
     | GetPastMessages
+    | EditMessage
+    | DeleteMessage
     | Quit
     | Unknown
     | BadArgs
@@ -142,9 +161,25 @@ class MessageRefused:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class EventStored:
+    """An edit or delete stored: ``event`` is the room event (its own seq) to deliver."""
+
+    event: Message
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRefused:
+    """An edit or delete refused; ``reply`` is the status frame that answers it."""
+
+    reply: bytes
+
+
 Result = (
     RoomLoaded
     | MessageStored
+    | EventStored
+    | ChangeRefused
     | HistoryLoaded
     | Replayed
     | RoomMissing
@@ -194,6 +229,18 @@ class LoadRoom:
 @dataclass(frozen=True, slots=True)
 class StoreMessage:
     new: NewMessage
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeMessage:
+    """Run the edit (``content`` given) or delete use case of message ``seq`` in ``room_id``
+    for ``principal``; the shell answers with ``EventStored``, ``ChangeRefused`` or
+    ``StorageFailed``."""
+
+    principal: Principal
+    room_id: int
+    seq: int
+    content: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +305,7 @@ Effect = (
     | Disarm
     | LoadRoom
     | StoreMessage
+    | ChangeMessage
     | LoadHistory
     | Join
     | EndReplay
@@ -266,4 +314,9 @@ Effect = (
     | SetReceiving
     | AuthRefused
 )
-AWAITING = (LoadRoom, StoreMessage, LoadHistory)  # effects whose result the session waits for
+AWAITING = (
+    LoadRoom,
+    StoreMessage,
+    ChangeMessage,
+    LoadHistory,
+)  # effects whose result the session waits for

@@ -243,7 +243,7 @@ class Hub:
             channel.gap_timer = None
 
     def _write(self, channel: RoomChannel, message: Message) -> None:
-        frame = text_frame(codec.message_frame(message))
+        frame = text_frame(codec.event_frame(message))
         seq = message.seq
         channel.next_seq = seq + 1
         # Copy: a write can close a slow consumer, which leaves the room while we iterate.
@@ -277,7 +277,9 @@ class Hub:
                     newest=False,
                 )
                 try:
-                    found = await self.store.history(query)
+                    # Every event of the room's stream (messages, edits, deletions): each
+                    # holds a seq, so a fill that read messages only would leave holes.
+                    found = await self.store.events(query)
                 except StoreUnavailable:
                     log.warning("gap fill for room %d failed: storage unavailable", channel.room_id)
                     await asyncio.sleep(1.0)

@@ -23,11 +23,16 @@ from nanomsg.events import (
     AuthRefused,
     BadArgs,
     BadJson,
+    ChangeMessage,
+    ChangeRefused,
     Close,
     Command,
+    DeleteMessage,
     Disarm,
+    EditMessage,
     Effect,
     EndReplay,
+    EventStored,
     GetPastMessages,
     HistoryLoaded,
     Join,
@@ -188,10 +193,18 @@ class Session:
                 return [Publish(message), Send(codec.message_frame(message))]
             # An idempotent resend: everyone already has it; answer the sender alone.
             return [Send(codec.message_frame(message))]
+        if isinstance(result, EventStored):
+            event = result.event
+            held = self.subs.get(event.room_id)
+            if held is not None and held.joined:
+                return [Publish(event)]  # the acknowledgement comes with the room's traffic
+            return [Publish(event), Send(codec.event_frame(event))]
+        if isinstance(result, ChangeRefused):
+            return [Send(result.reply)]
         if isinstance(result, MessageRefused):
             return [Send(codec.badargs(result.reason))]
         if isinstance(result, HistoryLoaded):
-            out: list[Effect] = [Send(codec.history_frame(m)) for m in result.messages]
+            out: list[Effect] = [Send(codec.event_history_frame(m)) for m in result.messages]
             out.append(Send(codec.history_end(len(result.messages))))
             return out
         if isinstance(result, Replayed):
@@ -200,7 +213,7 @@ class Session:
             if sub is None or sub.state is not SubState.REPLAYING:
                 return [EndReplay(result.room_id)]  # the room was lost while reading the replay
             sub.fire(SubEvent.REPLAYED)
-            out = [Send(codec.history_frame(m)) for m in result.messages]
+            out = [Send(codec.event_history_frame(m)) for m in result.messages]
             out.append(Send(codec.resumed(result.room_id, len(result.messages), result.complete)))
             out.append(EndReplay(result.room_id))
             return out
@@ -342,6 +355,16 @@ class Session:
             self._load = _Load(room_id, command)
             return [LoadRoom(room_id)]
         return [LoadHistory(_history_query(room_id, command))]
+
+    def _change(self, command: Command) -> list[Effect]:
+        """edit / delete: the use case decides (same rules as the HTTP side-port); a room
+        not held needs no subscription, like a send."""
+        assert isinstance(command, EditMessage | DeleteMessage) and self.principal is not None
+        room_id = command.room_id if command.room_id is not None else self.room_id
+        if room_id is None:
+            return [Send(codec.SELECTROOM_Q)]
+        content = command.content if isinstance(command, EditMessage) else None
+        return [ChangeMessage(self.principal, room_id, command.seq, content)]
 
     def _quit(self, command: Command) -> list[Effect]:
         return self._close(CloseCode.NORMAL, "bye")
@@ -552,6 +575,8 @@ _COMMANDS: tuple[type, ...] = (
     Unsubscribe,
     SendMessage,
     GetPastMessages,
+    EditMessage,
+    DeleteMessage,
     Quit,
     Unknown,
     BadArgs,
@@ -582,6 +607,8 @@ TRANSITIONS: dict[State, dict[type, Handler]] = {
         Unsubscribe=S._unsubscribe,
         SendMessage=S._send,
         GetPastMessages=S._history,
+        EditMessage=S._change,
+        DeleteMessage=S._change,
         Quit=S._quit,
         BadArgs=S._bad_args,
         TooLarge=S._too_large,

@@ -56,6 +56,7 @@ from nanomsg.fanout import DeflateCache, Hub
 from nanomsg.session import CloseCode, Limits, Session
 from nanomsg.store.base import Store
 from nanomsg.store.writer import BatchWriter
+from nanomsg.usecases import UseCases
 
 __all__ = ["INBOX_PAUSE", "INBOX_RESUME", "PIPELINE", "Connection", "WsServer", "_Reply"]
 
@@ -602,6 +603,8 @@ class WsServer:
         self.writer = writer
         self.verifier = verifier
         self.clock = clock
+        # The use cases (edit, delete) the driver runs, the HTTP side-port's rules.
+        self.usecases = UseCases(store, clock)
         self.limits = Limits(
             auth_timeout=config.auth_timeout,
             refresh_grace=config.refresh_grace,

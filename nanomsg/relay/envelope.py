@@ -7,12 +7,13 @@ its own echoes from the first bytes without decoding the rest::
      "s": [{...}, ...]}                                  on a room's channel
     {"n": "<node>", "c": [7, 12]}                          on the control channel
 
-- ``m``: stored messages of room ``r``, in the order they were published (receivers order by
-  ``seq`` anyway). One array per message, positional, with ``created_at`` in RFC 3339 with
-  microseconds and its UTC offset, so the message is rebuilt exactly. A system message (one a
-  partner backend posted) has an eighth element, ``true``; a plain message keeps the seven, so
-  its bytes are those of the previous release. Each message is encoded once, by
-  ``encode_message``, and the envelope is joined from those bytes.
+- ``m``: stored events of room ``r`` (messages, edits, deletions), in the order they were
+  published (receivers order by ``seq`` anyway). One array per event, positional, with
+  ``created_at`` in RFC 3339 with microseconds and its UTC offset, so the event is rebuilt
+  exactly. A plain message has the 7 fields above; any other event appends ``kind``
+  (``"edit"``, ``"delete"``, or ``"message"`` for a system message), ``target_seq`` (the
+  message edited or deleted, null for a message) and ``system``. Each event is encoded once,
+  by ``encode_message``, and the envelope is joined from those bytes.
 - ``s``: signals of room ``r``: ephemeral JSON objects (no seq, never stored), handed as they
   are to the receivers' signal handler.
 - ``c``: room-change notices: ids of rooms whose rules changed (or that were deleted).
@@ -34,6 +35,8 @@ import orjson
 from nanomsg.models import Message
 from nanomsg.relay.base import RelayHandlers
 
+EVENT_KINDS = ("message", "edit", "delete")  # the stored room events an envelope carries
+
 
 @dataclass(slots=True)
 class Envelope:
@@ -52,19 +55,23 @@ def header(node: str) -> bytes:
 
 
 def encode_message(message: Message) -> bytes:
-    """One message as the positional array ``m`` holds: the only per-message encoding."""
-    return orjson.dumps(
-        (
-            message.id,
-            message.seq,
-            message.emitter,
-            message.entity,
-            message.content,
-            message.created_at,  # orjson writes RFC 3339 with microseconds, in C
-            message.client_id,
-            *((True,) if message.system else ()),
-        )
+    """One room event as the positional array ``m`` holds: the only per-event encoding.
+
+    A plain message is the 7 fields it always was; any other event (an edit, a delete, a
+    system message) adds ``kind``, ``target_seq`` and ``system``, so the receiving process
+    rebuilds the same frame."""
+    fields: tuple[Any, ...] = (
+        message.id,
+        message.seq,
+        message.emitter,
+        message.entity,
+        message.content,
+        message.created_at,  # orjson writes RFC 3339 with microseconds, in C
+        message.client_id,
     )
+    if message.kind != "message" or message.system:
+        fields += (message.kind, message.target_seq, message.system)
+    return orjson.dumps(fields)
 
 
 def room_payload(
@@ -103,13 +110,20 @@ def _str(value: Any) -> str:
 
 
 def _message(room_id: int, row: Any) -> Message:
-    if not isinstance(row, list) or len(row) not in (7, 8):
-        raise TypeError("a message is an array of 7, or 8 for a system message")
+    if not isinstance(row, list) or len(row) not in (7, 10):
+        raise TypeError("a room event is an array of 7 or 10")
     msg_id, seq, emitter, entity, content, created_at, client_id = row[:7]
     if client_id is not None:
         client_id = _str(client_id)
-    if len(row) == 8 and row[7] is not True:
-        raise TypeError(f"a message's eighth element is true, not {row[7]!r}")
+    kind, target_seq, system = ("message", None, False) if len(row) == 7 else row[7:]
+    if kind not in EVENT_KINDS:
+        raise ValueError(f"unknown room event kind {kind!r}")
+    if target_seq is not None:
+        target_seq = _int(target_seq)
+    if (kind == "message") != (target_seq is None):
+        raise ValueError("an edit or delete names its target_seq, a message none")
+    if not isinstance(system, bool):
+        raise TypeError("system is a boolean")
     return Message(
         id=_int(msg_id),
         room_id=room_id,
@@ -119,7 +133,9 @@ def _message(room_id: int, row: Any) -> Message:
         content=_str(content),
         created_at=datetime.fromisoformat(_str(created_at)),
         client_id=client_id,
-        system=len(row) == 8,
+        kind=kind,
+        target_seq=target_seq,
+        system=system,
     )
 
 

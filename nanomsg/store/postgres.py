@@ -663,11 +663,42 @@ class PostgresStore:
         content: str,
         entity: str | None,
     ) -> tuple[Message, Message]:
-        """Lock the room row (the lock ``append_batch`` takes), check the target, take the next
-        seq, insert the event and update the target: one transaction, so two deletes of one
-        message queue and the second finds it deleted."""
+        """Lock the room row (the lock ``append_batch`` takes), then check the target, take the
+        next seq, insert the event and update the target in one statement: one transaction, so
+        two deletes of one message queue and the second finds it deleted.
+
+        Four round trips (BEGIN, lock, change, COMMIT). The lock is a statement of its own so
+        that the change's snapshot, taken after the lock is granted, sees every event committed
+        before (all writers of a room's rows take its lock). The change writes nothing unless
+        the target passes the check ``common.check_target`` makes; when it does not, the
+        target is read again (still under the lock) and that check names the refusal."""
         common.check_seq(seq)
         stamp = common.utc(now)
+        if kind == "edit":
+            change = (
+                "first_content = coalesce(first_content, content), content = $7, edited_at = $5"
+            )
+        else:
+            change = "deleted_at = $5, deleted_by = $3"
+        statement = (
+            "WITH target AS ("
+            "  SELECT entity FROM messages WHERE room_id = $1 AND seq = $2 AND kind = 'message'"
+            "  AND deleted_at IS NULL AND (emitter = $3 OR $4::boolean)"
+            "), bump AS ("
+            "  UPDATE rooms SET last_seq = last_seq + 1,"
+            "  last_activity_at = greatest(last_activity_at, $5)"
+            "  WHERE id = $1 AND EXISTS (SELECT 1 FROM target) RETURNING last_seq"
+            "), event AS ("
+            "  INSERT INTO messages (room_id, seq, emitter, entity, content, created_at, kind,"
+            "  target_seq) SELECT $1, bump.last_seq, $3, coalesce($6, target.entity), $7, $5, $8,"
+            f"  $2 FROM bump, target RETURNING {_RETURNED_MSG}"
+            "), changed AS ("
+            f"  UPDATE messages SET {change} WHERE room_id = $1 AND seq = $2"
+            f"  AND EXISTS (SELECT 1 FROM bump) RETURNING {_RETURNED_MSG}"
+            ")"
+            " SELECT 0 AS part, * FROM event UNION ALL SELECT 1 AS part, * FROM changed"
+            " ORDER BY part"
+        )
         try:
             async with self._connection() as conn, conn.transaction():
                 locked = await conn.fetchval(
@@ -676,53 +707,19 @@ class PostgresStore:
                 )
                 if locked is None:
                     raise RoomGone(room_id)
-                target = await conn.fetchrow(
-                    "SELECT kind, emitter, deleted_at, entity FROM messages"
-                    " WHERE room_id = $1 AND seq = $2",
-                    room_id,
-                    seq,
+                rows = await conn.fetch(
+                    statement, room_id, seq, actor, admin, stamp, entity, content, kind
                 )
-                common.check_target(room_id, seq, target, actor, admin=admin)
-                assert target is not None
-                event_seq = await conn.fetchval(
-                    "UPDATE rooms SET last_seq = last_seq + 1,"
-                    " last_activity_at = greatest(last_activity_at, $2)"
-                    " WHERE id = $1 RETURNING last_seq",
-                    room_id,
-                    stamp,
-                )
-                inserted = await conn.fetchrow(
-                    "INSERT INTO messages (room_id, seq, emitter, entity, content, created_at,"
-                    " kind, target_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-                    f" RETURNING {_RETURNED_MSG}",
-                    room_id,
-                    event_seq,
-                    actor,
-                    str(target["entity"]) if entity is None else entity,
-                    content,
-                    stamp,
-                    kind,
-                    seq,
-                )
-                if kind == "edit":
-                    changed = await conn.fetchrow(
-                        "UPDATE messages SET first_content = coalesce(first_content, content),"
-                        " content = $3, edited_at = $4 WHERE room_id = $1 AND seq = $2"
-                        f" RETURNING {_RETURNED_MSG}",
+                if len(rows) != 2:
+                    target = await conn.fetchrow(
+                        "SELECT kind, emitter, deleted_at, entity FROM messages"
+                        " WHERE room_id = $1 AND seq = $2",
                         room_id,
                         seq,
-                        content,
-                        stamp,
                     )
-                else:
-                    changed = await conn.fetchrow(
-                        "UPDATE messages SET deleted_at = $3, deleted_by = $4"
-                        f" WHERE room_id = $1 AND seq = $2 RETURNING {_RETURNED_MSG}",
-                        room_id,
-                        seq,
-                        stamp,
-                        actor,
-                    )
+                    common.check_target(room_id, seq, target, actor, admin=admin)
+                    raise RuntimeError(f"change of room {room_id} seq {seq} wrote nothing")
+                inserted, changed = rows[0][1:], rows[1][1:]
         except asyncpg.DataError as exc:
             raise ContentRefused(type(exc).__name__) from exc
         return (

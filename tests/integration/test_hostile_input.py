@@ -138,6 +138,31 @@ async def test_a_nul_message_gets_badargs_and_concurrent_senders_of_other_rooms_
             id="client_id-lone-surrogate",
         ),
         pytest.param(
+            '{"type":"edit","seq":1e400,"content":"x"}',
+            badargs("seq must be a positive integer"),
+            id="edit-seq-1e400",
+        ),
+        pytest.param(
+            '{"type":"edit","seq":' + "9" * 5000 + ',"content":"x"}',
+            badargs("seq must be a positive integer"),
+            id="edit-seq-5000-digit-number",
+        ),
+        pytest.param(
+            '{"type":"edit","seq":1,"content":"\\ud800"}',
+            badargs("content must not contain a lone surrogate"),
+            id="edit-content-lone-surrogate",
+        ),
+        pytest.param(
+            '{"type":"delete","seq":' + str(2**63) + "}",
+            badargs("seq must be a positive integer"),
+            id="delete-seq-past-2-63",
+        ),
+        pytest.param(
+            '{"type":"delete","seq":' + str(2**63 - 1) + "}",
+            badargs("no message has seq 9223372036854775807"),
+            id="delete-seq-2-63-minus-1-unknown",
+        ),
+        pytest.param(
             '{"type":"\\ud800","room_id":1e400}',
             {"type": "query", "data": "COMMAND?"},
             id="type-lone-surrogate",

@@ -191,3 +191,31 @@ async def test_a_subscriber_to_two_rooms_on_one_process_gets_both_rooms_sent_on_
     assert await reader.silent(0.3)
     await reader.close()
     await sender.close()
+
+
+async def test_an_edit_and_a_delete_on_one_process_reach_a_subscriber_on_the_other_in_order(
+    nodes: list[Node], make_token: TokenFactory
+) -> None:
+    a, b = nodes
+    owner = user(make_token)
+    status, body = await http(a, "POST", "/rooms", owner, {"name": "mp", "level_admin": 100})
+    assert status == 200
+    room = body["content"]["room"]["id"]
+    on_b = await join(b, owner, room)
+    sender = await join(a, owner, room)
+    await asyncio.sleep(0.3)  # let node B's Redis subscription take effect
+    first = (await sender.ask({"type": "message", "content": "typo"}))["data"]["seq"]
+    edit = await sender.ask({"type": "edit", "seq": first, "content": "fixed"})
+    delete = await sender.ask({"type": "delete", "seq": first})
+    after = await sender.ask({"type": "message", "content": "next"})
+    got = [await on_b.recv(timeout=10) for _ in range(4)]
+    assert [(f["type"], f["data"]["seq"]) for f in got] == [
+        ("message", 1),
+        ("edited", 2),
+        ("deleted", 3),
+        ("message", 4),
+    ]
+    assert got[1:] == [edit, delete, after]
+    assert await on_b.silent(0.3)
+    await on_b.close()
+    await sender.close()

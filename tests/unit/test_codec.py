@@ -17,6 +17,8 @@ from nanomsg.clock import FakeClock
 from nanomsg.events import (
     BadArgs,
     BadJson,
+    DeleteMessage,
+    EditMessage,
     GetPastMessages,
     Quit,
     SelectRoom,
@@ -32,6 +34,10 @@ from nanomsg.session import Limits, Session
 COMMAND_TYPES = (
     BadArgs,
     BadJson,
+    DeleteMessage,
+    EditMessage,
+    Subscribe,
+    Unsubscribe,
     GetPastMessages,
     Quit,
     SelectRoom,
@@ -283,8 +289,18 @@ JSON_VALUES = st.recursive(
     ),
     max_leaves=12,
 )
-FIELDS = ["type", "content", "room_id", "since", "limit", "before", "client_id"]
-COMMANDS = ["token", "select_room", "message", "get_past_messages", "quit"]
+FIELDS = ["type", "content", "room_id", "since", "limit", "before", "client_id", "seq"]
+COMMANDS = [
+    "token",
+    "select_room",
+    "subscribe",
+    "unsubscribe",
+    "message",
+    "get_past_messages",
+    "edit",
+    "delete",
+    "quit",
+]
 
 
 def dump(value: object) -> str:
@@ -326,6 +342,9 @@ def check_command(command: object) -> None:
     """What a decoded command may be, and what the session makes of it: never an exception,
     and a send only with content every store keeps and orjson writes."""
     assert isinstance(command, COMMAND_TYPES)
+    if isinstance(command, EditMessage):
+        assert command.content and "\x00" not in command.content
+        command.content.encode("utf-8")
     if isinstance(command, SendMessage):
         for text in (command.content, command.client_id or "x"):
             assert "\x00" not in text
@@ -379,3 +398,66 @@ def test_the_new_room_frames_name_their_room() -> None:
     assert codec.subscribed(7) == b'{"type":"status","data":"SUBSCRIBED","room_id":7}'
     assert codec.unsubscribed(7) == b'{"type":"status","data":"UNSUBSCRIBED","room_id":7}'
     assert codec.too_many(7) == b'{"type":"status","data":"TOOMANY","room_id":7}'
+
+
+def test_edit_and_delete_take_a_seq_and_an_optional_room_id() -> None:
+    assert decode('{"type":"edit","seq":4,"content":"new"}') == EditMessage(4, "new")
+    assert decode('{"type":"edit","seq":4,"content":"new","room_id":9}') == EditMessage(4, "new", 9)
+    assert decode('{"type":"delete","seq":4}') == DeleteMessage(4)
+    assert decode('{"type":"delete","seq":4,"room_id":9}') == DeleteMessage(4, 9)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"type":"edit","content":"x"}', "seq is required"),
+        ('{"type":"edit","seq":null,"content":"x"}', "seq is required"),
+        ('{"type":"edit","seq":0,"content":"x"}', "seq must be a positive integer"),
+        ('{"type":"edit","seq":"4","content":"x"}', "seq must be a positive integer"),
+        ('{"type":"edit","seq":4.5,"content":"x"}', "seq must be a positive integer"),
+        ('{"type":"edit","seq":true,"content":"x"}', "seq must be a positive integer"),
+        ('{"type":"edit","seq":1e400,"content":"x"}', "seq must be a positive integer"),
+        ('{"type":"edit","seq":4}', "content must be a string"),
+        ('{"type":"edit","seq":4,"content":7}', "content must be a string"),
+        ('{"type":"edit","seq":4,"content":""}', "content must not be empty"),
+        ('{"type":"edit","seq":4,"content":"a\\u0000"}', "content must not contain U+0000"),
+        (
+            '{"type":"edit","seq":4,"content":"\\ud800"}',
+            "content must not contain a lone surrogate",
+        ),
+        ('{"type":"edit","seq":4,"content":"x","room_id":0}', "room_id must be a positive integer"),
+        ('{"type":"delete"}', "seq is required"),
+        ('{"type":"delete","seq":-3}', "seq must be a positive integer"),
+        ('{"type":"delete","seq":[1]}', "seq must be a positive integer"),
+        ('{"type":"delete","seq":1,"room_id":"9"}', "room_id must be a positive integer"),
+    ],
+)
+def test_bad_edit_and_delete_fields_are_badargs_naming_the_field(text: str, reason: str) -> None:
+    command = "edit" if '"edit"' in text else "delete"
+    assert decode(text) == BadArgs(command, reason)
+
+
+def test_an_edit_over_the_content_limit_is_toolarge() -> None:
+    assert decode('{"type":"edit","seq":4,"content":"' + "x" * 11 + '"}') == TooLarge()
+    assert decode('{"type":"edit","seq":4,"content":"' + "x" * 10 + '"}') == EditMessage(
+        4, "x" * 10
+    )
+
+
+def test_edited_and_deleted_frames_carry_the_event_data_and_history_adds_history_true() -> None:
+    from datetime import UTC, datetime
+
+    from nanomsg.models import Message
+
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    edit = Message(9, 7, 5, "u", "e", "new", at, kind="edit", target_seq=3)
+    delete = Message(10, 7, 6, "u", "e", "", at, kind="delete", target_seq=3)
+    plain = Message(1, 7, 3, "u", "e", "hi", at)
+    assert codec.event_frame(plain) == codec.message_frame(plain)
+    assert codec.event_history_frame(plain) == codec.history_frame(plain)
+    for event, kind in ((edit, "edited"), (delete, "deleted")):
+        assert orjson.loads(codec.event_frame(event)) == {"type": kind, "data": event.event_json()}
+        assert orjson.loads(codec.event_history_frame(event)) == {
+            "type": kind,
+            "data": {**event.event_json(), "history": True},
+        }

@@ -14,7 +14,7 @@ import pytest_asyncio
 from nanomsg.auth import Verifier, mint
 from nanomsg.clock import FakeClock, utc_datetime
 from nanomsg.events import Effect, Join, Leave, LoadRoom, RoomLoaded, SelectRoom, Token
-from nanomsg.fanout import Hub, text_frame
+from nanomsg.fanout import Hub, frame_payload, text_frame
 from nanomsg.models import Message, RoomAccess
 from nanomsg.session import Limits, Session
 from nanomsg.store.base import NewMessage, NewRoom
@@ -338,5 +338,73 @@ async def test_a_recheck_names_its_room_to_each_receiver(store: SqliteStore) -> 
         await asyncio.sleep(0.01)
     assert [(room_id, access.room.id if access else None) for room_id, access in rec.rechecked] == [
         (second, second)
+    ]
+    await hub.close()
+
+
+async def room_with_events(store: SqliteStore) -> tuple[int, list[Message]]:
+    """A room whose stream is message 1, message 2, edit of 1 (3), delete of 2 (4), message 5."""
+    room, msgs = await room_with(store, 2)
+    now = utc_datetime(1_800_000_100)
+    edit, _ = await store.edit_message(room, 1, USER, "m0!", now)
+    delete, _ = await store.delete_message(room, 2, USER, False, now)
+    last, _ = await store.append_message(NewMessage(room, USER, ENTITY, "m2", None, now))
+    return room, [*msgs, edit, delete, last]
+
+
+def kinds(rec: Recorder) -> list[tuple[str, int]]:
+    out = []
+    for frame in rec.frames:
+        obj = orjson.loads(frame_payload(frame))
+        out.append((obj["type"], obj["data"]["seq"]))
+    return out
+
+
+async def test_edits_and_deletes_are_delivered_in_seq_order_among_messages(
+    store: SqliteStore,
+) -> None:
+    room, events = await room_with_events(store)
+    hub, rec = Hub(store, gap_timeout=10), Recorder()
+    hub.join(rec, room, last_seq=0)
+    for index in (4, 2, 0, 3, 1):  # arrive in any order, as through the relay
+        hub.deliver(events[index])
+    assert kinds(rec) == [
+        ("message", 1),
+        ("message", 2),
+        ("edited", 3),
+        ("deleted", 4),
+        ("message", 5),
+    ]
+    edited = orjson.loads(frame_payload(rec.frames[2]))["data"]
+    assert (edited["content"], edited["seq_edited"]) == ("m0!", 1)
+    await hub.close()
+
+
+async def test_one_frame_is_built_per_event_and_shared_by_receivers(store: SqliteStore) -> None:
+    room, events = await room_with_events(store)
+    hub, a, b = Hub(store), Recorder(), Recorder()
+    hub.join(a, room, 2)
+    hub.join(b, room, 2)
+    hub.deliver(events[2])
+    hub.deliver(events[3])
+    assert [x is y for x, y in zip(a.frames, b.frames, strict=True)] == [True, True]
+    await hub.close()
+
+
+async def test_a_gap_fill_reads_the_edits_and_deletes_too(store: SqliteStore) -> None:
+    room, events = await room_with_events(store)
+    hub, rec = Hub(store, gap_timeout=0.05), Recorder()
+    hub.join(rec, room, 0)
+    hub.deliver(events[4])  # seqs 1-4 (two messages, an edit, a delete) never arrive live
+    for _ in range(100):  # bounded wait for the fill
+        if len(rec.seqs) == 5:
+            break
+        await asyncio.sleep(0.02)
+    assert kinds(rec) == [
+        ("message", 1),
+        ("message", 2),
+        ("edited", 3),
+        ("deleted", 4),
+        ("message", 5),
     ]
     await hub.close()

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import pytest_asyncio
 
@@ -397,3 +398,44 @@ async def test_a_rooms_replay_holds_only_that_rooms_frames_and_they_follow_the_r
     conn._send_reply()
     assert b"".join(transport.writes) == replay + frame(5) + frame(2)
     assert conn.reply is None and conn.held is None and conn.held_bytes == 0 and not conn.busy
+
+
+class _Watcher:
+    """A receiver of the hub: records the frames written to it."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def write_frame(self, frame: bytes, seq: int, room_id: int = 0) -> None:
+        self.frames.append(frame)
+
+    def reauthorize(self, room_id: int, access: Any) -> None:
+        pass
+
+
+async def test_an_edit_stored_after_its_sender_closed_still_reaches_the_room(
+    server: WsServer,
+) -> None:
+    from nanomsg.clock import utc_datetime
+    from nanomsg.events import ChangeMessage
+    from nanomsg.fanout import frame_payload
+    from nanomsg.models import Principal
+    from nanomsg.store.base import NewMessage, NewRoom
+
+    user, entity = "00000000-0000-4000-8000-00000000000a", "00000000-0000-4000-8000-00000000000b"
+    now = utc_datetime(1_800_000_000)
+    await server.store.open()
+    try:
+        room = await server.store.create_room(
+            NewRoom("r", 100, "group", entity, 100, user, 100, now)
+        )
+        await server.store.append_message(NewMessage(room.id, user, entity, "typo", None, now))
+        watcher = _Watcher()
+        server.hub.join(watcher, room.id, last_seq=1)
+        conn, _ = connect(server)
+        conn.closing = True  # the editor's connection closed while its edit was stored
+        principal = Principal(user, entity, 100, 0, {})
+        await conn._run(ChangeMessage(principal, room.id, 1, "fixed"))
+        assert [orjson.loads(frame_payload(f))["type"] for f in watcher.frames] == ["edited"]
+    finally:
+        await server.store.close()

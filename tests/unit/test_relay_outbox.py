@@ -193,11 +193,33 @@ def test_a_system_message_crosses_the_relay_marked_and_a_plain_one_as_before() -
     plain = msg(1, 1, client_id="k")
     system = dataclasses.replace(plain, system=True)
     assert orjson.loads(encode_message(plain))[7:] == []  # the previous release's 7 elements
-    assert orjson.loads(encode_message(system))[7:] == [True]
+    assert orjson.loads(encode_message(system))[7:] == ["message", None, True]
     outbox = Outbox(NODE)
     outbox.message(system)
     heard = replay(outbox.take())
     assert heard.messages == [system] and heard.messages[0].system
+
+
+def test_edits_deletes_and_system_messages_come_back_exactly_as_they_went() -> None:
+    edit = msg(1, 5, content="fixed")
+    sent = [
+        msg(1, 4),
+        Message(**{**_fields(edit), "kind": "edit", "target_seq": 4}),
+        Message(**{**_fields(msg(1, 6, content="")), "kind": "delete", "target_seq": 4}),
+        Message(**{**_fields(msg(1, 7, content="a document")), "system": True}),
+    ]
+    outbox = Outbox(NODE)
+    for message in sent:
+        outbox.message(message)
+    packets = outbox.take()
+    assert replay(packets).messages == sent
+    # A plain message keeps the seven fields every process of the previous format reads.
+    rows = orjson.loads(packets[0].payload)["m"]
+    assert [len(row) for row in rows] == [7, 10, 10, 10]
+
+
+def _fields(message: Message) -> dict[str, Any]:
+    return {name: getattr(message, name) for name in Message.__slots__}
 
 
 def test_own_echoes_are_recognised_from_the_first_bytes() -> None:
@@ -246,6 +268,11 @@ def test_payloads_of_the_previous_format_are_still_understood() -> None:
         b'{"n":"x","r":1,"s":[1]}',
         b'{"n":"x","r":1,"m":[[1,2,"e","n","c","2026-01-01T00:00:00+00:00",null,false]]}',
         b'{"n":"x","r":1,"m":[[1,2,"e","n","c","2026-01-01T00:00:00+00:00",null,true,1]]}',
+        b'{"n":"x","r":1,"m":[[1,2,"e","n","c","2026-01-01T00:00:00+00:00",null,"edit"]]}',
+        b'{"n":"x","r":1,"m":[[1,2,"e","n","c","2026-01-01T00:00:00+00:00",null,"pin",1,false]]}',
+        b'{"n":"x","r":1,"m":[[1,2,"e","n","c","2026-01-01T00:00:00+00:00",null,"edit",null,false]]}',
+        b'{"n":"x","r":1,"m":[[1,2,"e","n","c","2026-01-01T00:00:00+00:00",null,"message",1,false]]}',
+        b'{"n":"x","r":1,"m":[[1,2,"e","n","c","2026-01-01T00:00:00+00:00",null,"edit",1,0]]}',
         b"not json",
     ],
 )

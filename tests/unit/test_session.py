@@ -17,11 +17,16 @@ from nanomsg.events import (
     AuthRefused,
     BadArgs,
     BadJson,
+    ChangeMessage,
+    ChangeRefused,
     Close,
     Command,
+    DeleteMessage,
     Disarm,
+    EditMessage,
     Effect,
     EndReplay,
+    EventStored,
     GetPastMessages,
     HistoryLoaded,
     Join,
@@ -801,3 +806,75 @@ def test_closing_leaves_every_room_held(session: Session, clock: FakeClock) -> N
     effects = session.receive(Quit())
     assert Leave(7) in effects and Leave(8) in effects
     assert session.subs == {}
+
+
+# -- edit and delete ---------------------------------------------------------------------------
+
+
+def event(kind: str, seq: int = 5, room_id: int = 7, target: int = 2) -> Message:
+    return Message(40, room_id, seq, USER, ENTITY, "new", T0, kind=kind, target_seq=target)
+
+
+def test_edit_and_delete_go_to_the_use_cases_for_the_selected_room_or_the_one_named(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock)
+    principal = session.principal
+    assert principal is not None
+    assert session.receive(EditMessage(2, "new")) == [ChangeMessage(principal, 7, 2, "new")]
+    assert session.receive(DeleteMessage(2)) == [ChangeMessage(principal, 7, 2, None)]
+    # A room not held: no load and no subscription; the use case decides.
+    assert session.receive(DeleteMessage(3, 12)) == [ChangeMessage(principal, 12, 3, None)]
+    assert 12 not in session.subs
+
+
+def test_edit_and_delete_without_a_room_ask_for_one(session: Session, clock: FakeClock) -> None:
+    authed(session, clock)
+    assert sent(session.receive(EditMessage(2, "x"))) == [{"type": "query", "data": "SELECTROOM?"}]
+    assert sent(session.receive(DeleteMessage(2))) == [{"type": "query", "data": "SELECTROOM?"}]
+
+
+@pytest.mark.parametrize("command", [EditMessage(2, "x"), DeleteMessage(2)])
+def test_edit_and_delete_before_auth_or_expired_count_as_tries(
+    session: Session, clock: FakeClock, command: Command
+) -> None:
+    assert sent(session.receive(command)) == [{"type": "query", "data": "TOKEN?"}]
+    assert session.trials == 1
+
+
+def test_a_stored_event_of_a_held_room_is_published_and_comes_back_with_the_room(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock)
+    session.receive(EditMessage(2, "new"))
+    edit = event("edit")
+    assert session.result(EventStored(edit)) == [Publish(edit)]
+
+
+def test_a_stored_event_of_a_room_not_held_is_published_and_acknowledged_with_its_frame(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock)
+    session.receive(DeleteMessage(2, 12))
+    delete = event("delete", room_id=12)
+    out = session.result(EventStored(delete))
+    assert out[0] == Publish(delete)
+    assert sent(out) == [{"type": "deleted", "data": delete.event_json()}]
+
+
+def test_a_refused_edit_answers_with_its_status(session: Session, clock: FakeClock) -> None:
+    in_room(session, clock)
+    session.receive(EditMessage(2, "x"))
+    assert sent(session.result(ChangeRefused(b'{"type":"status","data":"NOTAUTHORIZED"}'))) == [
+        {"type": "status", "data": "NOTAUTHORIZED"}
+    ]
+    assert 7 in session.subs  # a refusal keeps the room
+
+
+def test_an_edit_that_storage_failed_is_unavailable_and_keeps_the_room(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock)
+    session.receive(EditMessage(2, "x"))
+    assert sent(session.result(StorageFailed())) == [{"type": "status", "data": "UNAVAILABLE"}]
+    assert session.subs[7].state is SubState.LIVE
