@@ -166,11 +166,11 @@ def _not_json(constant: str) -> None:
     raise ValueError(f"{constant} is not JSON")
 
 
-_MISSING = object()
+NOT_JSON = object()
 
 
-def _loads(data: str) -> tuple[object, bool]:
-    """Parse JSON: (the value, or ``_MISSING`` when it is not JSON; whether the lenient
+def loads_json(data: str) -> tuple[object, bool]:
+    """Parse JSON: (the value, or ``NOT_JSON`` when it is not JSON; whether the lenient
     fallback parser read it).
 
     orjson refuses some valid JSON: numbers beyond a double (``1e400``, long integers) and
@@ -185,12 +185,12 @@ def _loads(data: str) -> tuple[object, bool]:
     try:
         return json.loads(data, parse_int=_lenient_int, parse_constant=_not_json), True
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
-        return _MISSING, True
+        return NOT_JSON, True
 
 
 def decode(data: str, *, max_content: int) -> Command:
     """Turn one text frame into a command; never raises."""
-    obj, lenient = _loads(data)
+    obj, lenient = loads_json(data)
     if not isinstance(obj, dict):
         return BadJson()
     kind = obj.get("type")
@@ -299,6 +299,13 @@ def _delete(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
     if isinstance(seq, BadArgs):
         return seq
     return DeleteMessage(seq, room_id)
+
+
+def message_command(obj: dict[str, Any], max_content: int) -> Command:
+    """The ``message`` command an object stands for (``SendMessage``, or ``BadArgs`` /
+    ``TooLarge``): the one check of content and client_id, which the HTTP side-port's
+    ``POST /rooms/{id}/messages`` calls too, so both transports refuse the same text."""
+    return _message(obj, max_content, True)
 
 
 def _message(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:

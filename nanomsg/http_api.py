@@ -254,8 +254,8 @@ async def read_message_body(request: web.Request) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise bad_request("invalid JSON") from None
-    data, _ = codec._loads(text)
-    if data is codec._MISSING:
+    data, _ = codec.loads_json(text)
+    if data is codec.NOT_JSON:
         raise bad_request("invalid JSON")
     if not isinstance(data, dict):
         raise bad_request("body must be a JSON object")
@@ -265,7 +265,7 @@ async def read_message_body(request: web.Request) -> dict[str, Any]:
 def checked_message(data: dict[str, Any], max_content: int) -> tuple[str, str | None, bool]:
     """``content``, ``client_id`` and ``system`` of a message body, checked: unknown fields
     and ``null`` are refused, and content and client_id go through the WebSocket codec's own
-    checks (``codec._message``), so both transports accept and refuse the same text, with
+    checks (``codec.message_command``), so both transports accept and refuse the same text, with
     the same reasons. Content over ``max_content`` is 400 (the WebSocket's TOOLARGE): 413 is
     the side-port's answer to a body over its byte limit, and the document's contract is
     that an input it declares invalid is 400."""
@@ -273,7 +273,7 @@ def checked_message(data: dict[str, Any], max_content: int) -> tuple[str, str | 
     if data.get("client_id", "") is None:
         raise bad_request("client_id must not be null (leave it out for none)")
     # The codec reads the same two fields from a frame; ``system`` is not one of them.
-    decoded = codec._message(data, max_content, True)
+    decoded = codec.message_command(data, max_content)
     if isinstance(decoded, events.TooLarge):
         raise bad_request(f"content must be at most {max_content} characters")
     if isinstance(decoded, events.BadArgs):
