@@ -379,11 +379,11 @@ async def test_system_messages_are_stored_and_read_back_as_system(store: Store) 
 # -- migration 4: the unread count index --------------------------------------------------------
 
 
-async def test_unread_count_reads_only_the_unread_index(
+async def test_unread_count_reads_the_unread_index(
     store: Store, store_target: tuple[str, str]
 ) -> None:
-    """The conversation list counts unread messages from ``messages_unread_idx`` alone (an
-    index-only scan on PostgreSQL, a covering index on SQLite), not from the table."""
+    """The conversation list counts unread messages from ``messages_unread_idx`` (index-only
+    on PostgreSQL once the pages are all-visible, a covering index on SQLite)."""
     kind, target = store_target
     me, other, entity = new_id(), new_id(), new_id()
     room = await make_room(store, creator=me, owner=entity)
@@ -399,13 +399,16 @@ async def test_unread_count_reads_only_the_unread_index(
         )
         conn = await asyncpg.connect(target)
         try:
-            # Test tables are tiny, where a sequential scan would win: rule it out to see
-            # which index the count takes.
+            # Test tables are tiny, where a sequential or bitmap scan would win: rule them out
+            # to see which index the count takes. (Whether the scan is index-only also
+            # depends on how much of the shared test table autovacuum has marked visible.)
             await conn.execute("SET enable_seqscan = off")
+            await conn.execute("SET enable_bitmapscan = off")
             plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
         finally:
             await conn.close()
-        assert "Index Only Scan using messages_unread_idx" in plan, plan
+        counting = plan[plan.index("SubPlan") :]
+        assert "Scan using messages_unread_idx" in counting, plan
     else:
         sql = common.room_states_sql(common.conversation_page_sql(sqlite_visible_ids, "id"), "id")
         with sqlite3.connect(target) as db:
