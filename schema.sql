@@ -156,3 +156,12 @@ UPDATE rooms r SET last_activity_at = m.created_at
 FROM messages m WHERE m.room_id = r.id AND m.seq = r.last_seq;
 CREATE UNIQUE INDEX rooms_dm_key_idx ON rooms (dm_key) WHERE dm_key IS NOT NULL;
 CREATE INDEX rooms_dm_pending_idx ON rooms (dm_pending) WHERE dm_pending IS NOT NULL;
+
+-- migration: 4 unread count index
+-- The unread count of a room (the conversation list's costliest part) counts the live
+-- messages after a read mark not sent by the reader. This partial index holds exactly those
+-- rows' keys and the emitter, so the count is an index-only scan of the unread range (no heap
+-- visit once autovacuum has marked the pages all-visible). Edits and deletes stay out of it,
+-- and a soft delete drops its message out of it.
+CREATE INDEX messages_unread_idx ON messages (room_id, seq) INCLUDE (emitter)
+    WHERE kind = 'message' AND deleted_at IS NULL;

@@ -330,27 +330,41 @@ def conversation_page_sql(visible_ids: str, order: str) -> str:
     )
 
 
-def room_states_sql(page_ids: str, order: str) -> str:
+def room_states_sql(page_ids: str, order: str, *, lateral: bool = False) -> str:
     """ONE SELECT of the rooms ``page_ids`` (a SELECT of ``id, activity``, the activity NULL
-    when not known yet) names with their state
-    for ``:user``: the room, its last activity, the user's mark, the unread count, then its
-    latest message (all NULL when it has none). Per room, three probes walk the (room_id,
-    seq) index: the event at last_seq, the latest message (from the top down) and the
-    messages after the mark (the unread ones)."""
+    when not known yet) names with their state for ``:user``: the room, its last activity, the
+    user's mark, the unread count, then its latest message (all NULL when it has none).
+
+    Per room: one probe of the read mark, one of the latest message (the (room_id, seq) index
+    from the top down; with ``lateral``, which PostgreSQL has and SQLite lacks, that probe
+    returns the row itself instead of its seq for a second probe) and, unless the mark is at
+    the room's last seq already (nothing to count), an index-only count of the unread range
+    of ``messages_unread_idx`` (live messages only, the emitter in the index).
+    """
     check_order(order)
     order_by = "p.activity DESC, r.id DESC" if order == "activity" else "r.id"
+    if lateral:
+        latest = (
+            " LEFT JOIN LATERAL (SELECT {cols} FROM messages l WHERE l.room_id = r.id"
+            "  AND l.kind = 'message' ORDER BY l.seq DESC LIMIT 1) m ON TRUE"
+        ).format(cols=MSG_COLS.replace("m.", "l."))
+    else:
+        latest = (
+            " LEFT JOIN messages m ON m.room_id = r.id AND m.seq = (SELECT l.seq FROM messages l"
+            "  WHERE l.room_id = r.id AND l.kind = 'message' ORDER BY l.seq DESC LIMIT 1)"
+        )
     return (
         f"WITH page AS ({page_ids})"
         f" SELECT {ROOM_COLS}, coalesce(p.activity, {_ACTIVITY}) AS activity,"
         " coalesce(rd.seq, 0) AS read_seq,"
+        " CASE WHEN coalesce(rd.seq, 0) >= r.last_seq THEN 0 ELSE"
         " (SELECT count(*) FROM messages u WHERE u.room_id = r.id"
         "  AND u.seq > coalesce(rd.seq, 0) AND u.kind = 'message'"
-        "  AND u.deleted_at IS NULL AND u.emitter <> :user) AS unread,"
+        "  AND u.deleted_at IS NULL AND u.emitter <> :user) END AS unread,"
         f" {MSG_COLS}"
         " FROM rooms r JOIN page p ON p.id = r.id"
         " LEFT JOIN room_reads rd ON rd.room_id = r.id AND rd.user_uuid = :user"
-        " LEFT JOIN messages m ON m.room_id = r.id AND m.seq = (SELECT l.seq FROM messages l"
-        "  WHERE l.room_id = r.id AND l.kind = 'message' ORDER BY l.seq DESC LIMIT 1)"
+        f"{latest}"
         f" ORDER BY {order_by}"
     )
 

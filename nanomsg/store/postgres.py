@@ -836,7 +836,9 @@ class PostgresStore:
         """One statement: the page of visible rooms, then their states."""
         common.check_page(limit, offset)
         sql, args = common.numbered(
-            common.room_states_sql(common.conversation_page_sql(_VISIBLE_IDS, order), order),
+            common.room_states_sql(
+                common.conversation_page_sql(_VISIBLE_IDS, order), order, lateral=True
+            ),
             {"user": user, "entity": entity, "level": level, "limit": limit, "offset": offset},
         )
         return common.conversations_from_rows(await self._fetch(sql, *args), _timestamptz)
@@ -852,7 +854,7 @@ class PostgresStore:
             f" AND id IN ({_VISIBLE_IDS})"
         )
         sql, args = common.numbered(
-            common.room_states_sql(page, "id"),
+            common.room_states_sql(page, "id", lateral=True),
             {"user": user, "entity": entity, "level": level, "ids": list(room_ids)},
         )
         found = common.conversations_from_rows(await self._fetch(sql, *args), _timestamptz)

@@ -129,3 +129,10 @@ UPDATE rooms SET last_activity_at = (
 );
 CREATE UNIQUE INDEX rooms_dm_key_idx ON rooms (dm_key) WHERE dm_key IS NOT NULL;
 CREATE INDEX rooms_dm_pending_idx ON rooms (dm_pending) WHERE dm_pending IS NOT NULL;
+
+-- migration: 4 unread count index
+-- The live messages' keys and emitter (schema.sql explains why). SQLite has no INCLUDE, so the
+-- other columns the count reads are trailing key columns: the emitter, and kind and deleted_at
+-- (constant in this index, but SQLite covers a query only with every column it names).
+CREATE INDEX messages_unread_idx ON messages (room_id, seq, emitter, kind, deleted_at)
+    WHERE kind = 'message' AND deleted_at IS NULL;
