@@ -15,10 +15,12 @@ from aiohttp import web
 
 from nanomsg.auth import Verifier
 from nanomsg.clock import Clock, SystemClock
+from nanomsg.codec import receipt
 from nanomsg.config import Config, ConfigError
 from nanomsg.fanout import Hub
 from nanomsg.http_api import build_http_app
 from nanomsg.http_guard import ConnectionGuard, GuardedSite, server_log
+from nanomsg.receipts import Receipts
 from nanomsg.relay.base import Relay, RelayHandlers
 from nanomsg.relay.memory import MemoryRelay
 from nanomsg.relay.redis import RedisRelay
@@ -70,7 +72,10 @@ class App:
         )
         self.hub = Hub(self.store)
         handlers = RelayHandlers(
-            message=self.hub.deliver, room_changed=self.hub.room_changed, resync=self.hub.resync
+            message=self.hub.deliver,
+            room_changed=self.hub.room_changed,
+            resync=self.hub.resync,
+            signal=self.hub.deliver_signal,
         )
         self.relay: Relay
         if config.redis_cluster:
@@ -80,6 +85,12 @@ class App:
         else:
             self.relay = MemoryRelay(handlers)
         self.hub.attach(self.relay)
+        # Read receipts, coalesced once here for both drivers, then sent through the hub
+        # (this process's subscribers) and the relay's signal path (the other processes).
+        self.receipts = Receipts(
+            self.clock,
+            lambda room_id, user, seq: self.hub.signal(room_id, receipt(room_id, user, seq)),
+        )
         self.node_id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.ws = WsServer(
             config=config,
@@ -89,6 +100,7 @@ class App:
             verifier=self.verifier,
             clock=self.clock,
             node_id=self.node_id,
+            receipts=self.receipts,
         )
         self.http_guard = ConnectionGuard(
             header_timeout=config.http_header_timeout,
@@ -118,6 +130,7 @@ class App:
             closes=lambda: self.ws.closes,
             writer=self.writer,
             publisher=self.hub,
+            receipts=self.receipts,
         )
         self._runner = web.AppRunner(
             http_app,
@@ -169,7 +182,7 @@ class App:
             ("websocket server", lambda: self.ws.stop(ws_budget)),
             ("http side-port", self._stop_http),
             ("message writer", self.writer.close),
-            ("hub", self.hub.close),
+            ("hub", self._close_hub),
             ("relay", self.relay.close),
             ("storage", self.store.close),
         ]
@@ -179,6 +192,10 @@ class App:
                 await asyncio.wait_for(step(), left)
             except TimeoutError:
                 log.error("shutdown: %s did not stop in time", name)
+
+    async def _close_hub(self) -> None:
+        self.receipts.close()
+        await self.hub.close()
 
     async def _stop_http(self) -> None:
         if self._runner is not None:

@@ -20,6 +20,7 @@ from nanomsg.events import (
     DeleteMessage,
     EditMessage,
     GetPastMessages,
+    MarkRead,
     Quit,
     SelectRoom,
     SendMessage,
@@ -87,6 +88,22 @@ def too_many(room_id: int) -> bytes:
 def revoked(room_id: int) -> bytes:
     """Sent when a live connection loses read access to its room."""
     return _frame("status", "NOTAUTHORIZED", room_id=room_id)
+
+
+def read_mark(room_id: int, seq: int) -> bytes:
+    """Answers ``read``: the mark the user now holds in the room."""
+    return _frame("status", "READMARK", room_id=room_id, seq=seq)
+
+
+def receipt(room_id: int, user: str, seq: int) -> dict[str, Any]:
+    """A read receipt as the object the hub and the relay carry (an ephemeral event of the
+    room, sent as it is: ``{"type":"read","data":{...}}``)."""
+    return {"type": "read", "data": {"room_id": room_id, "user": user, "seq": seq}}
+
+
+def signal_frame(data: dict[str, Any]) -> bytes:
+    """An ephemeral room event (a read receipt) as sent: its object, encoded once."""
+    return orjson.dumps(data)
 
 
 def message_frame(message: Message) -> bytes:
@@ -301,6 +318,18 @@ def _delete(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
     return DeleteMessage(seq, room_id)
 
 
+def _read(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
+    room_id = _room_field(obj, "read")
+    if isinstance(room_id, BadArgs):
+        return room_id
+    if obj.get("seq") is None:
+        return BadArgs("read", "seq is required")
+    seq = _int_field(obj, "seq", minimum=0, digits_ok=False)
+    if seq is None:
+        return BadArgs("read", "seq must be an integer >= 0")
+    return MarkRead(seq, room_id)
+
+
 def message_command(obj: dict[str, Any], max_content: int) -> Command:
     """The ``message`` command an object stands for (``SendMessage``, or ``BadArgs`` /
     ``TooLarge``): the one check of content and client_id, which the HTTP side-port's
@@ -356,5 +385,6 @@ _DECODERS = {
     "get_past_messages": _get_past_messages,
     "edit": _edit,
     "delete": _delete,
+    "read": _read,
     "quit": _quit,
 }

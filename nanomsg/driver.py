@@ -47,12 +47,14 @@ from nanomsg.events import (
     MessageRefused,
     MessageStored,
     Publish,
+    ReadMarked,
     Replayed,
     Result,
     RoomLoaded,
     RoomMissing,
     Send,
     SendMessage,
+    SetReadMark,
     SetReceiving,
     StorageFailed,
     StoreMessage,
@@ -131,6 +133,8 @@ class Driver:
 
         def write_frame(self, frame: bytes, seq: int, room_id: int = 0) -> None: ...
 
+        def write_signal(self, frame: bytes, room_id: int, about: str | None) -> None: ...
+
     def _pump(self) -> None:
         """Hand queued commands to the session in order: sends may overlap (up to
         ``PIPELINE``), any other command waits for everything before it to be answered."""
@@ -179,7 +183,7 @@ class Driver:
                 # The room is live on this process: its rules are known and kept current.
                 assert self.session is not None
                 self.apply(self.session.result(RoomLoaded(effect.room_id, cached)))
-            elif isinstance(effect, LoadRoom | LoadHistory | ChangeMessage):
+            elif isinstance(effect, LoadRoom | LoadHistory | ChangeMessage | SetReadMark):
                 self.busy = True
                 self.server.spawn(self._run(effect))
             elif isinstance(effect, Arm):
@@ -272,7 +276,9 @@ class Driver:
                 self.server.hub.publish(result.message)
         self._pump()
 
-    async def _run(self, effect: LoadRoom | LoadHistory | ChangeMessage | _Replay) -> None:
+    async def _run(
+        self, effect: LoadRoom | LoadHistory | ChangeMessage | SetReadMark | _Replay
+    ) -> None:
         store = self.server.store
         result: Result
         try:
@@ -284,6 +290,8 @@ class Driver:
                 result = HistoryLoaded(tuple(await store.events(effect.query)))
             elif isinstance(effect, ChangeMessage):
                 result = await _change(self.server.usecases, effect)
+            elif isinstance(effect, SetReadMark):
+                result = await _mark_read(self.server.usecases, effect)
             else:
                 result = await effect.load(store, self.server.config.resume_cap)
         except StoreUnavailable:
@@ -354,6 +362,18 @@ async def _change(usecases: UseCases, effect: ChangeMessage) -> Result:
     except usecases_mod.UseCaseError:  # NoSuchRoom, Forbidden: alike, rooms are not probed
         return ChangeRefused(codec.NOTAUTHORIZED)
     return EventStored(changed.event)
+
+
+async def _mark_read(usecases: UseCases, effect: SetReadMark) -> Result:
+    """Run the mark-read use case (which sends the coalesced receipt); a room the user may
+    not read is ``NOTAUTHORIZED``, as for any room command (StoreUnavailable propagates)."""
+    try:
+        held = await usecases.mark_read(effect.principal, effect.room_id, effect.seq)
+    except usecases_mod.BadArgs as exc:
+        return ChangeRefused(codec.badargs(exc.reason))
+    except usecases_mod.UseCaseError:
+        return ChangeRefused(codec.NOTAUTHORIZED)
+    return ReadMarked(effect.room_id, held)
 
 
 @dataclass(frozen=True, slots=True)

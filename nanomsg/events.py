@@ -69,6 +69,14 @@ class DeleteMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class MarkRead:
+    """Move the user's read mark in the room to ``seq`` (never backwards, clamped)."""
+
+    seq: int
+    room_id: int | None = None  # None: the selected room
+
+
+@dataclass(frozen=True, slots=True)
 class Quit:
     pass
 
@@ -105,6 +113,7 @@ Command = (
     | GetPastMessages
     | EditMessage
     | DeleteMessage
+    | MarkRead
     | Quit
     | Unknown
     | BadArgs
@@ -175,8 +184,17 @@ class ChangeRefused:
     reply: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class ReadMarked:
+    """A read mark moved (or kept): the mark ``seq`` the user now holds in ``room_id``."""
+
+    room_id: int
+    seq: int
+
+
 Result = (
     RoomLoaded
+    | ReadMarked
     | MessageStored
     | EventStored
     | ChangeRefused
@@ -244,6 +262,16 @@ class ChangeMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class SetReadMark:
+    """Run the mark-read use case for ``principal`` in ``room_id``; the shell answers with
+    ``ReadMarked``, ``ChangeRefused`` or ``StorageFailed``."""
+
+    principal: Principal
+    room_id: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class LoadHistory:
     query: HistoryQuery
 
@@ -306,6 +334,7 @@ Effect = (
     | LoadRoom
     | StoreMessage
     | ChangeMessage
+    | SetReadMark
     | LoadHistory
     | Join
     | EndReplay
@@ -318,5 +347,6 @@ AWAITING = (
     LoadRoom,
     StoreMessage,
     ChangeMessage,
+    SetReadMark,
     LoadHistory,
 )  # effects whose result the session waits for

@@ -88,11 +88,17 @@ class Receiver(Protocol):
     def reauthorize(self, room_id: int, access: RoomAccess | None) -> None:
         """The room's rules changed; re-check and act (leave, tell the client)."""
 
+    def write_signal(self, frame: bytes, room_id: int, about: str | None) -> None:
+        """Write a ready ephemeral frame of room ``room_id`` (no seq), unless the connection
+        is the user's ``about`` (a receipt is not sent back to its reader's connections)."""
+
 
 class Relay(Protocol):
     """What the hub needs of the relay (see nanomsg.relay)."""
 
     def publish(self, message: Message) -> None: ...
+
+    def signal(self, room_id: int, data: dict[str, Any]) -> None: ...
 
     def watch(self, room_id: int) -> None: ...
 
@@ -225,6 +231,30 @@ class Hub:
             return
         self._write(channel, message)
         self._drain(channel)
+
+    # -- ephemeral events -----------------------------------------------------------------------
+
+    def signal(self, room_id: int, data: dict[str, Any]) -> None:
+        """An ephemeral event of a room made here (a read receipt): deliver it to this
+        process's receivers now and relay it to the other processes."""
+        self.deliver_signal(room_id, data)
+        if self.relay is not None:
+            self.relay.signal(room_id, data)
+
+    def deliver_signal(self, room_id: int, data: dict[str, Any]) -> None:
+        """Write an ephemeral event to the room's local receivers: no seq, no order with the
+        room's stored events, never held for a gap, never stored. ``data`` is the frame's
+        object (``{"type":..., "data":{...}}``), encoded once for the whole room; the user it
+        is about (``data.user``) gets it on none of their connections."""
+        channel = self.rooms.get(room_id)
+        if channel is None or not channel.members:
+            return
+        inner = data.get("data")
+        about = inner.get("user") if isinstance(inner, dict) else None
+        frame = text_frame(codec.signal_frame(data))
+        who = about if isinstance(about, str) else None
+        for receiver in list(channel.members):
+            receiver.write_signal(frame, room_id, who)
 
     def resync(self, room_id: int) -> None:
         """Something may have been missed (relay reconnected): fill from storage."""

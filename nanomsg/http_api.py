@@ -62,7 +62,15 @@ from nanomsg.store.base import (
     TooManyRules,
 )
 from nanomsg.store.common import CONVERSATION_ORDERS
-from nanomsg.usecases import BadArgs, Forbidden, MessageWriter, NoSuchRoom, Publisher, UseCases
+from nanomsg.usecases import (
+    BadArgs,
+    Forbidden,
+    MessageWriter,
+    NoSuchRoom,
+    Publisher,
+    ReadReceipts,
+    UseCases,
+)
 
 log = logging.getLogger(__name__)
 
@@ -529,6 +537,7 @@ class HttpApi:
         closes: CloseCounts = dict,
         writer: MessageWriter | None = None,
         publisher: Publisher | None = None,
+        receipts: ReadReceipts | None = None,
     ) -> None:
         self.store = store
         self.verifier = verifier
@@ -537,7 +546,9 @@ class HttpApi:
         self.notify_room_changed = notify_room_changed
         self.readiness = readiness
         self.closes = closes
-        self.usecases = UseCases(store, clock, writer=writer, publisher=publisher)
+        self.usecases = UseCases(
+            store, clock, writer=writer, publisher=publisher, receipts=receipts
+        )
         self.spec = orjson.dumps(
             build_openapi(
                 room_create_level=config.room_create_level, max_content=config.max_content
@@ -948,9 +959,11 @@ def build_http_app(
     closes: CloseCounts = dict,
     writer: MessageWriter | None = None,
     publisher: Publisher | None = None,
+    receipts: ReadReceipts | None = None,
 ) -> web.Application:
     """The side-port application; the caller owns the store and runs the app. ``writer`` (the
-    batching writer) and ``publisher`` (the hub) serve ``POST /rooms/{id}/messages``."""
+    batching writer) and ``publisher`` (the hub) serve ``POST /rooms/{id}/messages``;
+    ``receipts`` (the process's coalescer) sends the read receipts of ``POST .../read``."""
     api = HttpApi(
         store=store,
         verifier=verifier,
@@ -961,6 +974,7 @@ def build_http_app(
         closes=closes,
         writer=writer,
         publisher=publisher,
+        receipts=receipts,
     )
     app = web.Application(
         middlewares=[connection_middleware, envelope_middleware], client_max_size=MAX_BODY_BYTES

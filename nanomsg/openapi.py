@@ -729,6 +729,11 @@ def _paths(room_create_level: int) -> dict[str, Any]:
             "parameters": [_ROOM_ID],
             "post": {
                 "summary": "Move the caller's read mark in a room it may read",
+                "description": (
+                    "The same operation as the WebSocket read command: a mark moved forward "
+                    "sends the room's other WebSocket subscribers a read receipt, at most one "
+                    "per user per room per second."
+                ),
                 "requestBody": _body(_ref("ReadMarkMove"), {"seq": 1}),
                 "responses": {
                     **_ok(

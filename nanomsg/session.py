@@ -39,10 +39,12 @@ from nanomsg.events import (
     Leave,
     LoadHistory,
     LoadRoom,
+    MarkRead,
     MessageRefused,
     MessageStored,
     Publish,
     Quit,
+    ReadMarked,
     Replayed,
     Result,
     RoomLoaded,
@@ -50,6 +52,7 @@ from nanomsg.events import (
     SelectRoom,
     Send,
     SendMessage,
+    SetReadMark,
     SetReceiving,
     StorageFailed,
     StoreMessage,
@@ -201,6 +204,8 @@ class Session:
             return [Publish(event), Send(codec.event_frame(event))]
         if isinstance(result, ChangeRefused):
             return [Send(result.reply)]
+        if isinstance(result, ReadMarked):
+            return [Send(codec.read_mark(result.room_id, result.seq))]
         if isinstance(result, MessageRefused):
             return [Send(codec.badargs(result.reason))]
         if isinstance(result, HistoryLoaded):
@@ -365,6 +370,15 @@ class Session:
             return [Send(codec.SELECTROOM_Q)]
         content = command.content if isinstance(command, EditMessage) else None
         return [ChangeMessage(self.principal, room_id, command.seq, content)]
+
+    def _read(self, command: Command) -> list[Effect]:
+        """read: the mark-read use case decides (same rules as ``POST /rooms/{id}/read``); a
+        room not held needs no subscription, only read access."""
+        assert isinstance(command, MarkRead) and self.principal is not None
+        room_id = command.room_id if command.room_id is not None else self.room_id
+        if room_id is None:
+            return [Send(codec.SELECTROOM_Q)]
+        return [SetReadMark(self.principal, room_id, command.seq)]
 
     def _quit(self, command: Command) -> list[Effect]:
         return self._close(CloseCode.NORMAL, "bye")
@@ -577,6 +591,7 @@ _COMMANDS: tuple[type, ...] = (
     GetPastMessages,
     EditMessage,
     DeleteMessage,
+    MarkRead,
     Quit,
     Unknown,
     BadArgs,
@@ -609,6 +624,7 @@ TRANSITIONS: dict[State, dict[type, Handler]] = {
         GetPastMessages=S._history,
         EditMessage=S._change,
         DeleteMessage=S._change,
+        MarkRead=S._read,
         Quit=S._quit,
         BadArgs=S._bad_args,
         TooLarge=S._too_large,

@@ -127,11 +127,19 @@ class Publisher(Protocol):
     def publish(self, message: Message) -> None: ...
 
 
+class ReadReceipts(Protocol):
+    """What ``mark_read`` needs of the receipt coalescer (``receipts.Receipts``): the mark a
+    user holds now, to tell the room's other subscribers on every process."""
+
+    def read(self, room_id: int, user: str, seq: int) -> None: ...
+
+
 class UseCases:
     """The use cases over one store; drivers hold one instance each.
 
     ``writer`` and ``publisher`` are needed by ``post`` only (a driver that never posts, or a
-    test of the other use cases, may leave them out).
+    test of the other use cases, may leave them out); without ``receipts``, ``mark_read``
+    sends no read receipts.
     """
 
     def __init__(
@@ -141,11 +149,13 @@ class UseCases:
         *,
         writer: MessageWriter | None = None,
         publisher: Publisher | None = None,
+        receipts: ReadReceipts | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.writer = writer
         self.publisher = publisher
+        self.receipts = receipts
 
     def now(self) -> datetime:
         return utc_datetime(self.clock.wall())
@@ -292,13 +302,20 @@ class UseCases:
     # -- read marks --------------------------------------------------------------------------
     async def mark_read(self, principal: Principal, room_id: int, seq: int) -> int:
         """Move the caller's mark in a room they may read to ``seq`` (never backwards, clamped
-        to the room's latest seq); the mark now held."""
+        to the room's latest seq); the mark now held.
+
+        The room's other subscribers get a read receipt (through ``receipts``, which coalesces
+        them) unless the mark did not move forward: a ``seq`` below the mark held, or a room
+        with nothing to read yet, tells nobody anything."""
         _check_seq(seq)
         await self.readable(principal, room_id)
         try:
-            return await self.store.set_read_mark(room_id, principal.user, seq, self.now())
+            held = await self.store.set_read_mark(room_id, principal.user, seq, self.now())
         except RoomGone:
             raise NoSuchRoom() from None
+        if self.receipts is not None and 0 < held <= seq:
+            self.receipts.read(room_id, principal.user, held)
+        return held
 
     async def reads(self, principal: Principal, room_id: int) -> list[ReadMark]:
         """The read marks of a room the caller may read: every user who holds a mark, and

@@ -56,7 +56,7 @@ from nanomsg.fanout import DeflateCache, Hub
 from nanomsg.session import CloseCode, Limits, Session
 from nanomsg.store.base import Store
 from nanomsg.store.writer import BatchWriter
-from nanomsg.usecases import UseCases
+from nanomsg.usecases import ReadReceipts, UseCases
 
 __all__ = ["INBOX_PAUSE", "INBOX_RESUME", "PIPELINE", "Connection", "WsServer", "_Reply"]
 
@@ -421,6 +421,43 @@ class Connection(Driver, asyncio.Protocol):
         if self.outbox_bytes > self.server.config.max_backlog:
             self._slow_consumer()
 
+    def write_signal(self, frame: bytes, room_id: int, about: str | None) -> None:
+        """An ephemeral frame of room ``room_id`` from the hub (a read receipt): no seq, so
+        no resume floor. Dropped while the room's resume replay is read (the replay brings
+        stored events only, and the receipt is ephemeral: the next one, or the room's read
+        marks, tell the same), and for the user it is about. Held behind a long reply like
+        any live frame, and counted against the backlog the same way."""
+        if self.closing or not self.receiving:
+            return
+        session = self.session
+        if session is None:
+            return
+        sub = session.subs.get(room_id)
+        if sub is None or sub.held is not None:
+            return
+        principal = session.principal
+        if about is not None and principal is not None and principal.user == about:
+            return
+        if self.deflate_bits is not None:
+            frame = self.server.deflate.deflated(frame, self.deflate_bits)
+        held = self.held
+        if held is not None:
+            held.append((room_id, frame))  # behind a long reply being written
+            self.held_bytes += len(frame)
+            streamed = self.reply.streamed if self.reply is not None else 0
+            if self.held_bytes > self.server.config.max_backlog + streamed:
+                self._slow_consumer("backlog over limit while a reply is written")
+            else:
+                self.account()
+            return
+        outbox = self.outbox
+        if not outbox:
+            self.server.mark_dirty(self)
+        outbox.append(frame)
+        self.outbox_bytes += len(frame)
+        if self.outbox_bytes > self.server.config.max_backlog:
+            self._slow_consumer()
+
     def _write(self, data: bytes) -> None:
         """Queue a frame in the outbox (or behind a long reply being written); the server
         writes all outboxes once per loop pass."""
@@ -595,6 +632,7 @@ class WsServer:
         verifier: Verifier,
         clock: Clock,
         node_id: str = "",
+        receipts: ReadReceipts | None = None,
     ) -> None:
         self.config = config
         self.node_id = node_id
@@ -603,8 +641,9 @@ class WsServer:
         self.writer = writer
         self.verifier = verifier
         self.clock = clock
-        # The use cases (edit, delete) the driver runs, the HTTP side-port's rules.
-        self.usecases = UseCases(store, clock)
+        # The use cases (edit, delete, read) the driver runs, the HTTP side-port's rules;
+        # ``receipts`` is the process's one coalescer, shared with the side-port.
+        self.usecases = UseCases(store, clock, receipts=receipts)
         self.limits = Limits(
             auth_timeout=config.auth_timeout,
             refresh_grace=config.refresh_grace,

@@ -219,3 +219,39 @@ async def test_an_edit_and_a_delete_on_one_process_reach_a_subscriber_on_the_oth
     assert await on_b.silent(0.3)
     await on_b.close()
     await sender.close()
+
+
+async def test_a_read_on_one_process_sends_its_receipt_to_a_subscriber_on_the_other(
+    nodes: list[Node], make_token: TokenFactory
+) -> None:
+    a, b = nodes
+    owner, member = user(make_token), user(make_token)
+    status, body = await http(a, "POST", "/rooms", owner, {"name": "mp", "level_admin": 100})
+    assert status == 200
+    room = body["content"]["room"]["id"]
+    status, _ = await http(
+        a, "PUT", f"/rooms/{room}/members", owner, {"entity_UUID": member.user, "permissions": "rw"}
+    )
+    assert status == 201
+    on_b = await join(b, owner, room)
+    reader = await join(a, member, room)
+    await asyncio.sleep(0.3)  # let node B's Redis subscription take effect
+    for text in ("one", "two"):
+        await reader.ask({"type": "message", "content": text})
+    assert [(await on_b.recv(timeout=10))["data"]["seq"] for _ in range(2)] == [1, 2]
+    assert await reader.ask({"type": "read", "seq": 1}) == {
+        "type": "status",
+        "data": "READMARK",
+        "room_id": room,
+        "seq": 1,
+    }
+    receipt = {"type": "read", "data": {"room_id": room, "user": member.user, "seq": 1}}
+    assert await on_b.recv(timeout=10) == receipt
+    # Over HTTP on node A, within the same second: coalesced, sent when the second ends.
+    status, body = await http(a, "POST", f"/rooms/{room}/read", member, {"seq": 2})
+    assert (status, body["content"]) == (200, {"room_id": room, "seq": 2})
+    receipt["data"]["seq"] = 2  # type: ignore[index]
+    assert await on_b.recv(timeout=10) == receipt
+    assert await on_b.silent(1.3)
+    await on_b.close()
+    await reader.close()

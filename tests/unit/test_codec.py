@@ -20,6 +20,7 @@ from nanomsg.events import (
     DeleteMessage,
     EditMessage,
     GetPastMessages,
+    MarkRead,
     Quit,
     SelectRoom,
     SendMessage,
@@ -39,6 +40,7 @@ COMMAND_TYPES = (
     Subscribe,
     Unsubscribe,
     GetPastMessages,
+    MarkRead,
     Quit,
     SelectRoom,
     SendMessage,
@@ -299,6 +301,7 @@ COMMANDS = [
     "get_past_messages",
     "edit",
     "delete",
+    "read",
     "quit",
 ]
 
@@ -342,6 +345,8 @@ def check_command(command: object) -> None:
     """What a decoded command may be, and what the session makes of it: never an exception,
     and a send only with content every store keeps and orjson writes."""
     assert isinstance(command, COMMAND_TYPES)
+    if isinstance(command, MarkRead):
+        assert type(command.seq) is int and 0 <= command.seq <= codec.MAX_ID
     if isinstance(command, EditMessage):
         assert command.content and "\x00" not in command.content
         command.content.encode("utf-8")
@@ -461,3 +466,36 @@ def test_edited_and_deleted_frames_carry_the_event_data_and_history_adds_history
             "type": kind,
             "data": {**event.event_json(), "history": True},
         }
+
+
+def test_read_takes_a_non_negative_seq_and_an_optional_room_id() -> None:
+    assert decode('{"type":"read","seq":0}') == MarkRead(0)
+    assert decode('{"type":"read","seq":12}') == MarkRead(12)
+    assert decode('{"type":"read","seq":12,"room_id":9}') == MarkRead(12, 9)
+    assert decode(f'{{"type":"read","seq":{codec.MAX_ID}}}') == MarkRead(codec.MAX_ID)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"type":"read"}', "seq is required"),
+        ('{"type":"read","seq":null}', "seq is required"),
+        ('{"type":"read","seq":-1}', "seq must be an integer >= 0"),
+        ('{"type":"read","seq":"4"}', "seq must be an integer >= 0"),
+        ('{"type":"read","seq":4.5}', "seq must be an integer >= 0"),
+        ('{"type":"read","seq":true}', "seq must be an integer >= 0"),
+        ('{"type":"read","seq":1e400}', "seq must be an integer >= 0"),
+        ('{"type":"read","seq":' + "9" * 30 + "}", "seq must be an integer >= 0"),
+        ('{"type":"read","seq":[1]}', "seq must be an integer >= 0"),
+        ('{"type":"read","seq":1,"room_id":0}', "room_id must be a positive integer"),
+    ],
+)
+def test_bad_read_fields_are_badargs_naming_the_field(text: str, reason: str) -> None:
+    assert decode(text) == BadArgs("read", reason)
+
+
+def test_readmark_and_receipt_frames_are_exact() -> None:
+    assert codec.read_mark(7, 12) == b'{"type":"status","data":"READMARK","room_id":7,"seq":12}'
+    assert codec.signal_frame(codec.receipt(7, "u-1", 12)) == (
+        b'{"type":"read","data":{"room_id":7,"user":"u-1","seq":12}}'
+    )

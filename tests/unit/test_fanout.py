@@ -11,6 +11,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
+from nanomsg import codec
 from nanomsg.auth import Verifier, mint
 from nanomsg.clock import FakeClock, utc_datetime
 from nanomsg.events import Effect, Join, Leave, LoadRoom, RoomLoaded, SelectRoom, Token
@@ -407,4 +408,66 @@ async def test_a_gap_fill_reads_the_edits_and_deletes_too(store: SqliteStore) ->
         ("deleted", 4),
         ("message", 5),
     ]
+    await hub.close()
+
+
+# -- ephemeral events ----------------------------------------------------------------------------
+
+
+class SignalRecorder(Recorder):
+    def __init__(self, user: str) -> None:
+        super().__init__()
+        self.user = user
+        self.signals: list[tuple[bytes, int]] = []
+
+    def write_signal(self, frame: bytes, room_id: int, about: str | None) -> None:
+        if about != self.user:  # as a connection does: nothing about its own user
+            self.signals.append((frame, room_id))
+
+
+class SignalRelay(RecordingRelay):
+    def __init__(self) -> None:
+        super().__init__()
+        self.signalled: list[tuple[int, dict[str, object]]] = []
+
+    def signal(self, room_id: int, data: dict[str, object]) -> None:
+        self.signalled.append((room_id, data))
+
+
+async def test_a_signal_is_encoded_once_written_to_the_rooms_receivers_and_relayed(
+    store: SqliteStore,
+) -> None:
+    room, msgs = await room_with(store, 2)
+    hub = Hub(store)
+    relay = SignalRelay()
+    hub.attach(relay)
+    reader, a, b, elsewhere = (SignalRecorder(u) for u in ("u1", "u2", "u3", "u4"))
+    for receiver in (reader, a, b):
+        hub.join(receiver, room, 2)
+    hub.join(elsewhere, room + 1, 0)
+    data = codec.receipt(room, "u1", 2)
+    hub.signal(room, data)
+    assert reader.signals == []  # the user it is about gets nothing
+    assert a.signals[0][0] is b.signals[0][0]  # the same bytes: encoded once for the room
+    assert orjson.loads(frame_payload(a.signals[0][0])) == data
+    assert a.signals[0][1] == room and elsewhere.signals == []
+    assert relay.signalled == [(room, data)]
+    assert a.seqs == []  # no seq: the room's stream position is untouched
+    hub.deliver(msgs[0])
+    assert a.seqs == []  # still expects seq 3: joined after 2
+    await hub.close()
+
+
+async def test_a_signal_from_another_process_is_delivered_here_and_not_relayed_again(
+    store: SqliteStore,
+) -> None:
+    room, _ = await room_with(store, 1)
+    hub = Hub(store)
+    relay = SignalRelay()
+    hub.attach(relay)
+    a = SignalRecorder("u2")
+    hub.join(a, room, 1)
+    hub.deliver_signal(room, codec.receipt(room, "u1", 1))
+    hub.deliver_signal(room + 5, codec.receipt(room + 5, "u1", 1))  # no receivers: nothing
+    assert len(a.signals) == 1 and relay.signalled == []
     await hub.close()

@@ -33,16 +33,19 @@ from nanomsg.events import (
     Leave,
     LoadHistory,
     LoadRoom,
+    MarkRead,
     MessageRefused,
     MessageStored,
     Publish,
     Quit,
+    ReadMarked,
     Replayed,
     RoomLoaded,
     RoomMissing,
     SelectRoom,
     Send,
     SendMessage,
+    SetReadMark,
     SetReceiving,
     StorageFailed,
     StoreMessage,
@@ -878,3 +881,41 @@ def test_an_edit_that_storage_failed_is_unavailable_and_keeps_the_room(
     session.receive(EditMessage(2, "x"))
     assert sent(session.result(StorageFailed())) == [{"type": "status", "data": "UNAVAILABLE"}]
     assert session.subs[7].state is SubState.LIVE
+
+
+# -- read marks ----------------------------------------------------------------------------------
+
+
+def test_read_goes_to_the_use_case_for_the_selected_room_or_the_one_named(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock)
+    principal = session.principal
+    assert principal is not None
+    assert session.receive(MarkRead(4)) == [SetReadMark(principal, 7, 4)]
+    # A room not held: no load, no subscription; the use case decides.
+    assert session.receive(MarkRead(0, 12)) == [SetReadMark(principal, 12, 0)]
+    assert 12 not in session.subs
+
+
+def test_read_without_a_room_asks_for_one_and_before_auth_counts_as_a_try(
+    session: Session, clock: FakeClock
+) -> None:
+    assert sent(session.receive(MarkRead(2))) == [{"type": "query", "data": "TOKEN?"}]
+    assert session.trials == 1
+    authed(session, clock)
+    assert sent(session.receive(MarkRead(2))) == [{"type": "query", "data": "SELECTROOM?"}]
+
+
+def test_a_mark_held_answers_readmark_and_a_refusal_its_status(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock)
+    assert sent(session.result(ReadMarked(7, 3))) == [
+        {"type": "status", "data": "READMARK", "room_id": 7, "seq": 3}
+    ]
+    assert sent(session.result(ChangeRefused(codec.NOTAUTHORIZED))) == [
+        {"type": "status", "data": "NOTAUTHORIZED"}
+    ]
+    assert sent(session.result(StorageFailed())) == [{"type": "status", "data": "UNAVAILABLE"}]
+    assert 7 in session.subs  # a failed read leaves the room held

@@ -353,3 +353,31 @@ async def test_conversations_count_unread_messages_of_others_and_order_by_activi
     assert [(c.room.id, c.state.unread) for c in listed] == [(fresh.id, 1), (old.id, 1)]
     with pytest.raises(BadArgs, match="order"):
         await cases.conversations(me, "name", 10, 0)
+
+
+class ReceiptLog:
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, str, int]] = []
+
+    def read(self, room_id: int, user: str, seq: int) -> None:
+        self.reads.append((room_id, user, seq))
+
+
+async def test_a_mark_moved_forward_sends_a_receipt_and_one_not_moved_sends_none(
+    cases: UseCases,
+) -> None:
+    log = ReceiptLog()
+    cases.receipts = log
+    admin, member = person(), person()
+    room = await group(cases, admin)
+    await cases.store.put_rule(room.id, member.user, "user", "rw", 0, True, cases.now())
+    assert await cases.mark_read(member, room.id, 5) == 0  # nothing to read yet: no receipt
+    for _ in range(3):
+        await post(cases, room, admin)
+    assert await cases.mark_read(member, room.id, 2) == 2
+    assert await cases.mark_read(member, room.id, 99) == 3  # clamped: the mark held is sent
+    assert await cases.mark_read(member, room.id, 1) == 3  # behind the mark: nobody is told
+    assert log.reads == [(room.id, member.user, 2), (room.id, member.user, 3)]
+    with pytest.raises(NoSuchRoom):
+        await cases.mark_read(person(GLOBEX), room.id, 1)
+    assert len(log.reads) == 2

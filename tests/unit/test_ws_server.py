@@ -15,8 +15,10 @@ from nanomsg.auth import Verifier
 from nanomsg.clock import SystemClock
 from nanomsg.config import Config
 from nanomsg.fanout import Hub
+from nanomsg.models import Principal
 from nanomsg.store.sqlite import SqliteStore
 from nanomsg.store.writer import BatchWriter
+from nanomsg.subscription import SubEvent, Subscription
 from nanomsg.ws_server import WsServer
 from tests.unit.test_outbox import close_code, connect, frame, one_pass
 
@@ -111,3 +113,40 @@ async def test_past_the_outbound_budget_the_largest_backlogs_are_closed_first(
     assert server.closes[4000] == 1
     (line,) = [r.getMessage() for r in caplog.records if "4000" in r.getMessage()]
     assert big.conn_id in line and "budget" in line
+
+
+async def test_a_receipt_is_dropped_while_its_room_replays_and_for_its_own_user(
+    server: WsServer,
+) -> None:
+    conn, transport = connect(server)
+    session = conn.session
+    assert session is not None
+    session.principal = Principal(user="me", entity="e", level=0, exp=0, claims={})
+    live, replaying = Subscription(7, explicit=True), Subscription(8, explicit=True)
+    live.fire(SubEvent.GRANTED)
+    replaying.fire(SubEvent.GRANTED_RESUME)
+    replaying.held = []
+    session.subs = {7: live, 8: replaying}
+    receipt = frame(1)
+    conn.write_signal(receipt, 8, "someone")  # replaying: dropped, not held
+    assert replaying.held == [] and conn.held_bytes == 0
+    conn.write_signal(receipt, 7, "me")  # about this connection's own user
+    conn.write_signal(receipt, 9, "someone")  # a room not held
+    assert conn.outbox == []
+    conn.write_signal(receipt, 7, "someone")
+    assert conn.outbox == [receipt]  # no seq: the room's resume floor does not apply
+    await one_pass()
+    assert transport.writes == [receipt]
+
+
+async def test_receipts_count_against_the_backlog_like_any_frame(server: WsServer) -> None:
+    conn, transport = connect(server)  # max_backlog=4096; the peer never reads
+    session = conn.session
+    assert session is not None
+    session.principal = Principal(user="me", entity="e", level=0, exp=0, claims={})
+    sub = Subscription(7, explicit=True)
+    sub.fire(SubEvent.GRANTED)
+    session.subs = {7: sub}
+    for _ in range(5):
+        conn.write_signal(frame(1, 1000), 7, "someone")
+    assert conn.closing and close_code(transport.writes[-1]) == 4000
