@@ -55,7 +55,20 @@ class Client:
         self.reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
-        """Resolve the future of each acknowledgement as its frame arrives."""
+        """Resolve the future of each acknowledgement as its frame arrives; should the
+        connection fail or answer a status word, fail every command still waiting at once
+        (rather than each after its timeout)."""
+        try:
+            await self._scan()
+        except Exception as exc:
+            for future in self.waiting.values():
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+
+    async def _scan(self) -> None:
+        """Match each frame to the command it acknowledges: an echo by ``client_id``, an
+        ``edited`` by ``seq_edited``, a ``deleted`` by ``seq_deleted``."""
         async for raw in self.ws:
             frame = json.loads(raw)
             data = frame.get("data")
