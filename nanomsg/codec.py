@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from nanomsg.auth import canonical_uuid
 from nanomsg.events import (
     BadArgs,
     BadJson,
@@ -21,6 +22,7 @@ from nanomsg.events import (
     EditMessage,
     GetPastMessages,
     MarkRead,
+    OpenDm,
     Quit,
     SelectRoom,
     SendMessage,
@@ -88,6 +90,11 @@ def too_many(room_id: int) -> bytes:
 def revoked(room_id: int) -> bytes:
     """Sent when a live connection loses read access to its room."""
     return _frame("status", "NOTAUTHORIZED", room_id=room_id)
+
+
+def dm_opened(room_id: int) -> bytes:
+    """Answers ``open_dm``: the DM's room id."""
+    return _frame("status", "DM", room_id=room_id)
 
 
 def read_mark(room_id: int, seq: int) -> bytes:
@@ -330,6 +337,15 @@ def _read(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
     return MarkRead(seq, room_id)
 
 
+def _open_dm(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
+    if obj.get("user") is None:
+        return BadArgs("open_dm", "user is required")
+    user = canonical_uuid(obj["user"])
+    if user is None:
+        return BadArgs("open_dm", "user must be a UUID")
+    return OpenDm(user)
+
+
 def message_command(obj: dict[str, Any], max_content: int) -> Command:
     """The ``message`` command an object stands for (``SendMessage``, or ``BadArgs`` /
     ``TooLarge``): the one check of content and client_id, which the HTTP side-port's
@@ -386,5 +402,6 @@ _DECODERS = {
     "edit": _edit,
     "delete": _delete,
     "read": _read,
+    "open_dm": _open_dm,
     "quit": _quit,
 }

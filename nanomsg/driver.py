@@ -36,6 +36,7 @@ from nanomsg.events import (
     Close,
     Command,
     Disarm,
+    DmReady,
     Effect,
     EndReplay,
     EventStored,
@@ -52,10 +53,12 @@ from nanomsg.events import (
     Result,
     RoomLoaded,
     RoomMissing,
+    RunOpenDm,
     Send,
     SendMessage,
     SetReadMark,
     SetReceiving,
+    Settle,
     StorageFailed,
     StoreMessage,
     Timer,
@@ -183,9 +186,16 @@ class Driver:
                 # The room is live on this process: its rules are known and kept current.
                 assert self.session is not None
                 self.apply(self.session.result(RoomLoaded(effect.room_id, cached)))
-            elif isinstance(effect, LoadRoom | LoadHistory | ChangeMessage | SetReadMark):
+            elif isinstance(
+                effect, LoadRoom | LoadHistory | ChangeMessage | SetReadMark | RunOpenDm
+            ):
                 self.busy = True
                 self.server.spawn(self._run(effect))
+            elif isinstance(effect, Settle):
+                # Commands wait for it (a select_room of a DM just settled must find it
+                # readable); it runs once per connection, at authentication.
+                self.busy = True
+                self.server.spawn(self._settle(effect))
             elif isinstance(effect, Arm):
                 self._arm(effect.timer, effect.at - self.server.clock.wall())
             elif isinstance(effect, Disarm):
@@ -276,8 +286,22 @@ class Driver:
                 self.server.hub.publish(result.message)
         self._pump()
 
+    async def _settle(self, effect: Settle) -> None:
+        """The settle use case at authentication. Storage down is no reason to refuse the
+        connection: the DMs stay pending until the user's next request settles them."""
+        try:
+            await self.server.usecases.settle(effect.principal)
+        except StoreUnavailable:
+            log.info("connection %s: pending DMs not settled: storage down", self.conn_id)
+        except Exception:
+            log.exception("settling pending DMs failed unexpectedly")
+        finally:
+            self.busy = False
+        if self.session is not None and not self.closing:
+            self._pump()
+
     async def _run(
-        self, effect: LoadRoom | LoadHistory | ChangeMessage | SetReadMark | _Replay
+        self, effect: LoadRoom | LoadHistory | ChangeMessage | SetReadMark | RunOpenDm | _Replay
     ) -> None:
         store = self.server.store
         result: Result
@@ -292,6 +316,8 @@ class Driver:
                 result = await _change(self.server.usecases, effect)
             elif isinstance(effect, SetReadMark):
                 result = await _mark_read(self.server.usecases, effect)
+            elif isinstance(effect, RunOpenDm):
+                result = await _open_dm(self.server.usecases, effect)
             else:
                 result = await effect.load(store, self.server.config.resume_cap)
         except StoreUnavailable:
@@ -374,6 +400,17 @@ async def _mark_read(usecases: UseCases, effect: SetReadMark) -> Result:
     except usecases_mod.UseCaseError:
         return ChangeRefused(codec.NOTAUTHORIZED)
     return ReadMarked(effect.room_id, held)
+
+
+async def _open_dm(usecases: UseCases, effect: RunOpenDm) -> Result:
+    """Run the open-DM use case; a DM with oneself is ``BADARGS`` with the reason."""
+    try:
+        opened = await usecases.open_dm(effect.principal, effect.user)
+    except usecases_mod.BadArgs as exc:
+        return ChangeRefused(codec.badargs(exc.reason))
+    except usecases_mod.UseCaseError:
+        return ChangeRefused(codec.NOTAUTHORIZED)
+    return DmReady(opened.room.id)
 
 
 @dataclass(frozen=True, slots=True)

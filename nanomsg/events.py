@@ -77,6 +77,13 @@ class MarkRead:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenDm:
+    """Open (or find) the DM of the user and ``user`` (a canonical lower-case UUID)."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
 class Quit:
     pass
 
@@ -114,6 +121,7 @@ Command = (
     | EditMessage
     | DeleteMessage
     | MarkRead
+    | OpenDm
     | Quit
     | Unknown
     | BadArgs
@@ -192,9 +200,17 @@ class ReadMarked:
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class DmReady:
+    """The DM asked for by ``open_dm``: its room id."""
+
+    room_id: int
+
+
 Result = (
     RoomLoaded
     | ReadMarked
+    | DmReady
     | MessageStored
     | EventStored
     | ChangeRefused
@@ -272,6 +288,23 @@ class SetReadMark:
 
 
 @dataclass(frozen=True, slots=True)
+class RunOpenDm:
+    """Run the open-DM use case for ``principal`` with ``user``; the shell answers with
+    ``DmReady``, ``ChangeRefused`` or ``StorageFailed``."""
+
+    principal: Principal
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """The connection authenticated: apply what its token teaches about the user's entity to
+    the DMs waiting for it (the settle use case). Once per connection; no result."""
+
+    principal: Principal
+
+
+@dataclass(frozen=True, slots=True)
 class LoadHistory:
     query: HistoryQuery
 
@@ -335,6 +368,8 @@ Effect = (
     | StoreMessage
     | ChangeMessage
     | SetReadMark
+    | RunOpenDm
+    | Settle
     | LoadHistory
     | Join
     | EndReplay
@@ -348,5 +383,6 @@ AWAITING = (
     StoreMessage,
     ChangeMessage,
     SetReadMark,
+    RunOpenDm,
     LoadHistory,
 )  # effects whose result the session waits for
