@@ -113,6 +113,11 @@ def signal_frame(data: dict[str, Any]) -> bytes:
     return orjson.dumps(data)
 
 
+def user_event_frame(data: dict[str, Any]) -> bytes:
+    """An event about the connection's own user: ``{"type":"user_event","data":{...}}``."""
+    return orjson.dumps({"type": "user_event", "data": data})
+
+
 def message_frame(message: Message) -> bytes:
     """A live room message (and the echo that acknowledges a send)."""
     return orjson.dumps({"type": "message", "data": message.to_json()})
