@@ -232,7 +232,9 @@ def decode(data: str, *, max_content: int) -> Command:
 
 
 def _token(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
-    return Token(obj.get("content"))
+    # Only a JSON true asks for the user event stream; anything else leaves it off (a token
+    # command is never refused for a field besides its content).
+    return Token(obj.get("content"), obj.get("user_events") is True)
 
 
 def _select_room(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:

@@ -194,8 +194,9 @@ class Driver:
                 self.busy = True
                 self.server.spawn(self._run(effect))
             elif isinstance(effect, Settle):
-                # Authenticated: the user's events reach this connection from now on.
-                self.server.hub.add_user(self, effect.principal.user)
+                if effect.user_events:
+                    # The client asked for its user's events: they reach it from now on.
+                    self.server.hub.add_user(self, effect.principal.user)
                 # Commands wait for it (a select_room of a DM just settled must find it
                 # readable); it runs once per connection, at authentication.
                 self.busy = True

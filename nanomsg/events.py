@@ -16,6 +16,9 @@ from nanomsg.store.base import HistoryQuery, NewMessage
 @dataclass(frozen=True, slots=True)
 class Token:
     token: object  # verified by auth.Verifier, which rejects anything but a non-empty string
+    # The client asks for its user's event stream (``user_event`` frames): an opt-in, so
+    # clients of the original protocol never see a frame they do not know.
+    user_events: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,9 +302,11 @@ class RunOpenDm:
 @dataclass(frozen=True, slots=True)
 class Settle:
     """The connection authenticated: apply what its token teaches about the user's entity to
-    the DMs waiting for it (the settle use case). Once per connection; no result."""
+    the DMs waiting for it (the settle use case). Once per connection; no result. With
+    ``user_events``, the connection joins its user's event stream."""
 
     principal: Principal
+    user_events: bool = False
 
 
 @dataclass(frozen=True, slots=True)

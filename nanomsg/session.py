@@ -292,7 +292,7 @@ class Session:
             Arm(Timer.EXPIRY, self.verifier.expires_at(principal)),
             # DMs opened with this user by their own entity become readable (once per
             # connection, as the side-port does per request).
-            Settle(self.principal),
+            Settle(self.principal, command.user_events),
         ]
 
     def _refresh(self, command: Command) -> list[Effect]:

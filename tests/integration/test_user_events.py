@@ -10,13 +10,22 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Client, Server
+from tests.integration.conftest import Client, Server, User
 
 pytestmark = pytest.mark.asyncio
 
 
 def event(name: str, room_id: int, **extra: Any) -> dict[str, Any]:
     return {"type": "user_event", "data": {"event": name, "room_id": room_id, **extra}}
+
+
+async def login(server: Server, user: User, user_events: bool = True) -> Client:
+    """Connect and authenticate asking for (or not) the user event stream."""
+    client = await server.connect()
+    assert await client.recv() == {"type": "query", "data": "START?"}
+    token = {"type": "token", "content": user.token, "user_events": user_events}
+    assert await client.ask(token) == {"type": "status", "data": "READY"}
+    return client
 
 
 async def next_user_event(client: Client) -> dict[str, Any]:
@@ -33,7 +42,7 @@ async def test_a_user_gets_room_added_when_granted_and_room_removed_when_revoked
 ) -> None:
     owner, bob = server.user(), server.user()
     room_id = await server.create_room(owner)
-    b = await server.login(bob)
+    b = await login(server, bob)
     await server.grant(owner, room_id, bob.user, "rw")
     assert await b.recv() == event("room_added", room_id)
     # A change that keeps read access says nothing.
@@ -49,8 +58,8 @@ async def test_a_ban_and_a_room_deleted_are_room_removed(server: Server) -> None
     room_id = await server.create_room(owner)
     await server.grant(owner, room_id, bob.user, "rw")
     await server.grant(owner, room_id, carol.user, "rw")
-    b = await server.login(bob)
-    c = await server.login(carol)
+    b = await login(server, bob)
+    c = await login(server, carol)
     await server.grant(owner, room_id, bob.user, "b")
     assert await b.recv() == event("room_removed", room_id)
     status, data = await server.call("DELETE", f"/rooms/{room_id}", owner)
@@ -62,7 +71,7 @@ async def test_a_ban_and_a_room_deleted_are_room_removed(server: Server) -> None
 async def test_an_invitation_is_invited_and_accepting_it_is_room_added(server: Server) -> None:
     owner, bob = server.user(), server.user()
     room_id = await server.create_room(owner)
-    b = await server.login(bob)
+    b = await login(server, bob)
     await server.grant(owner, room_id, bob.user, "rw", invite=True)
     assert await b.recv() == event("invited", room_id)
     status, data = await server.call("PUT", f"/rooms/{room_id}/invitation", bob, {"accepted": True})
@@ -73,7 +82,7 @@ async def test_an_invitation_is_invited_and_accepting_it_is_room_added(server: S
 async def test_entity_rules_tell_no_user(server: Server) -> None:
     owner, bob = server.user(), server.user()
     room_id = await server.create_room(owner)
-    b = await server.login(bob)
+    b = await login(server, bob)
     await server.grant(owner, room_id, bob.entity, "rw", kind="entity")
     assert await b.silent(0.3)
 
@@ -84,9 +93,9 @@ async def test_a_dm_opened_is_room_added_within_an_entity_and_invited_across(
     alice = server.user()
     bob = server.user(entity=alice.entity)
     mallory = server.user()  # another entity
-    b = await server.login(bob)
-    m = await server.login(mallory)
-    a = await server.login(alice)
+    b = await login(server, bob)
+    m = await login(server, mallory)
+    a = await login(server, alice)
     same = (await a.ask({"type": "open_dm", "user": bob.user}))["room_id"]
     assert await next_user_event(b) == event("room_added", same)
     # The DM is readable for bob's live connection at once.
@@ -105,10 +114,11 @@ async def test_read_goes_to_the_users_other_connections_not_the_one_that_read(
 ) -> None:
     owner = server.user()
     room_id = await server.create_room(owner)
-    first = await server.join(owner, room_id)
+    first = await login(server, owner)
+    assert (await first.ask({"type": "select_room", "room_id": room_id}))["data"] == "CONNECTED"
     for text in ("a", "b"):
         assert (await first.ask({"type": "message", "content": text}))["type"] == "message"
-    second = await server.login(owner)  # another device of the same user, no room held
+    second = await login(server, owner)  # another device of the same user, no room held
     assert await first.ask({"type": "read", "seq": 2}) == {
         "type": "status",
         "data": "READMARK",
@@ -130,6 +140,17 @@ async def test_read_goes_to_the_users_other_connections_not_the_one_that_read(
 async def test_another_users_connection_gets_none_of_my_user_events(server: Server) -> None:
     owner, bob, eve = server.user(), server.user(), server.user()
     room_id = await server.create_room(owner)
-    e = await server.login(eve)
+    e = await login(server, eve)
     await server.grant(owner, room_id, bob.user, "rw")
     assert await e.silent(0.3)
+
+
+async def test_a_connection_that_did_not_ask_for_user_events_gets_none(server: Server) -> None:
+    owner, bob = server.user(), server.user()
+    room_id = await server.create_room(owner)
+    plain = await server.login(bob)  # a client of the original protocol
+    unasked = await login(server, bob, user_events=False)
+    asked = await login(server, bob)
+    await server.grant(owner, room_id, bob.user, "rw")
+    assert await asked.recv() == event("room_added", room_id)
+    assert await plain.silent(0.3) and await unasked.silent(0.1)

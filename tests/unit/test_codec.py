@@ -532,3 +532,18 @@ def test_bad_open_dm_user_is_badargs_naming_the_field(text: str, reason: str) ->
 
 def test_dm_status_frame_is_exact() -> None:
     assert codec.dm_opened(12) == b'{"type":"status","data":"DM","room_id":12}'
+
+
+def test_token_asks_for_user_events_only_with_a_json_true() -> None:
+    assert decode('{"type":"token","content":"t","user_events":true}') == Token("t", True)
+    for other in ("false", "1", '"true"', "null", "{}"):
+        text = f'{{"type":"token","content":"t","user_events":{other}}}'
+        assert decode(text) == Token("t", False), other
+    assert decode('{"type":"token","content":"t"}') == Token("t")
+
+
+def test_user_event_frame_is_exact() -> None:
+    data = {"event": "room_added", "room_id": 12}
+    assert codec.user_event_frame(data) == (
+        b'{"type":"user_event","data":{"event":"room_added","room_id":12}}'
+    )
