@@ -76,6 +76,7 @@ class App:
             room_changed=self.hub.room_changed,
             resync=self.hub.resync,
             signal=self.hub.deliver_signal,
+            user_event=self.hub.deliver_user_event,
         )
         self.relay: Relay
         if config.redis_cluster:
@@ -131,6 +132,7 @@ class App:
             writer=self.writer,
             publisher=self.hub,
             receipts=self.receipts,
+            users=self.hub,
         )
         self._runner = web.AppRunner(
             http_app,

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from nanomsg.auth import canonical_uuid
 from nanomsg.events import (
     BadArgs,
     BadJson,
@@ -21,6 +22,7 @@ from nanomsg.events import (
     EditMessage,
     GetPastMessages,
     MarkRead,
+    OpenDm,
     Quit,
     SelectRoom,
     SendMessage,
@@ -90,6 +92,11 @@ def revoked(room_id: int) -> bytes:
     return _frame("status", "NOTAUTHORIZED", room_id=room_id)
 
 
+def dm_opened(room_id: int) -> bytes:
+    """Answers ``open_dm``: the DM's room id."""
+    return _frame("status", "DM", room_id=room_id)
+
+
 def read_mark(room_id: int, seq: int) -> bytes:
     """Answers ``read``: the mark the user now holds in the room."""
     return _frame("status", "READMARK", room_id=room_id, seq=seq)
@@ -104,6 +111,11 @@ def receipt(room_id: int, user: str, seq: int) -> dict[str, Any]:
 def signal_frame(data: dict[str, Any]) -> bytes:
     """An ephemeral room event (a read receipt) as sent: its object, encoded once."""
     return orjson.dumps(data)
+
+
+def user_event_frame(data: dict[str, Any]) -> bytes:
+    """An event about the connection's own user: ``{"type":"user_event","data":{...}}``."""
+    return orjson.dumps({"type": "user_event", "data": data})
 
 
 def message_frame(message: Message) -> bytes:
@@ -220,7 +232,9 @@ def decode(data: str, *, max_content: int) -> Command:
 
 
 def _token(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
-    return Token(obj.get("content"))
+    # Only a JSON true asks for the user event stream; anything else leaves it off (a token
+    # command is never refused for a field besides its content).
+    return Token(obj.get("content"), obj.get("user_events") is True)
 
 
 def _select_room(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
@@ -330,6 +344,15 @@ def _read(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
     return MarkRead(seq, room_id)
 
 
+def _open_dm(obj: dict[str, Any], max_content: int, lenient: bool) -> Command:
+    if obj.get("user") is None:
+        return BadArgs("open_dm", "user is required")
+    user = canonical_uuid(obj["user"])
+    if user is None:
+        return BadArgs("open_dm", "user must be a UUID")
+    return OpenDm(user)
+
+
 def message_command(obj: dict[str, Any], max_content: int) -> Command:
     """The ``message`` command an object stands for (``SendMessage``, or ``BadArgs`` /
     ``TooLarge``): the one check of content and client_id, which the HTTP side-port's
@@ -386,5 +409,6 @@ _DECODERS = {
     "edit": _edit,
     "delete": _delete,
     "read": _read,
+    "open_dm": _open_dm,
     "quit": _quit,
 }

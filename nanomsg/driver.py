@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nanomsg import codec
 from nanomsg import usecases as usecases_mod
@@ -36,6 +36,7 @@ from nanomsg.events import (
     Close,
     Command,
     Disarm,
+    DmReady,
     Effect,
     EndReplay,
     EventStored,
@@ -52,10 +53,12 @@ from nanomsg.events import (
     Result,
     RoomLoaded,
     RoomMissing,
+    RunOpenDm,
     Send,
     SendMessage,
     SetReadMark,
     SetReceiving,
+    Settle,
     StorageFailed,
     StoreMessage,
     Timer,
@@ -135,6 +138,8 @@ class Driver:
 
         def write_signal(self, frame: bytes, room_id: int, about: str | None) -> None: ...
 
+        def write_user_event(self, frame: bytes, data: dict[str, Any]) -> None: ...
+
     def _pump(self) -> None:
         """Hand queued commands to the session in order: sends may overlap (up to
         ``PIPELINE``), any other command waits for everything before it to be answered."""
@@ -183,9 +188,19 @@ class Driver:
                 # The room is live on this process: its rules are known and kept current.
                 assert self.session is not None
                 self.apply(self.session.result(RoomLoaded(effect.room_id, cached)))
-            elif isinstance(effect, LoadRoom | LoadHistory | ChangeMessage | SetReadMark):
+            elif isinstance(
+                effect, LoadRoom | LoadHistory | ChangeMessage | SetReadMark | RunOpenDm
+            ):
                 self.busy = True
                 self.server.spawn(self._run(effect))
+            elif isinstance(effect, Settle):
+                if effect.user_events:
+                    # The client asked for its user's events: they reach it from now on.
+                    self.server.hub.add_user(self, effect.principal.user)
+                # Commands wait for it (a select_room of a DM just settled must find it
+                # readable); it runs once per connection, at authentication.
+                self.busy = True
+                self.server.spawn(self._settle(effect))
             elif isinstance(effect, Arm):
                 self._arm(effect.timer, effect.at - self.server.clock.wall())
             elif isinstance(effect, Disarm):
@@ -229,10 +244,13 @@ class Driver:
         return size
 
     def leave_all(self) -> None:
-        """Closing: this connection receives nothing more from any room it holds."""
+        """Closing: this connection receives nothing more from any room it holds, nor any
+        user event."""
         if self.session is not None:
             for room_id in self.session.subs:
                 self.server.hub.leave(self, room_id)
+            if self.session.principal is not None:
+                self.server.hub.remove_user(self, self.session.principal.user)
 
     def _join(self, join: Join) -> None:
         live_from = self.server.hub.join(self, join.room_id, join.last_seq, join.access)
@@ -276,8 +294,40 @@ class Driver:
                 self.server.hub.publish(result.message)
         self._pump()
 
+    async def _dm_opened(self, room_id: int) -> None:
+        """A DM was opened with this connection's user, whose rule waits for their entity:
+        settle it with this connection's principal, then tell the client what it now is
+        (``room_added`` when readable, ``invited`` while pending). Every connection of the
+        user does this; settling is idempotent and each answers its own client."""
+        session = self.session
+        principal = session.principal if session is not None else None
+        if principal is None:
+            return
+        usecases = self.server.usecases
+        try:
+            await usecases.settle(principal)
+            event = await usecases.dm_state(principal, room_id)
+        except StoreUnavailable:
+            return  # ephemeral: GET /rooms tells the same later
+        if event is not None and not self.closing:
+            self.write_user_event(text_frame(codec.user_event_frame(event)), event)
+
+    async def _settle(self, effect: Settle) -> None:
+        """The settle use case at authentication. Storage down is no reason to refuse the
+        connection: the DMs stay pending until the user's next request settles them."""
+        try:
+            await self.server.usecases.settle(effect.principal)
+        except StoreUnavailable:
+            log.info("connection %s: pending DMs not settled: storage down", self.conn_id)
+        except Exception:
+            log.exception("settling pending DMs failed unexpectedly")
+        finally:
+            self.busy = False
+        if self.session is not None and not self.closing:
+            self._pump()
+
     async def _run(
-        self, effect: LoadRoom | LoadHistory | ChangeMessage | SetReadMark | _Replay
+        self, effect: LoadRoom | LoadHistory | ChangeMessage | SetReadMark | RunOpenDm | _Replay
     ) -> None:
         store = self.server.store
         result: Result
@@ -291,7 +341,9 @@ class Driver:
             elif isinstance(effect, ChangeMessage):
                 result = await _change(self.server.usecases, effect)
             elif isinstance(effect, SetReadMark):
-                result = await _mark_read(self.server.usecases, effect)
+                result = await _mark_read(self.server.usecases, effect, self)
+            elif isinstance(effect, RunOpenDm):
+                result = await _open_dm(self.server.usecases, effect)
             else:
                 result = await effect.load(store, self.server.config.resume_cap)
         except StoreUnavailable:
@@ -364,16 +416,27 @@ async def _change(usecases: UseCases, effect: ChangeMessage) -> Result:
     return EventStored(changed.event)
 
 
-async def _mark_read(usecases: UseCases, effect: SetReadMark) -> Result:
+async def _mark_read(usecases: UseCases, effect: SetReadMark, origin: object) -> Result:
     """Run the mark-read use case (which sends the coalesced receipt); a room the user may
     not read is ``NOTAUTHORIZED``, as for any room command (StoreUnavailable propagates)."""
     try:
-        held = await usecases.mark_read(effect.principal, effect.room_id, effect.seq)
+        held = await usecases.mark_read(effect.principal, effect.room_id, effect.seq, origin=origin)
     except usecases_mod.BadArgs as exc:
         return ChangeRefused(codec.badargs(exc.reason))
     except usecases_mod.UseCaseError:
         return ChangeRefused(codec.NOTAUTHORIZED)
     return ReadMarked(effect.room_id, held)
+
+
+async def _open_dm(usecases: UseCases, effect: RunOpenDm) -> Result:
+    """Run the open-DM use case; a DM with oneself is ``BADARGS`` with the reason."""
+    try:
+        opened = await usecases.open_dm(effect.principal, effect.user)
+    except usecases_mod.BadArgs as exc:
+        return ChangeRefused(codec.badargs(exc.reason))
+    except usecases_mod.UseCaseError:
+        return ChangeRefused(codec.NOTAUTHORIZED)
+    return DmReady(opened.room.id)
 
 
 @dataclass(frozen=True, slots=True)

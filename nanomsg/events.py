@@ -16,6 +16,9 @@ from nanomsg.store.base import HistoryQuery, NewMessage
 @dataclass(frozen=True, slots=True)
 class Token:
     token: object  # verified by auth.Verifier, which rejects anything but a non-empty string
+    # The client asks for its user's event stream (``user_event`` frames): an opt-in, so
+    # clients of the original protocol never see a frame they do not know.
+    user_events: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,13 @@ class MarkRead:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenDm:
+    """Open (or find) the DM of the user and ``user`` (a canonical lower-case UUID)."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
 class Quit:
     pass
 
@@ -114,6 +124,7 @@ Command = (
     | EditMessage
     | DeleteMessage
     | MarkRead
+    | OpenDm
     | Quit
     | Unknown
     | BadArgs
@@ -192,9 +203,17 @@ class ReadMarked:
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class DmReady:
+    """The DM asked for by ``open_dm``: its room id."""
+
+    room_id: int
+
+
 Result = (
     RoomLoaded
     | ReadMarked
+    | DmReady
     | MessageStored
     | EventStored
     | ChangeRefused
@@ -272,6 +291,25 @@ class SetReadMark:
 
 
 @dataclass(frozen=True, slots=True)
+class RunOpenDm:
+    """Run the open-DM use case for ``principal`` with ``user``; the shell answers with
+    ``DmReady``, ``ChangeRefused`` or ``StorageFailed``."""
+
+    principal: Principal
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """The connection authenticated: apply what its token teaches about the user's entity to
+    the DMs waiting for it (the settle use case). Once per connection; no result. With
+    ``user_events``, the connection joins its user's event stream."""
+
+    principal: Principal
+    user_events: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class LoadHistory:
     query: HistoryQuery
 
@@ -335,6 +373,8 @@ Effect = (
     | StoreMessage
     | ChangeMessage
     | SetReadMark
+    | RunOpenDm
+    | Settle
     | LoadHistory
     | Join
     | EndReplay
@@ -348,5 +388,6 @@ AWAITING = (
     StoreMessage,
     ChangeMessage,
     SetReadMark,
+    RunOpenDm,
     LoadHistory,
 )  # effects whose result the session waits for

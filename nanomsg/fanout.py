@@ -92,6 +92,10 @@ class Receiver(Protocol):
         """Write a ready ephemeral frame of room ``room_id`` (no seq), unless the connection
         is the user's ``about`` (a receipt is not sent back to its reader's connections)."""
 
+    def write_user_event(self, frame: bytes, data: dict[str, Any]) -> None:
+        """Write a ready ``user_event`` frame about the connection's own user (``data`` is
+        its event object, for the connection to act on)."""
+
 
 class Relay(Protocol):
     """What the hub needs of the relay (see nanomsg.relay)."""
@@ -99,6 +103,8 @@ class Relay(Protocol):
     def publish(self, message: Message) -> None: ...
 
     def signal(self, room_id: int, data: dict[str, Any]) -> None: ...
+
+    def user_event(self, user: str, data: dict[str, Any]) -> None: ...
 
     def watch(self, room_id: int) -> None: ...
 
@@ -136,6 +142,10 @@ class Hub:
         self.head_check = head_check
         self.rooms: dict[int, RoomChannel] = {}
         self.relay: Relay | None = None
+        # Authenticated local connections by user id: added at authentication, removed at
+        # close, so a user event finds its receivers with one lookup and costs nothing per
+        # message.
+        self.users: dict[str, dict[Receiver, None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def attach(self, relay: Relay) -> None:
@@ -240,6 +250,42 @@ class Hub:
         self.deliver_signal(room_id, data)
         if self.relay is not None:
             self.relay.signal(room_id, data)
+
+    # -- user events ----------------------------------------------------------------------------
+
+    def add_user(self, receiver: Receiver, user: str) -> None:
+        """An authenticated connection of ``user``: it gets the user's events from now on."""
+        self.users.setdefault(user, {})[receiver] = None
+
+    def remove_user(self, receiver: Receiver, user: str) -> None:
+        """The connection closed: no more user events for it."""
+        held = self.users.get(user)
+        if held is None:
+            return
+        held.pop(receiver, None)
+        if not held:
+            del self.users[user]
+
+    def user_event(self, user: str, data: dict[str, Any], skip: object | None = None) -> None:
+        """An event about ``user`` made here: deliver it to this process's connections of the
+        user (but ``skip``, the connection it came from) and relay it to the other processes,
+        which hold no connection ``skip`` could name."""
+        self.deliver_user_event(user, data, skip)
+        if self.relay is not None:
+            self.relay.user_event(user, data)
+
+    def deliver_user_event(
+        self, user: str, data: dict[str, Any], skip: object | None = None
+    ) -> None:
+        """Write ``{"type":"user_event","data":data}`` to the user's local connections, encoded
+        once; ephemeral (no seq, never stored, never held for a gap)."""
+        held = self.users.get(user)
+        if not held:
+            return
+        frame = text_frame(codec.user_event_frame(data))
+        for receiver in list(held):
+            if receiver is not skip:
+                receiver.write_user_event(frame, data)
 
     def deliver_signal(self, room_id: int, data: dict[str, Any]) -> None:
         """Write an ephemeral event to the room's local receivers: no seq, no order with the

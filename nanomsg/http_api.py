@@ -70,6 +70,7 @@ from nanomsg.usecases import (
     Publisher,
     ReadReceipts,
     UseCases,
+    UserEvents,
 )
 
 log = logging.getLogger(__name__)
@@ -538,6 +539,7 @@ class HttpApi:
         writer: MessageWriter | None = None,
         publisher: Publisher | None = None,
         receipts: ReadReceipts | None = None,
+        users: UserEvents | None = None,
     ) -> None:
         self.store = store
         self.verifier = verifier
@@ -547,7 +549,7 @@ class HttpApi:
         self.readiness = readiness
         self.closes = closes
         self.usecases = UseCases(
-            store, clock, writer=writer, publisher=publisher, receipts=receipts
+            store, clock, writer=writer, publisher=publisher, receipts=receipts, users=users
         )
         self.spec = orjson.dumps(
             build_openapi(
@@ -593,8 +595,10 @@ class HttpApi:
             raise HttpError(403, "admin permission required")
         return Granted(room=found.room, access=access, rules=found.rules)
 
-    async def changed(self, room_id: int) -> None:
-        """Tell every process to re-check live connections of the room.
+    async def changed(self, room_id: int, before: tuple[Rule, ...] | None = None) -> None:
+        """Tell every process to re-check live connections of the room, and, given the
+        room's rules ``before`` the change, tell the users whose user rules changed what the
+        room now is to them (the use case's ``rules_changed``: the one place for that).
 
         The change is already stored, so a failing notification is logged, not reported as a
         failure of the request.
@@ -603,6 +607,14 @@ class HttpApi:
             await self.notify_room_changed(room_id)
         except Exception:
             log.exception("notify_room_changed(%d) failed", room_id)
+        if before is None:
+            return
+        try:
+            found = await self.store.room_access(room_id)
+        except StoreUnavailable:
+            log.warning("user events of room %d not sent: storage unavailable", room_id)
+            return
+        self.usecases.rules_changed(room_id, before, found.rules if found is not None else ())
 
     # -- public -----------------------------------------------------------------------------
 
@@ -793,10 +805,11 @@ class HttpApi:
 
     async def delete_room(self, request: web.Request, principal: Principal) -> web.StreamResponse:
         QueryArgs(request, ())
-        room_id = (await self.room_for(principal, path_room_id(request), admin=True)).room.id
+        granted = await self.room_for(principal, path_room_id(request), admin=True)
+        room_id = granted.room.id
         if not await self.store.delete_room(room_id, self.now()):
             _no_such_room()
-        await self.changed(room_id)
+        await self.changed(room_id, granted.rules)
         return envelope(200)
 
     async def put_member(self, request: web.Request, principal: Principal) -> web.StreamResponse:
@@ -815,21 +828,21 @@ class HttpApi:
             raise bad_request("field 'permissions' must use only r, w, b, a, each at most once")
         level = body.integer("level", lo=0, hi=RULE_LEVEL_MAX, default=0)
         invite = body.boolean("invite", default=False)
-        await self.room_for(principal, room_id, admin=True)
+        granted = await self.room_for(principal, room_id, admin=True)
         rule, created = await self.store.put_rule(
             room_id, subject, kind, permissions, level, not invite, self.now()
         )
-        await self.changed(room_id)
+        await self.changed(room_id, granted.rules)
         return envelope(201 if created else 200, rule.to_json())
 
     async def delete_member(self, request: web.Request, principal: Principal) -> web.StreamResponse:
         kind = QueryArgs(request, ("kind",)).choice("kind", RULE_KINDS)
         room_id = path_room_id(request)
         subject = path_uuid(request, "uuid")
-        await self.room_for(principal, room_id, admin=True)
+        granted = await self.room_for(principal, room_id, admin=True)
         if not await self.store.delete_rule(room_id, subject, kind):
             raise HttpError(404, "no such member")
-        await self.changed(room_id)
+        await self.changed(room_id, granted.rules)
         return envelope(200)
 
     async def put_invitation(
@@ -862,7 +875,7 @@ class HttpApi:
         updated = await self.store.set_accepted(room_id, subject, kind, accepted, self.now())
         if updated is None:
             raise HttpError(404, "no such invitation")
-        await self.changed(room_id)
+        await self.changed(room_id, found.rules)
         return envelope(200, updated.to_json())
 
     async def messages(self, request: web.Request, principal: Principal) -> web.StreamResponse:
@@ -960,10 +973,12 @@ def build_http_app(
     writer: MessageWriter | None = None,
     publisher: Publisher | None = None,
     receipts: ReadReceipts | None = None,
+    users: UserEvents | None = None,
 ) -> web.Application:
     """The side-port application; the caller owns the store and runs the app. ``writer`` (the
     batching writer) and ``publisher`` (the hub) serve ``POST /rooms/{id}/messages``;
-    ``receipts`` (the process's coalescer) sends the read receipts of ``POST .../read``."""
+    ``receipts`` (the process's coalescer) sends the read receipts of ``POST .../read``;
+    ``users`` (the hub) the user events of rule changes, DMs and read marks."""
     api = HttpApi(
         store=store,
         verifier=verifier,
@@ -975,6 +990,7 @@ def build_http_app(
         writer=writer,
         publisher=publisher,
         receipts=receipts,
+        users=users,
     )
     app = web.Application(
         middlewares=[connection_middleware, envelope_middleware], client_max_size=MAX_BODY_BYTES

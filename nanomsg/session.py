@@ -29,6 +29,7 @@ from nanomsg.events import (
     Command,
     DeleteMessage,
     Disarm,
+    DmReady,
     EditMessage,
     Effect,
     EndReplay,
@@ -42,6 +43,7 @@ from nanomsg.events import (
     MarkRead,
     MessageRefused,
     MessageStored,
+    OpenDm,
     Publish,
     Quit,
     ReadMarked,
@@ -49,11 +51,13 @@ from nanomsg.events import (
     Result,
     RoomLoaded,
     RoomMissing,
+    RunOpenDm,
     SelectRoom,
     Send,
     SendMessage,
     SetReadMark,
     SetReceiving,
+    Settle,
     StorageFailed,
     StoreMessage,
     Subscribe,
@@ -206,6 +210,8 @@ class Session:
             return [Send(result.reply)]
         if isinstance(result, ReadMarked):
             return [Send(codec.read_mark(result.room_id, result.seq))]
+        if isinstance(result, DmReady):
+            return [Send(codec.dm_opened(result.room_id))]
         if isinstance(result, MessageRefused):
             return [Send(codec.badargs(result.reason))]
         if isinstance(result, HistoryLoaded):
@@ -284,6 +290,9 @@ class Session:
             Disarm(Timer.AUTH),
             Send(codec.READY),
             Arm(Timer.EXPIRY, self.verifier.expires_at(principal)),
+            # DMs opened with this user by their own entity become readable (once per
+            # connection, as the side-port does per request).
+            Settle(self.principal, command.user_events),
         ]
 
     def _refresh(self, command: Command) -> list[Effect]:
@@ -379,6 +388,11 @@ class Session:
         if room_id is None:
             return [Send(codec.SELECTROOM_Q)]
         return [SetReadMark(self.principal, room_id, command.seq)]
+
+    def _open_dm(self, command: Command) -> list[Effect]:
+        """open_dm: the open-DM use case decides (same rules as ``POST /dm``)."""
+        assert isinstance(command, OpenDm) and self.principal is not None
+        return [RunOpenDm(self.principal, command.user)]
 
     def _quit(self, command: Command) -> list[Effect]:
         return self._close(CloseCode.NORMAL, "bye")
@@ -592,6 +606,7 @@ _COMMANDS: tuple[type, ...] = (
     EditMessage,
     DeleteMessage,
     MarkRead,
+    OpenDm,
     Quit,
     Unknown,
     BadArgs,
@@ -625,6 +640,7 @@ TRANSITIONS: dict[State, dict[type, Handler]] = {
         EditMessage=S._change,
         DeleteMessage=S._change,
         MarkRead=S._read,
+        OpenDm=S._open_dm,
         Quit=S._quit,
         BadArgs=S._bad_args,
         TooLarge=S._too_large,

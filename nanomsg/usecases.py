@@ -22,10 +22,10 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from nanomsg.clock import Clock, utc_datetime
-from nanomsg.models import Message, Principal, ReadMark, Room, RoomAccess, RoomState
+from nanomsg.models import Message, Principal, ReadMark, Room, RoomAccess, RoomState, Rule
 from nanomsg.openapi import LEVEL_ADMIN_MAX
 from nanomsg.permissions import Access, evaluate
 from nanomsg.store.base import (
@@ -48,6 +48,15 @@ log = logging.getLogger(__name__)
 # A DM's level_admin: the highest a room may have. It grants nothing there (a DM is private to
 # its two users whatever anyone's rank: permissions.evaluate), but the column needs a value.
 DM_LEVEL_ADMIN = LEVEL_ADMIN_MAX
+
+# User events (the ``event`` of a ``user_event`` frame's data).
+ROOM_ADDED = "room_added"
+ROOM_REMOVED = "room_removed"
+INVITED = "invited"
+READ = "read"
+# Internal, never sent: a DM was opened with the user while their rule waits for their entity;
+# each of their connections settles it and sends ROOM_ADDED or INVITED (ws_server).
+DM_OPENED = "dm_opened"
 
 
 class UseCaseError(Exception):
@@ -134,6 +143,13 @@ class ReadReceipts(Protocol):
     def read(self, room_id: int, user: str, seq: int) -> None: ...
 
 
+class UserEvents(Protocol):
+    """What the use cases need of the hub (``fanout.Hub``) to tell a user's connections, on
+    every process, about the user (``skip``: the connection the change came from, if any)."""
+
+    def user_event(self, user: str, data: dict[str, Any], skip: object | None = None) -> None: ...
+
+
 class UseCases:
     """The use cases over one store; drivers hold one instance each.
 
@@ -150,12 +166,55 @@ class UseCases:
         writer: MessageWriter | None = None,
         publisher: Publisher | None = None,
         receipts: ReadReceipts | None = None,
+        users: UserEvents | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.writer = writer
         self.publisher = publisher
         self.receipts = receipts
+        self.users = users
+
+    def tell(
+        self, user: str, event: str, room_id: int, skip: object | None = None, **extra: Any
+    ) -> None:
+        """Send a user event (nothing without ``users``)."""
+        if self.users is not None:
+            self.users.user_event(user, {"event": event, "room_id": room_id, **extra}, skip)
+
+    def rules_changed(
+        self, room_id: int, before: tuple[Rule, ...], after: tuple[Rule, ...]
+    ) -> None:
+        """The one place user rules turn into user events: called with a room's rules before
+        and after a change (``after`` empty for a room deleted). A user whose user rule now
+        grants read and did not gets ``room_added``; one whose did and no longer does (rule
+        deleted, ban, room deleted) ``room_removed``; one with a new pending rule (an
+        invitation) ``invited``. Entity rules tell nobody: an organisation is not fanned out
+        to (clients refresh GET /rooms/all on reconnect)."""
+        was, now = _user_rules(before), _user_rules(after)
+        for user in sorted(was.keys() | now.keys()):
+            old, new = was.get(user), now.get(user)
+            if _grants_read(new) and not _grants_read(old):
+                self.tell(user, ROOM_ADDED, room_id)
+            elif _grants_read(old) and not _grants_read(new):
+                self.tell(user, ROOM_REMOVED, room_id)
+            elif _pending(new) and not _pending(old):
+                self.tell(user, INVITED, room_id)
+
+    async def dm_state(self, principal: Principal, room_id: int) -> dict[str, Any] | None:
+        """What a DM opened with the caller is to them now, as a user event's data:
+        ``room_added`` when they may read it, ``invited`` while their rule is pending, None
+        otherwise (declined, deleted)."""
+        found = await self.store.room_access(room_id)
+        if found is None:
+            return None
+        if evaluate(principal, found.room, found.rules).read:
+            return {"event": ROOM_ADDED, "room_id": room_id}
+        if any(
+            _pending(r) and r.subject == principal.user for r in found.rules if r.kind == "user"
+        ):
+            return {"event": INVITED, "room_id": room_id}
+        return None
 
     def now(self) -> datetime:
         return utc_datetime(self.clock.wall())
@@ -297,24 +356,34 @@ class UseCases:
             rule.kind == "user" and rule.subject == other and not rule.accepted
             for rule in found.rules
         )
+        if created and invited:
+            # Their rule waits for their entity: each of their connections settles it and
+            # tells its client room_added (same entity) or invited (another).
+            self.tell(other, DM_OPENED, found.room.id)
         return DmOpened(room=found.room, created=created, invited=invited)
 
     # -- read marks --------------------------------------------------------------------------
-    async def mark_read(self, principal: Principal, room_id: int, seq: int) -> int:
+    async def mark_read(
+        self, principal: Principal, room_id: int, seq: int, *, origin: object | None = None
+    ) -> int:
         """Move the caller's mark in a room they may read to ``seq`` (never backwards, clamped
         to the room's latest seq); the mark now held.
 
         The room's other subscribers get a read receipt (through ``receipts``, which coalesces
         them) unless the mark did not move forward: a ``seq`` below the mark held, or a room
-        with nothing to read yet, tells nobody anything."""
+        with nothing to read yet, tells nobody anything. The user's other connections (all
+        but ``origin``, the connection that read) get the ``read`` user event, on the same
+        condition."""
         _check_seq(seq)
         await self.readable(principal, room_id)
         try:
             held = await self.store.set_read_mark(room_id, principal.user, seq, self.now())
         except RoomGone:
             raise NoSuchRoom() from None
-        if self.receipts is not None and 0 < held <= seq:
-            self.receipts.read(room_id, principal.user, held)
+        if 0 < held <= seq:
+            if self.receipts is not None:
+                self.receipts.read(room_id, principal.user, held)
+            self.tell(principal.user, READ, room_id, origin, seq=held)
         return held
 
     async def reads(self, principal: Principal, room_id: int) -> list[ReadMark]:
@@ -407,6 +476,25 @@ def message_to_post(
         now=now,
         system=system,
     )
+
+
+def _user_rules(rules: tuple[Rule, ...]) -> dict[str, Rule]:
+    return {rule.subject: rule for rule in rules if rule.kind == "user"}
+
+
+def _grants_read(rule: Rule | None) -> bool:
+    """Whether a user rule grants its user read access (accepted, ``r``, no ban)."""
+    return (
+        rule is not None
+        and rule.accepted
+        and "r" in rule.permissions
+        and "b" not in rule.permissions
+    )
+
+
+def _pending(rule: Rule | None) -> bool:
+    """Whether a user rule is an invitation waiting for its user (not a ban)."""
+    return rule is not None and not rule.accepted and "b" not in rule.permissions
 
 
 def _check_seq(seq: int) -> None:

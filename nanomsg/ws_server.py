@@ -56,7 +56,7 @@ from nanomsg.fanout import DeflateCache, Hub
 from nanomsg.session import CloseCode, Limits, Session
 from nanomsg.store.base import Store
 from nanomsg.store.writer import BatchWriter
-from nanomsg.usecases import ReadReceipts, UseCases
+from nanomsg.usecases import DM_OPENED, ReadReceipts, UseCases
 
 __all__ = ["INBOX_PAUSE", "INBOX_RESUME", "PIPELINE", "Connection", "WsServer", "_Reply"]
 
@@ -421,6 +421,20 @@ class Connection(Driver, asyncio.Protocol):
         if self.outbox_bytes > self.server.config.max_backlog:
             self._slow_consumer()
 
+    def write_user_event(self, frame: bytes, data: dict[str, Any]) -> None:
+        """An event about this connection's user from the hub: written like a live frame
+        (held behind a long reply, counted against the backlog), while the connection is
+        receiving. A DM opened with the user is settled for this connection first, and told
+        as the ``room_added`` or ``invited`` it turns out to be."""
+        if self.closing or not self.receiving or self.session is None:
+            return
+        if data.get("event") == DM_OPENED:
+            room_id = data.get("room_id")
+            if isinstance(room_id, int):
+                self.server.spawn(self._dm_opened(room_id))
+            return
+        self._write_live(frame, 0)
+
     def write_signal(self, frame: bytes, room_id: int, about: str | None) -> None:
         """An ephemeral frame of room ``room_id`` from the hub (a read receipt): no seq, so
         no resume floor. Dropped while the room's resume replay is read (the replay brings
@@ -438,6 +452,11 @@ class Connection(Driver, asyncio.Protocol):
         principal = session.principal
         if about is not None and principal is not None and principal.user == about:
             return
+        self._write_live(frame, room_id)
+
+    def _write_live(self, frame: bytes, room_id: int) -> None:
+        """An ephemeral frame (a receipt, a user event): behind a long reply being written,
+        or in the outbox; counted against the backlog."""
         if self.deflate_bits is not None:
             frame = self.server.deflate.deflated(frame, self.deflate_bits)
         held = self.held
@@ -643,7 +662,7 @@ class WsServer:
         self.clock = clock
         # The use cases (edit, delete, read) the driver runs, the HTTP side-port's rules;
         # ``receipts`` is the process's one coalescer, shared with the side-port.
-        self.usecases = UseCases(store, clock, receipts=receipts)
+        self.usecases = UseCases(store, clock, receipts=receipts, users=hub)
         self.limits = Limits(
             auth_timeout=config.auth_timeout,
             refresh_grace=config.refresh_grace,

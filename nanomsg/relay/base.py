@@ -22,6 +22,9 @@ class RelayHandlers:
     # An ephemeral event another process sent to a room's receivers (room id, its object);
     # None: signals are ignored.
     signal: Callable[[int, dict[str, Any]], None] | None = None
+    # An event about a user another process sent to that user's connections (user, its
+    # data); None: user events are ignored.
+    user_event: Callable[[str, dict[str, Any]], None] | None = None
 
 
 def recheck_watched(handlers: RelayHandlers, watched: Collection[int]) -> None:
@@ -46,6 +49,10 @@ class Relay(Protocol):
     def signal(self, room_id: int, data: dict[str, Any]) -> None:
         """Send an ephemeral event to the room's receivers on the other processes (at most
         once: dropped under pressure, never stored); never blocks, never raises."""
+
+    def user_event(self, user: str, data: dict[str, Any]) -> None:
+        """Send an ephemeral event to the user's connections on the other processes (at most
+        once, like ``signal``); never blocks, never raises."""
 
     def watch(self, room_id: int) -> None:
         """This process now has receivers in the room."""

@@ -6,6 +6,7 @@ its own echoes from the first bytes without decoding the rest::
     {"n": "<node>", "r": 7, "m": [[id, seq, emitter, entity, content, created_at, client_id], ...],
      "s": [{...}, ...]}                                  on a room's channel
     {"n": "<node>", "c": [7, 12]}                          on the control channel
+    {"n": "<node>", "u": [["<user>", {...}], ...]}         on the control channel
 
 - ``m``: stored events of room ``r`` (messages, edits, deletions), in the order they were
   published (receivers order by ``seq`` anyway). One array per event, positional, with
@@ -17,6 +18,10 @@ its own echoes from the first bytes without decoding the rest::
 - ``s``: signals of room ``r``: ephemeral JSON objects (no seq, never stored), handed as they
   are to the receivers' signal handler.
 - ``c``: room-change notices: ids of rooms whose rules changed (or that were deleted).
+- ``u``: user events: ephemeral objects (no seq, never stored) for every connection of a
+  user, each a pair of the user's UUID and the event's ``data``. They travel on the control
+  channel, which every process subscribes to, so a user event costs one PUBLISH and reaches
+  every process whether or not it holds a connection of that user.
 
 Every key but ``n`` is optional; a payload may carry several kinds. The payloads of the
 previous format (one message ``{"n","id","r","s",...}`` or one notice
@@ -47,6 +52,7 @@ class Envelope:
     messages: list[Message] = field(default_factory=list)
     signals: list[dict[str, Any]] = field(default_factory=list)
     notices: list[int] = field(default_factory=list)
+    user_events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 def header(node: str) -> bytes:
@@ -90,6 +96,16 @@ def room_payload(
 def control_payload(head: bytes, rooms: list[int]) -> bytes:
     """A control channel payload carrying room-change notices."""
     return head + b',"c":' + orjson.dumps(rooms) + b"}"
+
+
+def user_payload(head: bytes, events: list[bytes]) -> bytes:
+    """A control channel payload carrying user events, each encoded by ``encode_user_event``."""
+    return head + b',"u":[' + b",".join(events) + b"]}"
+
+
+def encode_user_event(user: str, data: dict[str, Any]) -> bytes:
+    """One user event as the pair ``u`` holds."""
+    return orjson.dumps((user, data))
 
 
 def from_node(data: bytes, head: bytes) -> bool:
@@ -173,6 +189,13 @@ def decode(data: bytes | str) -> Envelope:
     if not isinstance(notices, list):
         raise TypeError("c is an array of room ids")
     out.notices = [_int(room) for room in notices]
+    pairs = obj.get("u", [])
+    if not isinstance(pairs, list):
+        raise TypeError("u is an array of [user, event] pairs")
+    for pair in pairs:
+        if not isinstance(pair, list) or len(pair) != 2 or not isinstance(pair[1], dict):
+            raise TypeError("a user event is a [user, object] pair")
+        out.user_events.append((_str(pair[0]), pair[1]))
     rows, signals = obj.get("m", []), obj.get("s", [])
     if not isinstance(rows, list) or not isinstance(signals, list):
         raise TypeError("m and s are arrays")
@@ -196,6 +219,9 @@ def hand_over(data: bytes, head: bytes, handlers: RelayHandlers) -> None:
         handlers.room_changed(room_id)
     for message in envelope.messages:
         handlers.message(message)
+    if envelope.user_events and handlers.user_event is not None:
+        for user, event in envelope.user_events:
+            handlers.user_event(user, event)
     if envelope.signals and envelope.room_id is not None and handlers.signal is not None:
         for signal in envelope.signals:
             handlers.signal(envelope.room_id, signal)

@@ -27,6 +27,9 @@ class MemoryRelay:
     def signal(self, room_id: int, data: dict[str, Any]) -> None:
         return None
 
+    def user_event(self, user: str, data: dict[str, Any]) -> None:
+        return None
+
     def watch(self, room_id: int) -> None:
         return None
 

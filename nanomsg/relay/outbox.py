@@ -7,16 +7,18 @@ Two parts with two policies, because what is lost costs differently:
   few (at most one per room), and they are never dropped. Nothing else recovers a lost notice
   while the receiving process stays connected, and a lost one would leave another process
   admitting readers on revoked rules.
-- Messages (and signals) wait in a bounded queue, ``max_entries``; past it the oldest is
-  dropped and counted in ``dropped``. Receivers recover a dropped message from storage (gap
-  fill, head check, resync after a reconnect); a dropped signal is ephemeral anyway.
+- Messages (and signals, and user events) wait in a bounded queue, ``max_entries``; past it
+  the oldest is dropped and counted in ``dropped``. Receivers recover a dropped message from
+  storage (gap fill, head check, resync after a reconnect); a dropped signal or user event is
+  ephemeral anyway.
 
-``take`` empties the queue into ``Packet``s, ready to publish in one pipeline: the notices
-first (one control payload), then one payload per room holding that room's messages and
-signals in order (split when a payload would exceed ``max_payload`` bytes). So a whole loop
-pass of publishes costs one encoding per message and one PUBLISH per room, and a receiver reads
-one pub/sub message per room instead of one per message. ``put_back`` returns the packets a
-broker did not take, ahead of what was queued meanwhile, under the same two policies.
+``take`` empties the queue into ``Packet``s, ready to publish in one pipeline: the notices first
+(one control payload), then the user events (one more control payload), then one payload per
+room holding that room's messages and signals in order (split when a payload would exceed
+``max_payload`` bytes). So a whole loop pass of publishes costs one encoding per message and one
+PUBLISH per room, and a receiver reads one pub/sub message per room instead of one per message.
+``put_back`` returns the packets a broker did not take, ahead of what was queued meanwhile,
+under the same two policies.
 
 Pure data: no I/O, no clock, no event loop; both relays wrap it in their publisher task.
 """
@@ -31,7 +33,14 @@ from typing import Any
 import orjson
 
 from nanomsg.models import Message
-from nanomsg.relay.envelope import control_payload, encode_message, header, room_payload
+from nanomsg.relay.envelope import (
+    control_payload,
+    encode_message,
+    encode_user_event,
+    header,
+    room_payload,
+    user_payload,
+)
 
 MAX_ENTRIES = 10_000
 MAX_PAYLOAD = 256 * 1024  # bytes of one PUBLISH; a room's backlog is split beyond it
@@ -45,7 +54,15 @@ class Signal:
     data: dict[str, Any]
 
 
-Entry = Message | Signal
+@dataclass(frozen=True, slots=True)
+class UserEvent:
+    """An ephemeral event for a user's connections on other processes (never stored)."""
+
+    user: str
+    data: dict[str, Any]
+
+
+Entry = Message | Signal | UserEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +115,9 @@ class Outbox:
     def signal(self, room_id: int, data: dict[str, Any]) -> None:
         self._append(Signal(room_id, data))
 
+    def user_event(self, user: str, data: dict[str, Any]) -> None:
+        self._append(UserEvent(user, data))
+
     def _append(self, entry: Entry) -> None:
         if len(self._entries) >= self.max_entries:
             self._entries.popleft()
@@ -115,9 +135,17 @@ class Outbox:
             packets.append(Packet(None, control_payload(self.head, rooms), notices=tuple(rooms)))
         if self._entries:
             by_room: dict[int, list[Entry]] = {}
+            users: list[UserEvent] = []
             for entry in self._entries:
-                by_room.setdefault(entry.room_id, []).append(entry)
+                if isinstance(entry, UserEvent):
+                    users.append(entry)
+                else:
+                    by_room.setdefault(entry.room_id, []).append(entry)
             self._entries.clear()
+            if users:
+                # User events go on the control channel, in one payload per pass.
+                encoded = [encode_user_event(e.user, e.data) for e in users]
+                packets.append(Packet(None, user_payload(self.head, encoded), entries=tuple(users)))
             for room_id, entries in by_room.items():
                 packets.extend(self._pack(room_id, entries))
         return packets
@@ -134,6 +162,7 @@ class Outbox:
             if isinstance(entry, Message):
                 encoded = encode_message(entry)
             else:
+                assert isinstance(entry, Signal)
                 encoded = orjson.dumps(entry.data)
             if carried and size + len(encoded) > self.max_payload:
                 packets.append(self._room_packet(room_id, messages, signals, carried))

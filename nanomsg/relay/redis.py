@@ -126,6 +126,10 @@ class RedisRelay:
         self.outbox.signal(room_id, data)
         self._queued()
 
+    def user_event(self, user: str, data: dict[str, Any]) -> None:
+        self.outbox.user_event(user, data)
+        self._queued()
+
     async def room_changed(self, room_id: int) -> None:
         self.handlers.room_changed(room_id)  # locally at once, even if Redis is down
         self.outbox.notice(room_id)

@@ -255,3 +255,29 @@ async def test_a_read_on_one_process_sends_its_receipt_to_a_subscriber_on_the_ot
     assert await on_b.silent(1.3)
     await on_b.close()
     await reader.close()
+
+
+async def test_a_grant_on_one_process_reaches_the_users_connection_on_the_other_as_room_added(
+    nodes: list[Node], make_token: TokenFactory
+) -> None:
+    a, b = nodes
+    owner, member = user(make_token), user(make_token)
+    status, body = await http(a, "POST", "/rooms", owner, {"name": "mp", "level_admin": 100})
+    assert status == 200
+    room = body["content"]["room"]["id"]
+    on_b = Client(await connect(f"ws://127.0.0.1:{b.ws_port}/chat"))
+    await on_b.recv()
+    token = {"type": "token", "content": member.token, "user_events": True}
+    assert (await on_b.ask(token))["data"] == "READY"
+    await asyncio.sleep(0.3)  # let node B's Redis subscriptions take effect
+    status, _ = await http(
+        a, "PUT", f"/rooms/{room}/members", owner, {"entity_UUID": member.user, "permissions": "rw"}
+    )
+    assert status == 201
+    added = {"type": "user_event", "data": {"event": "room_added", "room_id": room}}
+    assert await on_b.recv(timeout=10) == added
+    status, _ = await http(a, "DELETE", f"/rooms/{room}/members/{member.user}", owner)
+    assert status == 200
+    removed = {"type": "user_event", "data": {"event": "room_removed", "room_id": room}}
+    assert await on_b.recv(timeout=10) == removed
+    await on_b.close()

@@ -21,6 +21,7 @@ from nanomsg.events import (
     EditMessage,
     GetPastMessages,
     MarkRead,
+    OpenDm,
     Quit,
     SelectRoom,
     SendMessage,
@@ -41,6 +42,7 @@ COMMAND_TYPES = (
     Unsubscribe,
     GetPastMessages,
     MarkRead,
+    OpenDm,
     Quit,
     SelectRoom,
     SendMessage,
@@ -291,7 +293,7 @@ JSON_VALUES = st.recursive(
     ),
     max_leaves=12,
 )
-FIELDS = ["type", "content", "room_id", "since", "limit", "before", "client_id", "seq"]
+FIELDS = ["type", "content", "room_id", "since", "limit", "before", "client_id", "seq", "user"]
 COMMANDS = [
     "token",
     "select_room",
@@ -302,6 +304,7 @@ COMMANDS = [
     "edit",
     "delete",
     "read",
+    "open_dm",
     "quit",
 ]
 
@@ -347,6 +350,8 @@ def check_command(command: object) -> None:
     assert isinstance(command, COMMAND_TYPES)
     if isinstance(command, MarkRead):
         assert type(command.seq) is int and 0 <= command.seq <= codec.MAX_ID
+    if isinstance(command, OpenDm):
+        assert command.user == str(uuid.UUID(command.user))  # canonical lower-case form
     if isinstance(command, EditMessage):
         assert command.content and "\x00" not in command.content
         command.content.encode("utf-8")
@@ -498,4 +503,47 @@ def test_readmark_and_receipt_frames_are_exact() -> None:
     assert codec.read_mark(7, 12) == b'{"type":"status","data":"READMARK","room_id":7,"seq":12}'
     assert codec.signal_frame(codec.receipt(7, "u-1", 12)) == (
         b'{"type":"read","data":{"room_id":7,"user":"u-1","seq":12}}'
+    )
+
+
+def test_open_dm_takes_a_uuid_in_its_canonical_form() -> None:
+    user = "0b7e8f1a-3c2d-4e5f-8a9b-0c1d2e3f4a5b"
+    assert decode(f'{{"type":"open_dm","user":"{user}"}}') == OpenDm(user)
+    assert decode(f'{{"type":"open_dm","user":"{user.upper()}"}}') == OpenDm(user)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"type":"open_dm"}', "user is required"),
+        ('{"type":"open_dm","user":null}', "user is required"),
+        ('{"type":"open_dm","user":"bob"}', "user must be a UUID"),
+        ('{"type":"open_dm","user":7}', "user must be a UUID"),
+        (
+            '{"type":"open_dm","user":["0b7e8f1a-3c2d-4e5f-8a9b-0c1d2e3f4a5b"]}',
+            "user must be a UUID",
+        ),
+        ('{"type":"open_dm","user":"0b7e8f1a3c2d4e5f8a9b0c1d2e3f4a5b"}', "user must be a UUID"),
+    ],
+)
+def test_bad_open_dm_user_is_badargs_naming_the_field(text: str, reason: str) -> None:
+    assert decode(text) == BadArgs("open_dm", reason)
+
+
+def test_dm_status_frame_is_exact() -> None:
+    assert codec.dm_opened(12) == b'{"type":"status","data":"DM","room_id":12}'
+
+
+def test_token_asks_for_user_events_only_with_a_json_true() -> None:
+    assert decode('{"type":"token","content":"t","user_events":true}') == Token("t", True)
+    for other in ("false", "1", '"true"', "null", "{}"):
+        text = f'{{"type":"token","content":"t","user_events":{other}}}'
+        assert decode(text) == Token("t", False), other
+    assert decode('{"type":"token","content":"t"}') == Token("t")
+
+
+def test_user_event_frame_is_exact() -> None:
+    data = {"event": "room_added", "room_id": 12}
+    assert codec.user_event_frame(data) == (
+        b'{"type":"user_event","data":{"event":"room_added","room_id":12}}'
     )

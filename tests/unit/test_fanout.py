@@ -471,3 +471,59 @@ async def test_a_signal_from_another_process_is_delivered_here_and_not_relayed_a
     hub.deliver_signal(room + 5, codec.receipt(room + 5, "u1", 1))  # no receivers: nothing
     assert len(a.signals) == 1 and relay.signalled == []
     await hub.close()
+
+
+class UserRecorder(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.user_events: list[tuple[bytes, dict[str, object]]] = []
+
+    def write_user_event(self, frame: bytes, data: dict[str, object]) -> None:
+        self.user_events.append((frame, data))
+
+
+class UserRelay(RecordingRelay):
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: list[tuple[str, dict[str, object]]] = []
+
+    def user_event(self, user: str, data: dict[str, object]) -> None:
+        self.told.append((user, data))
+
+
+async def test_a_user_event_reaches_the_users_connections_but_the_skipped_one_and_is_relayed(
+    store: SqliteStore,
+) -> None:
+    hub = Hub(store)
+    relay = UserRelay()
+    hub.attach(relay)
+    phone, laptop, other = UserRecorder(), UserRecorder(), UserRecorder()
+    hub.add_user(phone, "u1")
+    hub.add_user(laptop, "u1")
+    hub.add_user(other, "u2")
+    data = {"event": "read", "room_id": 4, "seq": 2}
+    hub.user_event("u1", data, skip=phone)
+    assert phone.user_events == [] and other.user_events == []
+    [(frame, got)] = laptop.user_events
+    assert orjson.loads(frame_payload(frame)) == {"type": "user_event", "data": data}
+    assert got == data
+    assert relay.told == [("u1", data)]  # every other process hears it, once
+    await hub.close()
+
+
+async def test_a_user_event_from_another_process_is_delivered_and_a_closed_connection_gets_none(
+    store: SqliteStore,
+) -> None:
+    hub = Hub(store)
+    relay = UserRelay()
+    hub.attach(relay)
+    a, b = UserRecorder(), UserRecorder()
+    hub.add_user(a, "u1")
+    hub.add_user(b, "u1")
+    hub.remove_user(b, "u1")
+    hub.deliver_user_event("u1", {"event": "room_added", "room_id": 3})
+    hub.deliver_user_event("u9", {"event": "room_added", "room_id": 3})  # nobody here
+    assert len(a.user_events) == 1 and b.user_events == [] and relay.told == []
+    hub.remove_user(a, "u1")
+    assert hub.users == {}  # nothing kept for a user with no connection
+    await hub.close()

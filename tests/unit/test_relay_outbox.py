@@ -42,6 +42,7 @@ class Heard:
         self.changed: list[int] = []
         self.resynced: list[int] = []
         self.signals: list[tuple[int, dict[str, Any]]] = []
+        self.user_events: list[tuple[str, dict[str, Any]]] = []
 
     def handlers(self) -> RelayHandlers:
         return RelayHandlers(
@@ -49,6 +50,7 @@ class Heard:
             room_changed=self.changed.append,
             resync=self.resynced.append,
             signal=lambda room, data: self.signals.append((room, data)),
+            user_event=lambda user, data: self.user_events.append((user, data)),
         )
 
 
@@ -166,6 +168,28 @@ def test_signals_share_the_bounded_queue_and_their_room_payload() -> None:
     assert [m.seq for m in heard.messages] == [1]
 
 
+def test_user_events_share_the_bounded_queue_and_go_in_one_control_payload() -> None:
+    outbox = Outbox(NODE, max_entries=3)
+    outbox.user_event("u1", {"event": "read", "room_id": 4, "seq": 2})
+    outbox.message(msg(4, 1))
+    outbox.user_event("u2", {"event": "room_added", "room_id": 5})
+    packets = outbox.take()
+    controls = [p for p in packets if p.room_id is None]
+    assert len(controls) == 1  # both user events, one PUBLISH on the control channel
+    assert controls[0].payload.startswith(header(NODE) + b',"u":[')
+    heard = replay(packets)
+    assert heard.user_events == [
+        ("u1", {"event": "read", "room_id": 4, "seq": 2}),
+        ("u2", {"event": "room_added", "room_id": 5}),
+    ]
+    assert [m.seq for m in heard.messages] == [1] and heard.changed == []
+    outbox.put_back(controls)  # not taken by the broker: queued again, bounded like messages
+    assert len(outbox.entries) == 2
+    outbox.user_event("u3", {"event": "invited", "room_id": 6})
+    outbox.user_event("u4", {"event": "invited", "room_id": 7})
+    assert outbox.dropped == 1
+
+
 def test_an_outbox_without_room_is_refused() -> None:
     with pytest.raises(ValueError):
         Outbox(NODE, max_entries=0)
@@ -266,6 +290,10 @@ def test_payloads_of_the_previous_format_are_still_understood() -> None:
         b'{"n":"x","r":1,"m":[[1,2,"e","n","c","not a date",null]]}',
         b'{"n":"x","r":1,"m":[[1,"2","e","n","c","2026-01-01T00:00:00+00:00",null]]}',
         b'{"n":"x","r":1,"s":[1]}',
+        b'{"n":"x","u":{}}',
+        b'{"n":"x","u":[["u1"]]}',
+        b'{"n":"x","u":[[1,{}]]}',
+        b'{"n":"x","u":[["u1",[]]]}',
         b'{"n":"x","r":1,"m":[[1,2,"e","n","c","2026-01-01T00:00:00+00:00",null,false]]}',
         b'{"n":"x","r":1,"m":[[1,2,"e","n","c","2026-01-01T00:00:00+00:00",null,true,1]]}',
         b'{"n":"x","r":1,"m":[[1,2,"e","n","c","2026-01-01T00:00:00+00:00",null,"edit"]]}',
@@ -307,3 +335,13 @@ def test_every_control_subscription_of_the_cluster_relay_re_checks_every_watched
     assert heard.resynced == [4] and heard.changed == []
     relay.dispatch(shard, {"type": "ssubscribe", "channel": b"p:control", "data": 1})
     assert heard.changed == [4]
+
+
+def test_a_user_event_payload_decodes_to_its_pairs_and_an_own_echo_is_skipped() -> None:
+    payload = header("a" * 32) + b',"u":[["u1",{"event":"room_removed","room_id":9}]]}'
+    assert decode(payload).user_events == [("u1", {"event": "room_removed", "room_id": 9})]
+    heard = Heard()
+    hand_over(payload, header("a" * 32), heard.handlers())
+    assert heard.user_events == []
+    hand_over(payload, header("b" * 32), heard.handlers())
+    assert heard.user_events == [("u1", {"event": "room_removed", "room_id": 9})]

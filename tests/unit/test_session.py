@@ -23,6 +23,7 @@ from nanomsg.events import (
     Command,
     DeleteMessage,
     Disarm,
+    DmReady,
     EditMessage,
     Effect,
     EndReplay,
@@ -36,17 +37,20 @@ from nanomsg.events import (
     MarkRead,
     MessageRefused,
     MessageStored,
+    OpenDm,
     Publish,
     Quit,
     ReadMarked,
     Replayed,
     RoomLoaded,
     RoomMissing,
+    RunOpenDm,
     SelectRoom,
     Send,
     SendMessage,
     SetReadMark,
     SetReceiving,
+    Settle,
     StorageFailed,
     StoreMessage,
     Subscribe,
@@ -919,3 +923,28 @@ def test_a_mark_held_answers_readmark_and_a_refusal_its_status(
     ]
     assert sent(session.result(StorageFailed())) == [{"type": "status", "data": "UNAVAILABLE"}]
     assert 7 in session.subs  # a failed read leaves the room held
+
+
+# -- DMs -----------------------------------------------------------------------------------------
+
+
+def test_authenticating_settles_the_dms_waiting_for_the_user_once(
+    session: Session, clock: FakeClock
+) -> None:
+    effects = session.receive(token(clock))
+    assert session.principal is not None
+    assert effects[-1] == Settle(session.principal)
+    refreshed = session.receive(token(clock))  # a refresh does not settle again
+    assert not [e for e in refreshed if isinstance(e, Settle)]
+
+
+def test_open_dm_goes_to_the_use_case_and_answers_dm_with_the_room(
+    session: Session, clock: FakeClock
+) -> None:
+    other = str(uuid.uuid4())
+    assert sent(session.receive(OpenDm(other))) == [{"type": "query", "data": "TOKEN?"}]
+    authed(session, clock)
+    assert session.principal is not None
+    assert session.receive(OpenDm(other)) == [RunOpenDm(session.principal, other)]
+    assert sent(session.result(DmReady(31))) == [{"type": "status", "data": "DM", "room_id": 31}]
+    assert 31 not in session.subs  # the DM is not held until selected or subscribed

@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from nanomsg.clock import FakeClock
 from nanomsg.fanout import Hub
-from nanomsg.models import Principal, Room, RoomAccess
+from nanomsg.models import Principal, Room, RoomAccess, Rule
 from nanomsg.permissions import Access
 from nanomsg.store.base import ContentRefused, NewMessage, NewRoom, RoomGone, StoreUnavailable
 from nanomsg.store.sqlite import SqliteStore
@@ -381,3 +381,69 @@ async def test_a_mark_moved_forward_sends_a_receipt_and_one_not_moved_sends_none
     with pytest.raises(NoSuchRoom):
         await cases.mark_read(person(GLOBEX), room.id, 1)
     assert len(log.reads) == 2
+
+
+# -- user events from rule changes ---------------------------------------------------------------
+
+
+class Told:
+    """Records the user events the use cases send."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any], object | None]] = []
+
+    def user_event(self, user: str, data: dict[str, Any], skip: object | None = None) -> None:
+        self.events.append((user, data, skip))
+
+
+T0 = datetime(2026, 11, 23, tzinfo=UTC)
+
+
+def urule(subject: str, flags: str, accepted: bool = True, kind: str = "user") -> Rule:
+    return Rule(5, subject, kind, flags, 0, accepted, T0, T0)
+
+
+def told_for(before: tuple[Rule, ...], after: tuple[Rule, ...]) -> list[tuple[str, str]]:
+    told = Told()
+    UseCases(SqliteStore(":memory:"), FakeClock(), users=told).rules_changed(5, before, after)
+    return [(user, data["event"]) for user, data, _ in told.events]
+
+
+async def test_rules_changed_tells_each_user_what_the_room_now_is_to_them() -> None:
+    assert told_for((), (urule("u1", "rw"),)) == [("u1", "room_added")]
+    assert told_for((urule("u1", "rw"),), (urule("u1", "r"),)) == []  # still readable
+    assert told_for((urule("u1", "rw"),), ()) == [("u1", "room_removed")]  # rule deleted
+    assert told_for((urule("u1", "rw"),), (urule("u1", "b"),)) == [("u1", "room_removed")]
+    assert told_for((urule("u1", "rw"),), (urule("u1", "rwb"),)) == [("u1", "room_removed")]
+    assert told_for((), (urule("u1", "rw", accepted=False),)) == [("u1", "invited")]
+    assert told_for((urule("u1", "rw", accepted=False),), (urule("u1", "rw"),)) == [
+        ("u1", "room_added")
+    ]
+    assert told_for((urule("u1", "rw", accepted=False),), (urule("u1", "rw", False),)) == []
+    assert told_for((), (urule("u1", "w"),)) == []  # write-only grants no read
+
+
+async def test_entity_rules_tell_nobody() -> None:
+    assert told_for((), (urule(ACME, "rw", kind="entity"),)) == []
+    assert told_for((urule(ACME, "rw", kind="entity"),), ()) == []
+
+
+async def test_mark_read_tells_the_users_other_connections_when_the_mark_moves(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(str(tmp_path / "told.db"))
+    await store.open()
+    try:
+        told = Told()
+        cases = UseCases(store, FakeClock(now=1_800_000_000), users=told)
+        me = person()
+        now = datetime(2027, 1, 15, tzinfo=UTC)
+        room = await store.create_room(NewRoom("r", 100, "group", ACME, 100, me.user, 0, now))
+        await store.append_message(NewMessage(room.id, me.user, ACME, "hi", None, now))
+        origin = object()
+        assert await cases.mark_read(me, room.id, 1, origin=origin) == 1
+        assert told.events == [(me.user, {"event": "read", "room_id": room.id, "seq": 1}, origin)]
+        await cases.mark_read(me, room.id, 0, origin=origin)  # not moved: nobody told
+        assert len(told.events) == 1
+    finally:
+        await store.close()
