@@ -662,7 +662,9 @@ class WsServer:
         self.clock = clock
         # The use cases (edit, delete, read) the driver runs, the HTTP side-port's rules;
         # ``receipts`` is the process's one coalescer, shared with the side-port.
-        self.usecases = UseCases(store, clock, receipts=receipts, users=hub)
+        self.usecases = UseCases(
+            store, clock, receipts=receipts, users=hub, kept_rules=hub.cached_access
+        )
         self.limits = Limits(
             auth_timeout=config.auth_timeout,
             refresh_grace=config.refresh_grace,

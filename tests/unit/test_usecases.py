@@ -447,3 +447,38 @@ async def test_mark_read_tells_the_users_other_connections_when_the_mark_moves(
         assert len(told.events) == 1
     finally:
         await store.close()
+
+
+class CountingStore:
+    """The real store, counting the rules queries made through it."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.rules_reads = 0
+
+    async def room_access(self, room_id: int) -> RoomAccess | None:
+        self.rules_reads += 1
+        found: RoomAccess | None = await self.store.room_access(room_id)
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+async def test_the_rules_kept_for_a_live_room_decide_without_a_query_and_stay_strict(
+    cases: UseCases,
+) -> None:
+    admin, author, outsider = person(), person(), person(GLOBEX)
+    room = await group(cases, admin)
+    seq = await post(cases, room, author, "helo")
+    kept = await cases.store.room_access(room.id)
+    counting = CountingStore(cases.store)
+    live: dict[int, RoomAccess | None] = {room.id: kept}
+    fast = UseCases(counting, cases.clock, kept_rules=live.get)  # type: ignore[arg-type]
+    assert (await fast.edit(author, room.id, seq, "hello")).message.content == "hello"
+    assert counting.rules_reads == 0  # decided on the kept rules, as a send is
+    with pytest.raises(NoSuchRoom):  # the kept rules still refuse whom they refuse
+        await fast.edit(outsider, room.id, seq, "mine")
+    live.clear()  # not live here (or the relay cannot hear change notices): read storage
+    assert (await fast.delete(author, room.id, seq)).message.deleted
+    assert counting.rules_reads == 1
