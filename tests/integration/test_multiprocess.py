@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
 from tests.conftest import SECRET, TokenFactory
@@ -30,6 +31,8 @@ class Node:
     proc: asyncio.subprocess.Process
     ws_port: int
     http_port: int
+    redis_url: str
+    prefix: str
 
 
 async def start_node(pg_url: str, redis_url: str, prefix: str) -> Node:
@@ -56,7 +59,24 @@ async def start_node(pg_url: str, redis_url: str, prefix: str) -> Node:
         if found:
             # Keep draining stderr so a chatty node never blocks on a full pipe.
             asyncio.get_running_loop().create_task(_drain(proc.stderr))
-            return Node(proc, int(found.group(1)), int(found.group(2)))
+            return Node(proc, int(found.group(1)), int(found.group(2)), redis_url, prefix)
+
+
+async def subscribed(node: Node, channel: str, count: int) -> None:
+    """Wait until ``count`` processes subscribe ``channel`` (``room:<id>`` or ``control``) in
+    Redis: a message published before a process's subscription took effect would reach it only
+    through a storage fill, so the tests below wait for the subscription itself."""
+    name = f"{node.prefix}:{channel}"
+    client = aioredis.from_url(node.redis_url)
+    try:
+        for _ in range(200):
+            (_, found), *_ = await client.pubsub_numsub(name)
+            if found >= count:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{name} has {found} subscribers, not {count}")
+    finally:
+        await client.aclose()
 
 
 async def _drain(stream: asyncio.StreamReader) -> None:
@@ -116,7 +136,7 @@ async def test_two_processes_deliver_every_message_once_in_one_order(
     assert status == 200
     room = body["content"]["room"]["id"]
     clients = [await join(node, owner, room) for node in (a, b, a, b)]
-    await asyncio.sleep(0.3)  # let both nodes' Redis subscriptions take effect
+    await subscribed(a, f"room:{room}", 2)
     per_sender = 25
     await asyncio.gather(
         *(
@@ -149,7 +169,7 @@ async def test_permission_change_through_one_process_reaches_the_other(
     )
     assert status == 201
     on_b = await join(b, member, room)
-    await asyncio.sleep(0.3)
+    await subscribed(a, "control", 2)
     status, _ = await http(a, "DELETE", f"/rooms/{room}/members/{member.user}", owner)
     assert status == 200
     assert await on_b.recv(timeout=1.0) == {
@@ -177,7 +197,8 @@ async def test_a_subscriber_to_two_rooms_on_one_process_gets_both_rooms_sent_on_
         reply = await reader.ask({"type": "subscribe", "room_id": room})
         assert reply == {"type": "status", "data": "SUBSCRIBED", "room_id": room}
     sender = await join(a, owner, rooms[0])
-    await asyncio.sleep(0.3)  # let node B's Redis subscriptions take effect
+    await subscribed(a, f"room:{rooms[0]}", 2)
+    await subscribed(a, f"room:{rooms[1]}", 1)
     sent = []
     for n in range(3):
         for room in rooms:  # one to the selected room, one naming the other
@@ -203,7 +224,7 @@ async def test_an_edit_and_a_delete_on_one_process_reach_a_subscriber_on_the_oth
     room = body["content"]["room"]["id"]
     on_b = await join(b, owner, room)
     sender = await join(a, owner, room)
-    await asyncio.sleep(0.3)  # let node B's Redis subscription take effect
+    await subscribed(a, f"room:{room}", 2)
     first = (await sender.ask({"type": "message", "content": "typo"}))["data"]["seq"]
     edit = await sender.ask({"type": "edit", "seq": first, "content": "fixed"})
     delete = await sender.ask({"type": "delete", "seq": first})
@@ -235,7 +256,7 @@ async def test_a_read_on_one_process_sends_its_receipt_to_a_subscriber_on_the_ot
     assert status == 201
     on_b = await join(b, owner, room)
     reader = await join(a, member, room)
-    await asyncio.sleep(0.3)  # let node B's Redis subscription take effect
+    await subscribed(a, f"room:{room}", 2)
     for text in ("one", "two"):
         await reader.ask({"type": "message", "content": text})
     assert [(await on_b.recv(timeout=10))["data"]["seq"] for _ in range(2)] == [1, 2]
@@ -269,7 +290,7 @@ async def test_a_grant_on_one_process_reaches_the_users_connection_on_the_other_
     await on_b.recv()
     token = {"type": "token", "content": member.token, "user_events": True}
     assert (await on_b.ask(token))["data"] == "READY"
-    await asyncio.sleep(0.3)  # let node B's Redis subscriptions take effect
+    await subscribed(a, "control", 2)
     status, _ = await http(
         a, "PUT", f"/rooms/{room}/members", owner, {"entity_UUID": member.user, "permissions": "rw"}
     )
