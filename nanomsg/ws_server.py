@@ -405,13 +405,7 @@ class Connection(Driver, asyncio.Protocol):
             else:
                 assert held is not None
                 held.append((room_id, frame))  # behind a long reply being written
-            self.held_bytes += len(frame)
-            # A reader who reads the reply earns room for what is held behind it.
-            streamed = self.reply.streamed if self.reply is not None else 0
-            if self.held_bytes > self.server.config.max_backlog + streamed:
-                self._slow_consumer("backlog over limit while a reply is written")
-            else:
-                self.account()
+            self._count_held(len(frame))
             return
         outbox = self.outbox
         if not outbox:
@@ -462,12 +456,7 @@ class Connection(Driver, asyncio.Protocol):
         held = self.held
         if held is not None:
             held.append((room_id, frame))  # behind a long reply being written
-            self.held_bytes += len(frame)
-            streamed = self.reply.streamed if self.reply is not None else 0
-            if self.held_bytes > self.server.config.max_backlog + streamed:
-                self._slow_consumer("backlog over limit while a reply is written")
-            else:
-                self.account()
+            self._count_held(len(frame))
             return
         outbox = self.outbox
         if not outbox:
@@ -476,6 +465,16 @@ class Connection(Driver, asyncio.Protocol):
         self.outbox_bytes += len(frame)
         if self.outbox_bytes > self.server.config.max_backlog:
             self._slow_consumer()
+
+    def _count_held(self, size: int) -> None:
+        """Bytes held behind a replay or a long reply count against ``--max-backlog``; a
+        reader who reads the reply earns room for what is held behind it."""
+        self.held_bytes += size
+        streamed = self.reply.streamed if self.reply is not None else 0
+        if self.held_bytes > self.server.config.max_backlog + streamed:
+            self._slow_consumer("backlog over limit while a reply is written")
+        else:
+            self.account()
 
     def _write(self, data: bytes) -> None:
         """Queue a frame in the outbox (or behind a long reply being written); the server
