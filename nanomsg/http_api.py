@@ -62,16 +62,7 @@ from nanomsg.store.base import (
     TooManyRules,
 )
 from nanomsg.store.common import CONVERSATION_ORDERS
-from nanomsg.usecases import (
-    BadArgs,
-    Forbidden,
-    MessageWriter,
-    NoSuchRoom,
-    Publisher,
-    ReadReceipts,
-    UseCases,
-    UserEvents,
-)
+from nanomsg.usecases import BadArgs, Forbidden, NoSuchRoom, UseCases
 
 log = logging.getLogger(__name__)
 
@@ -535,11 +526,8 @@ class HttpApi:
         config: Config,
         notify_room_changed: NotifyRoomChanged,
         readiness: Readiness,
+        usecases: UseCases,
         closes: CloseCounts = dict,
-        writer: MessageWriter | None = None,
-        publisher: Publisher | None = None,
-        receipts: ReadReceipts | None = None,
-        users: UserEvents | None = None,
     ) -> None:
         self.store = store
         self.verifier = verifier
@@ -548,9 +536,8 @@ class HttpApi:
         self.notify_room_changed = notify_room_changed
         self.readiness = readiness
         self.closes = closes
-        self.usecases = UseCases(
-            store, clock, writer=writer, publisher=publisher, receipts=receipts, users=users
-        )
+        # The process's one use-case layer, shared with the WebSocket driver.
+        self.usecases = usecases
         self.spec = orjson.dumps(
             build_openapi(
                 room_create_level=config.room_create_level, max_content=config.max_content
@@ -969,16 +956,12 @@ def build_http_app(
     config: Config,
     notify_room_changed: NotifyRoomChanged,
     readiness: Readiness,
+    usecases: UseCases,
     closes: CloseCounts = dict,
-    writer: MessageWriter | None = None,
-    publisher: Publisher | None = None,
-    receipts: ReadReceipts | None = None,
-    users: UserEvents | None = None,
 ) -> web.Application:
-    """The side-port application; the caller owns the store and runs the app. ``writer`` (the
-    batching writer) and ``publisher`` (the hub) serve ``POST /rooms/{id}/messages``;
-    ``receipts`` (the process's coalescer) sends the read receipts of ``POST .../read``;
-    ``users`` (the hub) the user events of rule changes, DMs and read marks."""
+    """The side-port application; the caller owns the store and runs the app. ``usecases`` is
+    the process's one use-case layer (``app.build_usecases``), the WebSocket driver's too:
+    posting, edits and deletions, read marks, DMs and the user events of rule changes."""
     api = HttpApi(
         store=store,
         verifier=verifier,
@@ -986,11 +969,8 @@ def build_http_app(
         config=config,
         notify_room_changed=notify_room_changed,
         readiness=readiness,
+        usecases=usecases,
         closes=closes,
-        writer=writer,
-        publisher=publisher,
-        receipts=receipts,
-        users=users,
     )
     app = web.Application(
         middlewares=[connection_middleware, envelope_middleware], client_max_size=MAX_BODY_BYTES

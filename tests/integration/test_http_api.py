@@ -25,6 +25,7 @@ from nanomsg.config import Config
 from nanomsg.http_api import build_http_app
 from nanomsg.store.base import HistoryQuery, NewMessage, RoomGone, Store, StoreUnavailable
 from nanomsg.store.factory import store_from_url
+from nanomsg.usecases import UseCases
 from tests.conftest import SECRET, TokenFactory
 
 CREATE_LEVEL = 100
@@ -152,13 +153,16 @@ async def api(store_url: str, make_token: TokenFactory) -> AsyncIterator[Api]:
     async def readiness() -> dict[str, bool]:
         return dict(holder[0].ready)
 
+    clock = SystemClock()
     app = build_http_app(
         store=faults,
-        verifier=Verifier.from_material(clock=SystemClock(), secret=SECRET),
-        clock=SystemClock(),
+        verifier=Verifier.from_material(clock=clock, secret=SECRET),
+        clock=clock,
         config=Config(jwt_secret=SECRET, room_create_level=CREATE_LEVEL),
         notify_room_changed=notify,
         readiness=readiness,
+        # No writer, hub or relay: these tests read and change rooms, never post.
+        usecases=UseCases(faults, clock),
     )
     try:
         async with TestClient(TestServer(app)) as client:
