@@ -62,7 +62,7 @@ from nanomsg.store.base import (
     TooManyRules,
 )
 from nanomsg.store.common import CONVERSATION_ORDERS
-from nanomsg.usecases import BadArgs, Forbidden, NoSuchRoom, UseCases
+from nanomsg.usecases import BadArgs, Forbidden, NoSuchMessage, NoSuchRoom, UseCases
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,8 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         response = envelope(404, reason="no such room")
     except Forbidden as exc:
         response = envelope(403, reason=exc.reason)
+    except NoSuchMessage:
+        response = envelope(404, reason="no such message")
     except BadArgs as exc:
         response = envelope(400, reason=exc.reason)
     except StoreUnavailable:
@@ -273,14 +275,28 @@ def checked_message(data: dict[str, Any], max_content: int) -> tuple[str, str | 
     if data.get("client_id", "") is None:
         raise bad_request("client_id must not be null (leave it out for none)")
     # The codec reads the same two fields from a frame; ``system`` is not one of them.
+    decoded = _codec_message(data, max_content)
+    system = body.boolean("system", default=False)
+    return decoded.content, decoded.client_id, system
+
+
+def checked_edit(data: dict[str, Any], max_content: int) -> str:
+    """The ``content`` of an edit body (``PATCH /rooms/{id}/messages/{seq}``), its only field,
+    checked by the same codec function as a message's content (``checked_message``), so an
+    edit accepts and refuses exactly the text a post does, with the same reasons."""
+    JsonBody(data, ("content",))
+    return _codec_message(data, max_content).content
+
+
+def _codec_message(data: dict[str, Any], max_content: int) -> events.SendMessage:
+    """``codec.message_command`` on a body, its refusals as 400s with the codec's reasons."""
     decoded = codec.message_command(data, max_content)
     if isinstance(decoded, events.TooLarge):
         raise bad_request(f"content must be at most {max_content} characters")
     if isinstance(decoded, events.BadArgs):
         raise bad_request(decoded.reason)
     assert isinstance(decoded, events.SendMessage)
-    system = body.boolean("system", default=False)
-    return decoded.content, decoded.client_id, system
+    return decoded
 
 
 _ABSENT: Any = object()  # a body field that was not given
@@ -474,6 +490,15 @@ def path_room_id(request: web.Request) -> int:
         raise bad_request("room id must be a positive integer")
     if value > MAX_ID:
         raise HttpError(404, "no such room")
+    return value
+
+
+def path_seq(request: web.Request) -> int:
+    """The ``{seq}`` path segment: a positive integer up to ``MAX_ID``, else 400 (the reason
+    the WebSocket's ``edit`` and ``delete`` give for a bad ``seq``)."""
+    value = _parse_uint(request.match_info["seq"], max_digits=100)
+    if value is None or not 1 <= value <= MAX_ID:
+        raise bad_request("seq must be a positive integer")
     return value
 
 
@@ -916,6 +941,30 @@ class HttpApi:
         posted = await self.usecases.post(principal, room_id, content, client_id, system=system)
         return envelope(200, posted.message.to_json())
 
+    async def edit_message(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        """Edit the caller's own message (the ``edit`` use case, as the WebSocket's ``edit``):
+        200 with the ``edited`` frame's ``data``; the event reaches the room's WebSocket
+        receivers on every process like one made over the WebSocket."""
+        QueryArgs(request, ())
+        room_id, seq = path_room_id(request), path_seq(request)
+        content = checked_edit(await read_message_body(request), self.config.max_content)
+        await self.usecases.settle(principal)
+        changed = await self.usecases.edit(principal, room_id, seq, content)
+        self.usecases.publish(changed.event)
+        return envelope(200, changed.event.event_json())
+
+    async def delete_message(
+        self, request: web.Request, principal: Principal
+    ) -> web.StreamResponse:
+        """Soft-delete a message, the caller's own or, for a room admin, anyone's (the
+        ``delete`` use case): 200 with the ``deleted`` frame's ``data``, delivered as above."""
+        QueryArgs(request, ())
+        room_id, seq = path_room_id(request), path_seq(request)
+        await self.usecases.settle(principal)
+        changed = await self.usecases.delete(principal, room_id, seq)
+        self.usecases.publish(changed.event)
+        return envelope(200, changed.event.event_json())
+
     # -- routes -----------------------------------------------------------------------------
 
     def routes(self) -> list[web.RouteDef]:
@@ -939,6 +988,8 @@ class HttpApi:
             web.route("PUT", "/rooms/{id}/invitation", a(self.put_invitation)),
             web.route("GET", "/rooms/{id}/messages", a(self.messages)),
             web.route("POST", "/rooms/{id}/messages", a(self.post_message)),
+            web.route("PATCH", "/rooms/{id}/messages/{seq}", a(self.edit_message)),
+            web.route("DELETE", "/rooms/{id}/messages/{seq}", a(self.delete_message)),
             web.route("POST", "/rooms/{id}/read", a(self.mark_read)),
             web.route("GET", "/rooms/{id}/reads", a(self.reads)),
             web.route("POST", "/dm", a(self.open_dm)),

@@ -84,6 +84,13 @@ class BadArgs(UseCaseError):
     """The arguments are wrong whoever asks."""
 
 
+class NoSuchMessage(BadArgs):
+    """A seq that names no message of a room the caller may use (unknown, or an edit or
+    deletion event): ``BADARGS`` on the WebSocket; on the side-port, where the seq is a path
+    segment naming a resource, 404 "no such message" (asked only once the room is readable,
+    so it tells nothing about rooms)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Granted:
     """A room the caller may read, its rules, and what the caller may do in it."""
@@ -551,7 +558,7 @@ def _refused(exc: Exception) -> UseCaseError:
     if isinstance(exc, RoomGone):
         return NoSuchRoom()
     if isinstance(exc, UnknownSeq):
-        return BadArgs(f"no message has seq {exc.seq}")
+        return NoSuchMessage(f"no message has seq {exc.seq}")
     if isinstance(exc, NotAuthor):
         return Forbidden("not the author of this message")
     return Forbidden("the message was deleted")

@@ -49,6 +49,8 @@ async def test_a_ban_over_http_refuses_the_banned_users_next_http_post_at_once(
     await server.grant(owner, room, member.user, "b")
     status, data = await post(server, member, room, "after the ban")
     assert (status, data["meta"]["reason"]) == (404, "no such room")
+    status, data = await server.call("PATCH", f"/rooms/{room}/messages/1", member, {"content": "x"})
+    assert (status, data["meta"]["reason"]) == (404, "no such room")
     # A grant back is seen as fast.
     await server.grant(owner, room, member.user, "rw")
     status, data = await post(server, member, room, "after the pardon")
