@@ -6,6 +6,7 @@ for it) by the next select, while another user watches the room and keeps its ru
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -100,3 +101,39 @@ async def test_a_cross_entity_dm_accepted_by_asking_for_it_is_selectable_at_once
     status, data = await server.call("POST", "/dm", mallory, {"user": alice.user})
     assert status == 200 and data["content"]["room"]["id"] == room_id, data
     assert await m.ask({"type": "select_room", "room_id": room_id}) == CONNECTED
+
+
+async def test_a_ban_committed_while_a_select_reads_the_old_rules_is_not_kept_as_the_rules(
+    server: Server,
+) -> None:
+    """A select reads the room's rules, a ban commits and is announced before that select
+    joins (the room was not live here: no channel heard the notice). The rules the select
+    read must not become the rules kept for the room: the banned user loses the room at once
+    and their next HTTP post is refused, on either door."""
+    owner, member = server.user(), server.user()
+    room = await server.create_room(owner)
+    await server.grant(owner, room, member.user, "rw")
+    store = server.app.store
+    real = store.room_access
+    reading, release = asyncio.Event(), asyncio.Event()
+    armed = [False]
+
+    async def read_then_wait(room_id: int) -> Any:
+        found = await real(room_id)
+        if armed[0] and room_id == room:
+            armed[0] = False
+            reading.set()
+            await release.wait()  # the rules as they were, returned after the ban
+        return found
+
+    store.room_access = read_then_wait  # type: ignore[method-assign]
+    client = await server.login(member)
+    armed[0] = True
+    await client.send({"type": "select_room", "room_id": room})
+    await asyncio.wait_for(reading.wait(), 5.0)
+    await server.grant(owner, room, member.user, "b")  # committed and announced
+    release.set()
+    assert await client.recv() == {"type": "status", "data": "CONNECTED"}  # read before the ban
+    assert await client.recv() == {"type": "status", "data": "NOTAUTHORIZED", "room_id": room}
+    status, data = await post(server, member, room, "after the ban")
+    assert (status, data["meta"]["reason"]) == (404, "no such room")
