@@ -164,7 +164,6 @@ class App:
             verifier=self.verifier,
             clock=self.clock,
             config=self.config,
-            notify_room_changed=self.relay.room_changed,
             readiness=self.readiness,
             closes=lambda: self.ws.closes,
             usecases=self.usecases,

@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AuthedHandler = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
-NotifyRoomChanged = Callable[[int], Awaitable[None]]
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
 # Connections the WebSocket server closed itself, by close code (reported by /healthz).
 CloseCounts = Callable[[], Mapping[int, int]]
@@ -549,7 +548,6 @@ class HttpApi:
         verifier: Verifier,
         clock: Clock,
         config: Config,
-        notify_room_changed: NotifyRoomChanged,
         readiness: Readiness,
         usecases: UseCases,
         closes: CloseCounts = dict,
@@ -558,7 +556,6 @@ class HttpApi:
         self.verifier = verifier
         self.clock = clock
         self.config = config
-        self.notify_room_changed = notify_room_changed
         self.readiness = readiness
         self.closes = closes
         # The process's one use-case layer, shared with the WebSocket driver.
@@ -615,10 +612,7 @@ class HttpApi:
         The change is already stored, so a failing notification is logged, not reported as a
         failure of the request.
         """
-        try:
-            await self.notify_room_changed(room_id)
-        except Exception:
-            log.exception("notify_room_changed(%d) failed", room_id)
+        await self.usecases.room_changed(room_id)
         if before is None:
             return
         try:
@@ -1005,7 +999,6 @@ def build_http_app(
     verifier: Verifier,
     clock: Clock,
     config: Config,
-    notify_room_changed: NotifyRoomChanged,
     readiness: Readiness,
     usecases: UseCases,
     closes: CloseCounts = dict,
@@ -1018,7 +1011,6 @@ def build_http_app(
         verifier=verifier,
         clock=clock,
         config=config,
-        notify_room_changed=notify_room_changed,
         readiness=readiness,
         usecases=usecases,
         closes=closes,

@@ -159,10 +159,10 @@ async def api(store_url: str, make_token: TokenFactory) -> AsyncIterator[Api]:
         verifier=Verifier.from_material(clock=clock, secret=SECRET),
         clock=clock,
         config=Config(jwt_secret=SECRET, room_create_level=CREATE_LEVEL),
-        notify_room_changed=notify,
         readiness=readiness,
-        # No writer, hub or relay: these tests read and change rooms, never post.
-        usecases=UseCases(faults, clock),
+        # No writer or hub: these tests read and change rooms, never post; change notices
+        # are recorded instead of relayed.
+        usecases=UseCases(faults, clock, notify_room_changed=notify),
     )
     try:
         async with TestClient(TestServer(app)) as client:
@@ -287,10 +287,12 @@ async def test_openapi_document_parses_and_lists_every_path(api: Api) -> None:
         "/rooms/{id}/members/{uuid}",
         "/rooms/{id}/invitation",
         "/rooms/{id}/messages",
+        "/rooms/{id}/messages/{seq}",
         "/rooms/{id}/read",
         "/rooms/{id}/reads",
         "/dm",
     }
+    assert set(paths["/rooms/{id}/messages/{seq}"]) - {"parameters"} == {"patch", "delete"}
     assert set(paths["/rooms"]) == {"get", "post"}
     assert set(paths["/rooms/{id}"]) >= {"get", "delete"}
     assert "put" in paths["/rooms/{id}/members"]
