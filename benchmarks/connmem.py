@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from nanomsg.app import build_usecases
 from nanomsg.auth import Verifier, mint
 from nanomsg.clock import SystemClock
 from nanomsg.config import Config
@@ -91,13 +92,15 @@ async def measure(count: int, top: int, rooms: int = 1) -> dict[str, Any]:
     clock = SystemClock()
     with tempfile.TemporaryDirectory() as tmp:
         store = SqliteStore(f"{tmp}/connmem.db")
+        hub, writer = Hub(store), BatchWriter(store)
         server = WsServer(
             config=Config(),
-            hub=Hub(store),
+            hub=hub,
             store=store,
-            writer=BatchWriter(store),
+            writer=writer,
             verifier=Verifier.from_material(clock=clock, secret=SECRET),
             clock=clock,
+            usecases=build_usecases(store, clock, writer=writer, hub=hub),
         )
         now = datetime.now(UTC)
         entity = str(uuid.uuid4())

@@ -28,6 +28,7 @@ from nanomsg.relay.redis_cluster import RedisClusterRelay
 from nanomsg.store.base import Store
 from nanomsg.store.factory import store_from_url
 from nanomsg.store.writer import BatchWriter
+from nanomsg.usecases import ReadReceipts, UseCases
 from nanomsg.ws_server import WsServer
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,33 @@ def build_verifier(config: Config, clock: Clock) -> Verifier:
         )
     except ValueError as exc:
         raise ConfigError(f"NANOMSG_JWT_PUBLIC_KEY: {exc}") from None
+
+
+def build_usecases(
+    store: Store,
+    clock: Clock,
+    *,
+    writer: BatchWriter,
+    hub: Hub,
+    receipts: ReadReceipts | None = None,
+    relay: Relay | None = None,
+) -> UseCases:
+    """The one use-case layer of a process, with every collaborator: the batching writer and
+    the hub (publisher, user events, kept rules), the receipt coalescer, and the relay's
+    change notice (``room_changed``: this process at once, then the others). ``App`` hands
+    the same instance to the WebSocket server and to the HTTP side-port; tests that build a
+    ``WsServer`` alone wire it the same way (without a relay: rules kept by the hub are then
+    refreshed by nothing but the hub's own re-checks)."""
+    return UseCases(
+        store,
+        clock,
+        writer=writer,
+        publisher=hub,
+        receipts=receipts,
+        users=hub,
+        kept_rules=hub.cached_access,
+        notify_room_changed=relay.room_changed if relay is not None else None,
+    )
 
 
 def url_host(host: str) -> str:
@@ -92,6 +120,16 @@ class App:
             self.clock,
             lambda room_id, user, seq: self.hub.signal(room_id, receipt(room_id, user, seq)),
         )
+        # One use-case layer for both drivers: a rule, and the rules kept for live rooms,
+        # are the same over the WebSocket and over HTTP.
+        self.usecases = build_usecases(
+            self.store,
+            self.clock,
+            writer=self.writer,
+            hub=self.hub,
+            receipts=self.receipts,
+            relay=self.relay,
+        )
         self.node_id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.ws = WsServer(
             config=config,
@@ -100,8 +138,8 @@ class App:
             writer=self.writer,
             verifier=self.verifier,
             clock=self.clock,
+            usecases=self.usecases,
             node_id=self.node_id,
-            receipts=self.receipts,
         )
         self.http_guard = ConnectionGuard(
             header_timeout=config.http_header_timeout,
@@ -126,13 +164,9 @@ class App:
             verifier=self.verifier,
             clock=self.clock,
             config=self.config,
-            notify_room_changed=self.relay.room_changed,
             readiness=self.readiness,
             closes=lambda: self.ws.closes,
-            writer=self.writer,
-            publisher=self.hub,
-            receipts=self.receipts,
-            users=self.hub,
+            usecases=self.usecases,
         )
         self._runner = web.AppRunner(
             http_app,

@@ -330,6 +330,8 @@ class Driver:
         self, effect: LoadRoom | LoadHistory | ChangeMessage | SetReadMark | RunOpenDm | _Replay
     ) -> None:
         store = self.server.store
+        hub = self.server.hub
+        notices = hub.notices
         result: Result
         try:
             if isinstance(effect, LoadRoom):
@@ -371,6 +373,13 @@ class Driver:
                 self._send_reply()
             else:
                 self.apply(self.session.result(result))
+            if isinstance(effect, LoadRoom) and hub.notices != notices:
+                # A change notice came while the rules were read: they may predate it, and the
+                # room's channel, if this join made it, never heard it. Re-check the room as
+                # after a notice: its kept rules are dropped, then read again, and its
+                # receivers (this one included) decided on them. Rare: a notice per rule
+                # change, anywhere, within one storage read.
+                hub.room_changed(effect.room_id)
             self._pump()
 
     def reauthorize(self, room_id: int, access: RoomAccess | None) -> None:

@@ -146,6 +146,10 @@ class Hub:
         # close, so a user event finds its receivers with one lookup and costs nothing per
         # message.
         self.users: dict[str, dict[Receiver, None]] = {}
+        # Change notices heard, for every room (live here or not): a reader of a room's rules
+        # notes it before reading, and a notice heard meanwhile means what it read may be
+        # older than a change the room's channel, if it had none yet, never heard of.
+        self.notices = 0
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def attach(self, relay: Relay) -> None:
@@ -407,6 +411,7 @@ class Hub:
 
     def room_changed(self, room_id: int) -> None:
         """Rules of a room changed somewhere: re-check the local receivers of that room."""
+        self.notices += 1
         channel = self.rooms.get(room_id)
         if channel is not None:
             # Forget the rules at once: a select arriving before the re-check completes reads

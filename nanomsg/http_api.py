@@ -62,22 +62,12 @@ from nanomsg.store.base import (
     TooManyRules,
 )
 from nanomsg.store.common import CONVERSATION_ORDERS
-from nanomsg.usecases import (
-    BadArgs,
-    Forbidden,
-    MessageWriter,
-    NoSuchRoom,
-    Publisher,
-    ReadReceipts,
-    UseCases,
-    UserEvents,
-)
+from nanomsg.usecases import BadArgs, Forbidden, NoSuchMessage, NoSuchRoom, UseCases
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AuthedHandler = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
-NotifyRoomChanged = Callable[[int], Awaitable[None]]
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
 # Connections the WebSocket server closed itself, by close code (reported by /healthz).
 CloseCounts = Callable[[], Mapping[int, int]]
@@ -193,6 +183,8 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         response = envelope(404, reason="no such room")
     except Forbidden as exc:
         response = envelope(403, reason=exc.reason)
+    except NoSuchMessage:
+        response = envelope(404, reason="no such message")
     except BadArgs as exc:
         response = envelope(400, reason=exc.reason)
     except StoreUnavailable:
@@ -282,14 +274,28 @@ def checked_message(data: dict[str, Any], max_content: int) -> tuple[str, str | 
     if data.get("client_id", "") is None:
         raise bad_request("client_id must not be null (leave it out for none)")
     # The codec reads the same two fields from a frame; ``system`` is not one of them.
+    decoded = _codec_message(data, max_content)
+    system = body.boolean("system", default=False)
+    return decoded.content, decoded.client_id, system
+
+
+def checked_edit(data: dict[str, Any], max_content: int) -> str:
+    """The ``content`` of an edit body (``PATCH /rooms/{id}/messages/{seq}``), its only field,
+    checked by the same codec function as a message's content (``checked_message``), so an
+    edit accepts and refuses exactly the text a post does, with the same reasons."""
+    JsonBody(data, ("content",))
+    return _codec_message(data, max_content).content
+
+
+def _codec_message(data: dict[str, Any], max_content: int) -> events.SendMessage:
+    """``codec.message_command`` on a body, its refusals as 400s with the codec's reasons."""
     decoded = codec.message_command(data, max_content)
     if isinstance(decoded, events.TooLarge):
         raise bad_request(f"content must be at most {max_content} characters")
     if isinstance(decoded, events.BadArgs):
         raise bad_request(decoded.reason)
     assert isinstance(decoded, events.SendMessage)
-    system = body.boolean("system", default=False)
-    return decoded.content, decoded.client_id, system
+    return decoded
 
 
 _ABSENT: Any = object()  # a body field that was not given
@@ -486,6 +492,15 @@ def path_room_id(request: web.Request) -> int:
     return value
 
 
+def path_seq(request: web.Request) -> int:
+    """The ``{seq}`` path segment: a positive integer up to ``MAX_ID``, else 400 (the reason
+    the WebSocket's ``edit`` and ``delete`` give for a bad ``seq``)."""
+    value = _parse_uint(request.match_info["seq"], max_digits=100)
+    if value is None or not 1 <= value <= MAX_ID:
+        raise bad_request("seq must be a positive integer")
+    return value
+
+
 def path_uuid(request: web.Request, name: str) -> str:
     """A UUID path segment, in its canonical lower-case form; else 400."""
     value = canonical_uuid(request.match_info[name])
@@ -533,24 +548,18 @@ class HttpApi:
         verifier: Verifier,
         clock: Clock,
         config: Config,
-        notify_room_changed: NotifyRoomChanged,
         readiness: Readiness,
+        usecases: UseCases,
         closes: CloseCounts = dict,
-        writer: MessageWriter | None = None,
-        publisher: Publisher | None = None,
-        receipts: ReadReceipts | None = None,
-        users: UserEvents | None = None,
     ) -> None:
         self.store = store
         self.verifier = verifier
         self.clock = clock
         self.config = config
-        self.notify_room_changed = notify_room_changed
         self.readiness = readiness
         self.closes = closes
-        self.usecases = UseCases(
-            store, clock, writer=writer, publisher=publisher, receipts=receipts, users=users
-        )
+        # The process's one use-case layer, shared with the WebSocket driver.
+        self.usecases = usecases
         self.spec = orjson.dumps(
             build_openapi(
                 room_create_level=config.room_create_level, max_content=config.max_content
@@ -603,10 +612,7 @@ class HttpApi:
         The change is already stored, so a failing notification is logged, not reported as a
         failure of the request.
         """
-        try:
-            await self.notify_room_changed(room_id)
-        except Exception:
-            log.exception("notify_room_changed(%d) failed", room_id)
+        await self.usecases.room_changed(room_id)
         if before is None:
             return
         try:
@@ -929,6 +935,30 @@ class HttpApi:
         posted = await self.usecases.post(principal, room_id, content, client_id, system=system)
         return envelope(200, posted.message.to_json())
 
+    async def edit_message(self, request: web.Request, principal: Principal) -> web.StreamResponse:
+        """Edit the caller's own message (the ``edit`` use case, as the WebSocket's ``edit``):
+        200 with the ``edited`` frame's ``data``; the event reaches the room's WebSocket
+        receivers on every process like one made over the WebSocket."""
+        QueryArgs(request, ())
+        room_id, seq = path_room_id(request), path_seq(request)
+        content = checked_edit(await read_message_body(request), self.config.max_content)
+        await self.usecases.settle(principal)
+        changed = await self.usecases.edit(principal, room_id, seq, content)
+        self.usecases.publish(changed.event)
+        return envelope(200, changed.event.event_json())
+
+    async def delete_message(
+        self, request: web.Request, principal: Principal
+    ) -> web.StreamResponse:
+        """Soft-delete a message, the caller's own or, for a room admin, anyone's (the
+        ``delete`` use case): 200 with the ``deleted`` frame's ``data``, delivered as above."""
+        QueryArgs(request, ())
+        room_id, seq = path_room_id(request), path_seq(request)
+        await self.usecases.settle(principal)
+        changed = await self.usecases.delete(principal, room_id, seq)
+        self.usecases.publish(changed.event)
+        return envelope(200, changed.event.event_json())
+
     # -- routes -----------------------------------------------------------------------------
 
     def routes(self) -> list[web.RouteDef]:
@@ -952,6 +982,8 @@ class HttpApi:
             web.route("PUT", "/rooms/{id}/invitation", a(self.put_invitation)),
             web.route("GET", "/rooms/{id}/messages", a(self.messages)),
             web.route("POST", "/rooms/{id}/messages", a(self.post_message)),
+            web.route("PATCH", "/rooms/{id}/messages/{seq}", a(self.edit_message)),
+            web.route("DELETE", "/rooms/{id}/messages/{seq}", a(self.delete_message)),
             web.route("POST", "/rooms/{id}/read", a(self.mark_read)),
             web.route("GET", "/rooms/{id}/reads", a(self.reads)),
             web.route("POST", "/dm", a(self.open_dm)),
@@ -967,30 +999,21 @@ def build_http_app(
     verifier: Verifier,
     clock: Clock,
     config: Config,
-    notify_room_changed: NotifyRoomChanged,
     readiness: Readiness,
+    usecases: UseCases,
     closes: CloseCounts = dict,
-    writer: MessageWriter | None = None,
-    publisher: Publisher | None = None,
-    receipts: ReadReceipts | None = None,
-    users: UserEvents | None = None,
 ) -> web.Application:
-    """The side-port application; the caller owns the store and runs the app. ``writer`` (the
-    batching writer) and ``publisher`` (the hub) serve ``POST /rooms/{id}/messages``;
-    ``receipts`` (the process's coalescer) sends the read receipts of ``POST .../read``;
-    ``users`` (the hub) the user events of rule changes, DMs and read marks."""
+    """The side-port application; the caller owns the store and runs the app. ``usecases`` is
+    the process's one use-case layer (``app.build_usecases``), the WebSocket driver's too:
+    posting, edits and deletions, read marks, DMs and the user events of rule changes."""
     api = HttpApi(
         store=store,
         verifier=verifier,
         clock=clock,
         config=config,
-        notify_room_changed=notify_room_changed,
         readiness=readiness,
+        usecases=usecases,
         closes=closes,
-        writer=writer,
-        publisher=publisher,
-        receipts=receipts,
-        users=users,
     )
     app = web.Application(
         middlewares=[connection_middleware, envelope_middleware], client_max_size=MAX_BODY_BYTES

@@ -1,9 +1,10 @@
 """The use cases of a conversation, each in one place for every driver.
 
-The HTTP side-port calls these functions now and the WebSocket driver will call the same ones,
-so a rule (who may edit, what a DM with oneself is, how far a read mark may go) lives here
-only. They take a verified ``Principal`` and plain values, talk to the injected ``Store``, and
-answer with domain records or one of three errors every driver maps to its own words:
+The composition root builds one instance per process and hands it to the WebSocket driver
+and to the HTTP side-port, so a rule (who may edit, what a DM with oneself is, how far a read
+mark may go) lives here only, and both doors decide on the same kept rules. They take a
+verified ``Principal`` and plain values, talk to the injected ``Store``, and answer with
+domain records or one of three errors every driver maps to its own words:
 
 - ``NoSuchRoom``: the room does not exist *or* the caller may not read it (HTTP 404,
   WebSocket ``NOTAUTHORIZED``): the two are indistinguishable on purpose, so room ids cannot
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -81,6 +82,13 @@ class Forbidden(UseCaseError):
 
 class BadArgs(UseCaseError):
     """The arguments are wrong whoever asks."""
+
+
+class NoSuchMessage(BadArgs):
+    """A seq that names no message of a room the caller may use (unknown, or an edit or
+    deletion event): ``BADARGS`` on the WebSocket; on the side-port, where the seq is a path
+    segment naming a resource, 404 "no such message" (asked only once the room is readable,
+    so it tells nothing about rooms)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,11 +160,14 @@ class UserEvents(Protocol):
 
 
 class UseCases:
-    """The use cases over one store; drivers hold one instance each.
+    """The use cases over one store. The composition root (``app.App``) builds one instance
+    and hands it to both drivers, the WebSocket server and the HTTP side-port, so a rule and
+    the collaborators it relies on (the kept rules above all) are the same whoever asks.
 
-    ``writer`` and ``publisher`` are needed by ``post`` only (a driver that never posts, or a
-    test of the other use cases, may leave them out); without ``receipts``, ``mark_read``
-    sends no read receipts.
+    ``writer`` and ``publisher`` are needed by ``post`` (and ``publish``) only (a test of the
+    other use cases may leave them out); without ``receipts``, ``mark_read`` sends no read
+    receipts; without ``notify_room_changed``, rules changed by ``settle`` and ``open_dm``
+    are announced to nobody (fine only where no rules are kept: no ``kept_rules``).
     """
 
     def __init__(
@@ -169,6 +180,7 @@ class UseCases:
         receipts: ReadReceipts | None = None,
         users: UserEvents | None = None,
         kept_rules: Callable[[int], RoomAccess | None] | None = None,
+        notify_room_changed: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -180,6 +192,20 @@ class UseCases:
         # current after every change notice, None while the relay cannot hear notices). With
         # them an edit, delete or read mark in a live room costs no rules query, as a send does.
         self.kept_rules = kept_rules
+        # Tells every process, this one at once, that a room's rules changed (the relay's
+        # ``room_changed``): the hub then forgets the rules it keeps for the room, so the next
+        # request, on either driver, is decided on the stored rules.
+        self.notify_room_changed = notify_room_changed
+
+    async def room_changed(self, room_id: int) -> None:
+        """Announce a rules change this layer made itself (a DM settled or accepted). The
+        change is stored already, so a failing notice is logged, not raised."""
+        if self.notify_room_changed is None:
+            return
+        try:
+            await self.notify_room_changed(room_id)
+        except Exception:
+            log.exception("notify_room_changed(%d) failed", room_id)
 
     def tell(
         self, user: str, event: str, room_id: int, skip: object | None = None, **extra: Any
@@ -230,8 +256,15 @@ class UseCases:
         """What the caller's token teaches about their entity, applied to the DMs waiting for
         it: a DM opened with them by a member of their own entity becomes readable, one from
         another entity stays a pending invitation (tenant isolation: nanomsg learns an entity
-        only from its members' own tokens). Drivers call it when a caller authenticates."""
-        return await self.store.settle_dms(principal.user, principal.entity, self.now())
+        only from its members' own tokens). Drivers call it when a caller authenticates.
+
+        A DM made readable here has a rule accepted: its kept rules (on every process where
+        it is live, its opener watching it) are announced stale before this returns, so the
+        caller's next request in it is decided on the stored rules."""
+        settled = await self.store.settle_dms(principal.user, principal.entity, self.now())
+        for room_id in settled.added:
+            await self.room_changed(room_id)
+        return settled
 
     async def readable(self, principal: Principal, room_id: int) -> Granted:
         """The room if the caller may read it; NoSuchRoom otherwise (absent or not theirs)."""
@@ -307,6 +340,13 @@ class UseCases:
         self.writer.enqueue(new, done)
         return await answer
 
+    def publish(self, event: Message) -> None:
+        """Deliver a stored room event (an edit or delete a driver made) to this process's
+        receivers in seq order, and relay it to the other processes."""
+        if self.publisher is None:
+            raise RuntimeError("UseCases.publish needs a publisher")
+        self.publisher.publish(event)
+
     def new_message(
         self,
         principal: Principal,
@@ -356,6 +396,10 @@ class UseCases:
             )
         except RoomGone:
             raise NoSuchRoom() from None
+        if not created:
+            # Asking for an existing DM may have accepted the caller's pending rule in it:
+            # kept rules of the room must not outlive that (a rare call; one notice).
+            await self.room_changed(room.id)
         found = await self.store.room_access(room.id)
         if found is None:  # deleted in between
             raise NoSuchRoom()
@@ -514,7 +558,7 @@ def _refused(exc: Exception) -> UseCaseError:
     if isinstance(exc, RoomGone):
         return NoSuchRoom()
     if isinstance(exc, UnknownSeq):
-        return BadArgs(f"no message has seq {exc.seq}")
+        return NoSuchMessage(f"no message has seq {exc.seq}")
     if isinstance(exc, NotAuthor):
         return Forbidden("not the author of this message")
     return Forbidden("the message was deleted")

@@ -56,7 +56,7 @@ from nanomsg.fanout import DeflateCache, Hub
 from nanomsg.session import CloseCode, Limits, Session
 from nanomsg.store.base import Store
 from nanomsg.store.writer import BatchWriter
-from nanomsg.usecases import DM_OPENED, ReadReceipts, UseCases
+from nanomsg.usecases import DM_OPENED, UseCases
 
 __all__ = ["INBOX_PAUSE", "INBOX_RESUME", "PIPELINE", "Connection", "WsServer", "_Reply"]
 
@@ -649,8 +649,8 @@ class WsServer:
         writer: BatchWriter,
         verifier: Verifier,
         clock: Clock,
+        usecases: UseCases,
         node_id: str = "",
-        receipts: ReadReceipts | None = None,
     ) -> None:
         self.config = config
         self.node_id = node_id
@@ -659,11 +659,9 @@ class WsServer:
         self.writer = writer
         self.verifier = verifier
         self.clock = clock
-        # The use cases (edit, delete, read) the driver runs, the HTTP side-port's rules;
-        # ``receipts`` is the process's one coalescer, shared with the side-port.
-        self.usecases = UseCases(
-            store, clock, receipts=receipts, users=hub, kept_rules=hub.cached_access
-        )
+        # The use cases (edit, delete, read, DMs, settle) the driver runs: the process's one
+        # instance, shared with the HTTP side-port (``app.build_usecases``).
+        self.usecases = usecases
         self.limits = Limits(
             auth_timeout=config.auth_timeout,
             refresh_grace=config.refresh_grace,

@@ -25,6 +25,7 @@ from nanomsg.config import Config
 from nanomsg.http_api import build_http_app
 from nanomsg.store.base import HistoryQuery, NewMessage, RoomGone, Store, StoreUnavailable
 from nanomsg.store.factory import store_from_url
+from nanomsg.usecases import UseCases
 from tests.conftest import SECRET, TokenFactory
 
 CREATE_LEVEL = 100
@@ -152,13 +153,16 @@ async def api(store_url: str, make_token: TokenFactory) -> AsyncIterator[Api]:
     async def readiness() -> dict[str, bool]:
         return dict(holder[0].ready)
 
+    clock = SystemClock()
     app = build_http_app(
         store=faults,
-        verifier=Verifier.from_material(clock=SystemClock(), secret=SECRET),
-        clock=SystemClock(),
+        verifier=Verifier.from_material(clock=clock, secret=SECRET),
+        clock=clock,
         config=Config(jwt_secret=SECRET, room_create_level=CREATE_LEVEL),
-        notify_room_changed=notify,
         readiness=readiness,
+        # No writer or hub: these tests read and change rooms, never post; change notices
+        # are recorded instead of relayed.
+        usecases=UseCases(faults, clock, notify_room_changed=notify),
     )
     try:
         async with TestClient(TestServer(app)) as client:
@@ -283,10 +287,12 @@ async def test_openapi_document_parses_and_lists_every_path(api: Api) -> None:
         "/rooms/{id}/members/{uuid}",
         "/rooms/{id}/invitation",
         "/rooms/{id}/messages",
+        "/rooms/{id}/messages/{seq}",
         "/rooms/{id}/read",
         "/rooms/{id}/reads",
         "/dm",
     }
+    assert set(paths["/rooms/{id}/messages/{seq}"]) - {"parameters"} == {"patch", "delete"}
     assert set(paths["/rooms"]) == {"get", "post"}
     assert set(paths["/rooms/{id}"]) >= {"get", "delete"}
     assert "put" in paths["/rooms/{id}/members"]

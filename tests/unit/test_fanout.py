@@ -214,6 +214,21 @@ async def test_room_changed_forgets_the_rules_at_once_and_the_recheck_stores_new
     await hub.close()
 
 
+async def test_every_change_notice_is_counted_even_for_a_room_not_live_here(
+    store: SqliteStore,
+) -> None:
+    """A select that read a room's rules compares this count before and after: a notice for
+    a room with no channel yet reaches no channel, and would otherwise be lost to it."""
+    room, _ = await room_with(store, 0)
+    hub = Hub(store)
+    before = hub.notices
+    hub.room_changed(room)  # not live here: no channel to forget rules in
+    hub.room_changed(room + 1)
+    assert hub.notices == before + 2
+    assert hub.cached_access(room) is None
+    await hub.close()
+
+
 async def test_a_receiver_never_gets_seqs_below_the_position_it_joined_at(
     store: SqliteStore,
 ) -> None:

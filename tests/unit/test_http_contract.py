@@ -15,8 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanomsg.http_api import HttpError, JsonBody, parse_instant
-from nanomsg.openapi import INSTANT_PATTERN, NAME_MAX_LEN, NAME_PATTERN, build_openapi
+from nanomsg.http_api import HttpError, JsonBody, checked_edit, parse_instant
+from nanomsg.openapi import (
+    EDIT_TEXT_PATTERN,
+    INSTANT_PATTERN,
+    NAME_MAX_LEN,
+    NAME_PATTERN,
+    build_openapi,
+)
 
 NAME_RE = re.compile(NAME_PATTERN)
 
@@ -115,3 +121,33 @@ def test_every_integer_parameter_of_the_document_has_an_upper_bound() -> None:
     assert parameters
     unbounded = [name for name, schema in parameters if "maximum" not in schema]
     assert unbounded == []
+
+
+EDIT_RE = re.compile(EDIT_TEXT_PATTERN)
+
+
+def _edit_accepted(content: str) -> bool:
+    """What the server takes as an edit's content: the body check, then the edit use case's
+    refusal of blank content (``str.strip``)."""
+    try:
+        checked = checked_edit({"content": content}, max_content=50)
+    except HttpError as exc:
+        assert exc.status == 400
+        return False
+    return bool(checked.strip())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=50))
+def test_edit_content_is_accepted_exactly_when_the_document_pattern_matches(content: str) -> None:
+    assert _edit_accepted(content) == bool(EDIT_RE.fullmatch(content))
+
+
+def test_the_edit_pattern_names_exactly_the_whitespace_python_strips() -> None:
+    """Every code point but U+0000 and the surrogates, alone: blank to ``str.strip`` exactly
+    when the document's pattern refuses it."""
+    for code in range(1, 0x110000):
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        char = chr(code)
+        assert (EDIT_RE.fullmatch(char) is None) == char.isspace(), hex(code)

@@ -15,6 +15,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
+from nanomsg.app import build_usecases
 from nanomsg.auth import Verifier
 from nanomsg.clock import SystemClock
 from nanomsg.config import Config
@@ -73,13 +74,15 @@ class RecordingTransport:
 async def server(tmp_path: Path) -> AsyncIterator[WsServer]:
     store = SqliteStore(str(tmp_path / "outbox.db"))
     clock = SystemClock()
+    hub, writer = Hub(store), BatchWriter(store)
     ws = WsServer(
         config=Config(max_backlog=4096),
-        hub=Hub(store),
+        hub=hub,
         store=store,
-        writer=BatchWriter(store),
+        writer=writer,
         verifier=Verifier.from_material(clock=clock, secret="outbox-test-secret-0123456789abcd"),
         clock=clock,
+        usecases=build_usecases(store, clock, writer=writer, hub=hub),
     )
     yield ws
     for conn in list(ws.connections):
@@ -244,13 +247,15 @@ async def test_with_compression_on_a_room_message_is_compressed_once_for_all_rec
 ) -> None:
     store = SqliteStore(str(tmp_path / "deflate.db"))
     clock = SystemClock()
+    hub, writer = Hub(store), BatchWriter(store)
     ws = WsServer(
         config=Config(compression=True),
-        hub=Hub(store),
+        hub=hub,
         store=store,
-        writer=BatchWriter(store),
+        writer=writer,
         verifier=Verifier.from_material(clock=clock, secret="outbox-test-secret-0123456789abcd"),
         clock=clock,
+        usecases=build_usecases(store, clock, writer=writer, hub=hub),
     )
     members = [upgrade_with_offer(ws) for _ in range(3)]
     for conn, transport in members:

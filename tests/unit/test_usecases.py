@@ -482,3 +482,52 @@ async def test_the_rules_kept_for_a_live_room_decide_without_a_query_and_stay_st
     live.clear()  # not live here (or the relay cannot hear change notices): read storage
     assert (await fast.delete(author, room.id, seq)).message.deleted
     assert counting.rules_reads == 1
+
+
+class Notices:
+    """The relay's ``room_changed`` as the use cases see it: records the rooms announced."""
+
+    def __init__(self) -> None:
+        self.rooms: list[int] = []
+
+    async def __call__(self, room_id: int) -> None:
+        self.rooms.append(room_id)
+
+
+async def test_settling_a_dm_announces_its_rules_changed_and_only_those_it_made_readable(
+    cases: UseCases,
+) -> None:
+    """Kept rules of a DM (live where its opener watches it) must not outlive the rule that
+    settling accepts: the next request of the invitee would be refused on stale rules."""
+    notices = Notices()
+    told = UseCases(cases.store, cases.clock, notify_room_changed=notices)
+    alice, bob, mallory = person(), person(), person(GLOBEX)
+    same = await told.open_dm(alice, bob.user)
+    cross = await told.open_dm(alice, mallory.user)
+    assert notices.rooms == []  # rooms just created: no rules were kept for them anywhere
+    assert (await told.settle(bob)).added == (same.room.id,)
+    assert notices.rooms == [same.room.id]
+    assert (await told.settle(mallory)).invited == (cross.room.id,)
+    assert notices.rooms == [same.room.id]  # still pending: nothing changed that grants
+
+
+async def test_asking_for_an_existing_dm_announces_its_rules_changed(cases: UseCases) -> None:
+    """Asking for a DM accepts the caller's pending rule in it (a cross-entity invitation)."""
+    notices = Notices()
+    told = UseCases(cases.store, cases.clock, notify_room_changed=notices)
+    alice, mallory = person(), person(GLOBEX)
+    room_id = (await told.open_dm(alice, mallory.user)).room.id
+    opened = await told.open_dm(mallory, alice.user)
+    assert (opened.room.id, opened.created) == (room_id, False)
+    assert notices.rooms == [room_id]
+    assert (await told.readable(mallory, room_id)).rights.read
+
+
+async def test_a_failing_change_notice_does_not_fail_the_use_case(cases: UseCases) -> None:
+    async def broken(room_id: int) -> None:
+        raise ConnectionError("relay gone")
+
+    told = UseCases(cases.store, cases.clock, notify_room_changed=broken)
+    alice, bob = person(), person()
+    room_id = (await told.open_dm(alice, bob.user)).room.id
+    assert (await told.settle(bob)).added == (room_id,)  # stored; the notice is only logged

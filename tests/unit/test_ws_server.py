@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from nanomsg.app import build_usecases
 from nanomsg.auth import Verifier
 from nanomsg.clock import SystemClock
 from nanomsg.config import Config
@@ -28,13 +29,15 @@ async def server(tmp_path: Path) -> AsyncIterator[WsServer]:
     """A shell over SQLite: 4 KiB per connection, 6 000 bytes for the whole process."""
     store = SqliteStore(str(tmp_path / "ws.db"))
     clock = SystemClock()
+    hub, writer = Hub(store), BatchWriter(store)
     ws = WsServer(
         config=Config(max_backlog=4096, max_outbound=6000),
-        hub=Hub(store),
+        hub=hub,
         store=store,
-        writer=BatchWriter(store),
+        writer=writer,
         verifier=Verifier.from_material(clock=clock, secret="ws-server-test-secret-0123456789ab"),
         clock=clock,
+        usecases=build_usecases(store, clock, writer=writer, hub=hub),
     )
     yield ws
     for conn in list(ws.connections):
