@@ -160,17 +160,22 @@ async def test_control_frames_keep_their_place_after_queued_frames(server: WsSer
     assert stream == frame(1) + ping + frame(2)
 
 
-def hold(conn: Connection, room_id: int) -> Subscription:
-    """Make ``conn``'s session hold ``room_id`` (as a granted select or subscribe does)."""
+def hold(
+    conn: Connection, room_id: int, *, min_seq: int = 0, held: list[bytes] | None = None
+) -> Subscription:
+    """Make ``conn``'s session hold ``room_id`` (as a granted select or subscribe does), with
+    a resume floor or frames held behind its replay when given."""
     assert conn.session is not None
-    sub = conn.session.subs[room_id] = Subscription(room_id, explicit=True)
+    sub = Subscription(room_id, explicit=True)
     sub.fire(SubEvent.GRANTED)
+    sub.min_seq, sub.held = min_seq, held
+    conn.session.subs.set(sub)
     return sub
 
 
 async def test_frames_already_had_are_not_written(server: WsServer) -> None:
     conn, transport = connect(server)
-    hold(conn, 7).min_seq = 2  # a resume of room 7 since seq 2
+    hold(conn, 7, min_seq=2)  # a resume of room 7 since seq 2
     hold(conn, 8)  # another room held: its floor is its own
     for seq in (1, 2, 3):
         conn.write_frame(frame(seq), seq, 7)
@@ -363,14 +368,13 @@ async def test_leaving_the_room_while_its_replay_is_read_forgets_the_replay(
     server: WsServer,
 ) -> None:
     conn, transport = connect(server)
-    replaying = hold(conn, 7)
-    replaying.held = []  # its replay is being read
+    hold(conn, 7, held=[])  # its replay is being read
     hold(conn, 8)
     conn.write_frame(frame(5), 5, 7)  # held behind room 7's replay
     conn.write_frame(frame(1), 1, 8)  # another room's frames are not held
     assert conn.held_bytes == len(frame(5))
     assert conn.session is not None
-    del conn.session.subs[7]  # the session dropped the room, then asks the shell to leave
+    conn.session.subs.pop(7)  # the session dropped the room, then asks the shell to leave
     conn.apply([Leave(7)])
     assert conn.held_bytes == 0 and conn.reply is None
     await one_pass()
@@ -381,8 +385,7 @@ async def test_a_rooms_replay_holds_only_that_rooms_frames_and_they_follow_the_r
     server: WsServer,
 ) -> None:
     conn, transport = connect(server)
-    replaying = hold(conn, 7)
-    replaying.held = []  # room 7's resume replay is being read
+    replaying = hold(conn, 7, held=[])  # room 7's resume replay is being read
     hold(conn, 8)
     conn.write_frame(frame(5), 5, 7)  # held by room 7's subscription
     conn.write_frame(frame(1), 1, 8)  # room 8 flows meanwhile

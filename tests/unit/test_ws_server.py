@@ -18,7 +18,7 @@ from nanomsg.fanout import Hub
 from nanomsg.models import Principal
 from nanomsg.store.sqlite import SqliteStore
 from nanomsg.store.writer import BatchWriter
-from nanomsg.subscription import SubEvent, Subscription
+from nanomsg.subscription import SubEvent, Subscription, Subscriptions
 from nanomsg.ws_server import WsServer
 from tests.unit.test_outbox import close_code, connect, frame, one_pass
 
@@ -115,6 +115,14 @@ async def test_past_the_outbound_budget_the_largest_backlogs_are_closed_first(
     assert big.conn_id in line and "budget" in line
 
 
+def held(*subs: Subscription) -> Subscriptions:
+    """A connection's rooms, as the session keeps them."""
+    rooms = Subscriptions()
+    for sub in subs:
+        rooms.set(sub)
+    return rooms
+
+
 async def test_a_receipt_is_dropped_while_its_room_replays_and_for_its_own_user(
     server: WsServer,
 ) -> None:
@@ -126,7 +134,7 @@ async def test_a_receipt_is_dropped_while_its_room_replays_and_for_its_own_user(
     live.fire(SubEvent.GRANTED)
     replaying.fire(SubEvent.GRANTED_RESUME)
     replaying.held = []
-    session.subs = {7: live, 8: replaying}
+    session.subs = held(live, replaying)
     receipt = frame(1)
     conn.write_signal(receipt, 8, "someone")  # replaying: dropped, not held
     assert replaying.held == [] and conn.held_bytes == 0
@@ -146,7 +154,7 @@ async def test_receipts_count_against_the_backlog_like_any_frame(server: WsServe
     session.principal = Principal(user="me", entity="e", level=0, exp=0, claims={})
     sub = Subscription(7, explicit=True)
     sub.fire(SubEvent.GRANTED)
-    session.subs = {7: sub}
+    session.subs = held(sub)
     for _ in range(5):
         conn.write_signal(frame(1, 1000), 7, "someone")
     assert conn.closing and close_code(transport.writes[-1]) == 4000
