@@ -169,6 +169,7 @@ class Driver:
     # -- effects ------------------------------------------------------------------------------
 
     def apply(self, effects: list[Effect]) -> None:
+        loads: list[int] = []  # rooms whose rules are read from storage, in one task
         for effect in effects:
             if isinstance(effect, Send):
                 self._write(text_frame(effect.payload))
@@ -188,9 +189,9 @@ class Driver:
                 # The room is live on this process: its rules are known and kept current.
                 assert self.session is not None
                 self.apply(self.session.result(RoomLoaded(effect.room_id, cached)))
-            elif isinstance(
-                effect, LoadRoom | LoadHistory | ChangeMessage | SetReadMark | RunOpenDm
-            ):
+            elif isinstance(effect, LoadRoom):
+                loads.append(effect.room_id)
+            elif isinstance(effect, LoadHistory | ChangeMessage | SetReadMark | RunOpenDm):
                 self.busy = True
                 self.server.spawn(self._run(effect))
             elif isinstance(effect, Settle):
@@ -211,14 +212,21 @@ class Driver:
                 self.close(effect.code, effect.reason)
             elif isinstance(effect, AuthRefused):
                 log.info("connection %s: token refused: %s", self.conn_id, effect.reason)
+        if loads:
+            # One room for a select or a send; every held room the hub keeps no rules for
+            # after a refresh changed the principal. Later commands wait for all of them.
+            self.busy = True
+            self.server.spawn(self._load_rooms(loads))
 
     def _end_replay(self, room_id: int) -> None:
         """The replay of ``room_id`` is written (into the long reply): the live frames its
         subscription held meanwhile follow it, before anything held behind the reply since."""
-        sub = self.session.subs.get(room_id) if self.session is not None else None
-        if sub is None or sub.held is None:
+        subs = self.session.subs if self.session is not None else None
+        sub = subs.get(room_id) if subs is not None else None
+        if subs is None or sub is None or sub.held is None:
             return
         frames, sub.held = sub.held, None
+        subs.set(sub)  # a live room with no floor goes back to its compact form
         if self.reply is not None and self.reply.streaming:
             self.held = [(room_id, frame) for frame in frames] + (self.held or [])
             return
@@ -238,7 +246,7 @@ class Driver:
         """Bytes held: behind a long reply, and by the subscriptions whose replay is read."""
         size = sum(len(frame) for _, frame in self.held or ())
         if self.session is not None:
-            for sub in self.session.subs.values():
+            for sub in self.session.subs.kept():
                 if sub.held:
                     size += sum(map(len, sub.held))
         return size
@@ -254,19 +262,26 @@ class Driver:
 
     def _join(self, join: Join) -> None:
         live_from = self.server.hub.join(self, join.room_id, join.last_seq, join.access)
-        sub = self.session.subs.get(join.room_id) if self.session is not None else None
-        if sub is None:
+        subs = self.session.subs if self.session is not None else None
+        sub = subs.get(join.room_id) if subs is not None else None
+        if subs is None or sub is None:
             return
-        sub.min_seq = join.since or 0
-        if join.since is None:
+        # The hub writes this receiver no seq below ``live_from``: a floor under it would
+        # never drop anything, so only a ``since`` at or past it needs one (and then only
+        # until the room's stream passes it, see ``Connection.write_frame``).
+        since = join.since
+        sub.min_seq = since if since is not None and since >= live_from else 0
+        if since is None:
+            subs.set(sub)
             return
         # Replay seqs since+1 .. live_from-1 from storage; live frames of the room from
         # live_from on are held by its subscription until the replay is written, so the client
         # sees no gap and no duplicate. Other rooms' frames flow meanwhile.
         if sub.held is None:
             sub.held = []
+        subs.set(sub)
         self.busy = True
-        self.server.spawn(self._run(_Replay(join.room_id, join.since, live_from)))
+        self.server.spawn(self._run(_Replay(join.room_id, since, live_from)))
 
     def _submit(self, effect: StoreMessage) -> None:
         entry = _InFlight(self)
@@ -326,17 +341,45 @@ class Driver:
         if self.session is not None and not self.closing:
             self._pump()
 
-    async def _run(
-        self, effect: LoadRoom | LoadHistory | ChangeMessage | SetReadMark | RunOpenDm | _Replay
-    ) -> None:
-        store = self.server.store
+    async def _load_rooms(self, room_ids: list[int]) -> None:
+        """Read the rules of ``room_ids`` from storage and hand each to the session, in order
+        (a room that could not be read is ``StorageFailed`` naming it)."""
         hub = self.server.hub
         notices = hub.notices
+        results: list[Result] = []
+        try:
+            for room_id in room_ids:
+                try:
+                    access = await self.server.store.room_access(room_id)
+                    results.append(RoomLoaded(room_id, access))
+                except StoreUnavailable:
+                    results.append(StorageFailed(room_id))
+                except Exception:
+                    log.exception("storage operation failed unexpectedly")
+                    results.append(StorageFailed(room_id))
+        finally:
+            self.busy = False
+        for result in results:
+            if self.session is None or self.closing:
+                return
+            self.apply(self.session.result(result))
+        if hub.notices != notices:
+            # A change notice came while the rules were read: they may predate it, and a
+            # room's channel, if this join made it, never heard it. Re-check the rooms as
+            # after a notice: their kept rules are dropped, then read again, and their
+            # receivers (this one included) decided on them. Rare: a notice per rule change,
+            # anywhere, within these storage reads.
+            for room_id in room_ids:
+                hub.room_changed(room_id)
+        self._pump()
+
+    async def _run(
+        self, effect: LoadHistory | ChangeMessage | SetReadMark | RunOpenDm | _Replay
+    ) -> None:
+        store = self.server.store
         result: Result
         try:
-            if isinstance(effect, LoadRoom):
-                result = RoomLoaded(effect.room_id, await store.room_access(effect.room_id))
-            elif isinstance(effect, LoadHistory):
+            if isinstance(effect, LoadHistory):
                 # A history page is a page of the room's event stream: messages (deleted ones
                 # as tombstones) with the edits and deletions between them.
                 result = HistoryLoaded(tuple(await store.events(effect.query)))
@@ -373,13 +416,6 @@ class Driver:
                 self._send_reply()
             else:
                 self.apply(self.session.result(result))
-            if isinstance(effect, LoadRoom) and hub.notices != notices:
-                # A change notice came while the rules were read: they may predate it, and the
-                # room's channel, if this join made it, never heard it. Re-check the room as
-                # after a notice: its kept rules are dropped, then read again, and its
-                # receivers (this one included) decided on them. Rare: a notice per rule
-                # change, anywhere, within one storage read.
-                hub.room_changed(effect.room_id)
             self._pump()
 
     def reauthorize(self, room_id: int, access: RoomAccess | None) -> None:

@@ -170,7 +170,9 @@ class RoomMissing:
 
 @dataclass(frozen=True, slots=True)
 class StorageFailed:
-    pass
+    """A storage operation failed; ``room_id`` names the room of a failed LoadRoom."""
+
+    room_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

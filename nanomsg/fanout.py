@@ -17,6 +17,8 @@ import asyncio
 import logging
 import struct
 import zlib
+from array import array
+from bisect import bisect_left
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -113,11 +115,43 @@ class Relay(Protocol):
     def healthy(self) -> bool: ...
 
 
+_SMALL_MAX = 2**31 - 1
+
+
+class _Places:
+    """Where one receiver stands in the ``members`` of each room it holds on this process:
+    the room ids (sorted, 4 bytes each while every id fits, 8 after) and, parallel, its
+    index in that room's list. About 8 bytes a membership, where a dict entry per room
+    would cost ~37; found by bisection, so a leave is O(log rooms) and needs no scan of the
+    room's members."""
+
+    __slots__ = ("at", "rooms")
+
+    def __init__(self) -> None:
+        self.rooms = array("i")
+        self.at = array("i")  # index in the room's ``members`` (< 2**31 receivers)
+
+    def find(self, room_id: int) -> int:
+        """The position of ``room_id`` in ``rooms``, or -1."""
+        rooms = self.rooms
+        i = bisect_left(rooms, room_id)
+        return i if i < len(rooms) and rooms[i] == room_id else -1
+
+    def add(self, room_id: int, index: int) -> None:
+        if self.rooms.typecode == "i" and not -_SMALL_MAX - 1 <= room_id <= _SMALL_MAX:
+            self.rooms = array("q", self.rooms)
+        i = bisect_left(self.rooms, room_id)
+        self.rooms.insert(i, room_id)
+        self.at.insert(i, index)
+
+
 @dataclass(eq=False, slots=True)
 class RoomChannel:
     room_id: int
     next_seq: int
-    members: dict[Receiver, None] = field(default_factory=dict)  # insertion-ordered set
+    # The room's local receivers, each once (``Hub.places`` says where): a list costs 8 bytes a
+    # member where a dict costs ~37 at 1 000 members (BENCHMARKS.md section 10).
+    members: list[Receiver] = field(default_factory=list)
     # Receivers that joined ahead of the channel's position (their select read storage after
     # messages this process has not delivered yet) -> the first seq each is written live. A
     # receiver never gets a seq below the position it joined at; one that joined at the
@@ -150,6 +184,8 @@ class Hub:
         # notes it before reading, and a notice heard meanwhile means what it read may be
         # older than a change the room's channel, if it had none yet, never heard of.
         self.notices = 0
+        # Every local receiver holding a room here -> where it stands in each room's members.
+        self.places: dict[Receiver, _Places] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def attach(self, relay: Relay) -> None:
@@ -179,7 +215,12 @@ class Hub:
         elif channel.access is None:
             channel.access = access
         live_from = max(channel.next_seq, last_seq + 1)
-        channel.members[receiver] = None
+        places = self.places.get(receiver)
+        if places is None:
+            places = self.places[receiver] = _Places()
+        if places.find(room_id) < 0:
+            places.add(room_id, len(channel.members))
+            channel.members.append(receiver)
         if live_from > channel.next_seq:
             channel.floors[receiver] = live_from
         else:
@@ -209,7 +250,7 @@ class Hub:
         channel = self.rooms.get(room_id)
         if channel is None:
             return
-        channel.members.pop(receiver, None)
+        self._unlist(channel, receiver)
         channel.floors.pop(receiver, None)
         if not channel.members:
             if channel.gap_timer is not None:
@@ -217,6 +258,25 @@ class Hub:
             del self.rooms[room_id]
             if self.relay is not None:
                 self.relay.unwatch(room_id)
+
+    def _unlist(self, channel: RoomChannel, receiver: Receiver) -> None:
+        """Take ``receiver`` out of the room's members: the last member takes its place (the
+        order of delivery within a room is no promise; each receiver's own order is)."""
+        places = self.places.get(receiver)
+        i = places.find(channel.room_id) if places is not None else -1
+        if places is None or i < 0:
+            return
+        index = places.at[i]
+        del places.rooms[i]
+        del places.at[i]
+        if not places.rooms:
+            del self.places[receiver]
+        members = channel.members
+        last = members.pop()
+        if last is not receiver:
+            members[index] = last
+            moved = self.places[last]
+            moved.at[moved.find(channel.room_id)] = index
 
     def receivers(self, room_id: int) -> list[Receiver]:
         channel = self.rooms.get(room_id)

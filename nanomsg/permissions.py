@@ -75,6 +75,11 @@ _OWNER_ADMIN = Access(read=True, write=True, admin=True, reason="owner-entity ad
 _BANNED = Access(read=False, write=False, admin=False, reason="banned")
 
 
+# Every value ``evaluate`` returns, in a fixed order: a connection stores the decision on a room
+# it holds as an index into this tuple (one byte, see nanomsg/subscription.py).
+DECISIONS: tuple[Access, ...] = (*_BY_FLAGS.values(), NONE, _NO_ROOM, _OWNER_ADMIN, _BANNED)
+
+
 def evaluate(principal: Principal, room: Room | None, rules: Iterable[Rule]) -> Access:
     """The principal's access to ``room``; a missing or deleted room grants nothing."""
     if room is None or room.deleted_at is not None:

@@ -70,7 +70,7 @@ from nanomsg.events import (
 from nanomsg.models import Principal, RoomAccess, Rule
 from nanomsg.permissions import Access, evaluate
 from nanomsg.store.base import HistoryQuery, NewMessage
-from nanomsg.subscription import SubEvent, Subscription, SubState
+from nanomsg.subscription import SubEvent, Subscription, Subscriptions, SubState
 
 MAX_TRIALS = 3  # bad tokens plus other commands before auth, as in the original
 MAX_CLOSE_REASON = 123  # bytes of UTF-8 a WebSocket close reason may hold (RFC 6455 5.5)
@@ -119,13 +119,14 @@ class _Load:
 class Session:
     """One connection's protocol state: its connection state and the rooms it holds.
 
-    ``subs`` maps each room held to its ``Subscription`` (a machine of its own, see
-    nanomsg/subscription.py); ``room_id`` is the selected room, the one commands without a
-    ``room_id`` act on (held, unless None)."""
+    ``subs`` maps each room held to its ``Subscription`` (a machine of its own, kept in a few
+    bytes per room, see nanomsg/subscription.py); ``room_id`` is the selected room, the one
+    commands without a ``room_id`` act on (held, unless None)."""
 
     # Slots: every connection has one, and an idle connection's memory is counted in bytes.
     __slots__ = (
         "_load",
+        "_rechecks",
         "_replay",
         "clock",
         "limits",
@@ -147,11 +148,14 @@ class Session:
         self.trials = 0
         self.refusal: str | None = None  # why the last token was refused, for the close reason
         self.room_id: int | None = None  # the selected room
-        self.subs: dict[int, Subscription] = {}
+        self.subs = Subscriptions()
         # The LoadRoom out (a room command waits for its rules) and the room whose resume
         # replay is out. Commands that load are barriers, so there is at most one of each.
         self._load: _Load | None = None
         self._replay: int | None = None
+        # Rooms whose rules are being read again after a token refresh changed the principal
+        # (each decided again when its LoadRoom answers); None when there are none.
+        self._rechecks: set[int] | None = None
 
     @property
     def access(self) -> Access | None:
@@ -224,6 +228,7 @@ class Session:
             if sub is None or sub.state is not SubState.REPLAYING:
                 return [EndReplay(result.room_id)]  # the room was lost while reading the replay
             sub.fire(SubEvent.REPLAYED)
+            self.subs.set(sub)
             out = [Send(codec.event_history_frame(m)) for m in result.messages]
             out.append(Send(codec.resumed(result.room_id, len(result.messages), result.complete)))
             out.append(EndReplay(result.room_id))
@@ -236,6 +241,13 @@ class Session:
                 return [Send(codec.revoked(result.room_id))]
             return self._lose(result.room_id)
         assert isinstance(result, StorageFailed)
+        rechecks = self._rechecks
+        if rechecks is not None and result.room_id in rechecks:
+            # A room whose rules could not be read again for the new principal cannot be
+            # decided: it is left (the client may select or subscribe again), never kept on a
+            # decision made for the old entity or level.
+            self._recheck_done(rechecks, result.room_id)
+            return self._lose(result.room_id)
         self._load_failed()
         if self._replay is not None:
             # A resume whose replay could not be read: leave rather than leave a gap.
@@ -271,7 +283,8 @@ class Session:
             return []
         decision = evaluate(self.principal, access.room if access else None, self._rules(access))
         if decision.read:
-            sub.access, sub.rules = decision, access
+            sub.access = decision
+            self.subs.set(sub)
             return []
         return self._lose(room_id)
 
@@ -322,11 +335,14 @@ class Session:
             out += [Disarm(Timer.REFRESH), SetReceiving(True)]
         out += [Send(codec.READY), Arm(Timer.EXPIRY, self.verifier.expires_at(principal))]
         if changed:
-            # Another entity or level: every held room is decided again, each on its own, on
-            # the rules it holds (kept current by the hub's re-checks after every change).
-            for room_id, sub in list(self.subs.items()):
-                if sub.joined:
-                    out += self.reauthorize(room_id, sub.rules)
+            # Another entity or level: every held room is decided again, each on its own. Its
+            # rules are loaded like a select's: the driver answers from the rules the hub keeps
+            # for rooms live on the process (current after every change notice), and reads
+            # storage only for a room it has none for. Connections keep no rules of their own.
+            rooms = [sub.room_id for sub in self.subs.values() if sub.joined]
+            if rooms:
+                self._rechecks = set(rooms)
+                out += [LoadRoom(room_id) for room_id in rooms]
         return out
 
     def _token_query(self, command: Command) -> list[Effect]:
@@ -457,7 +473,7 @@ class Session:
                 held -= 1
             if held >= self.limits.max_subscriptions:
                 return [Send(codec.too_many(room_id))]
-            self.subs[room_id] = Subscription(room_id, explicit=explicit)
+            self.subs.add(room_id, explicit=explicit)
         self._load = _Load(room_id, command)
         return [LoadRoom(room_id)]
 
@@ -467,10 +483,24 @@ class Session:
         if load is not None:
             sub = self.subs.get(load.room_id)
             if sub is not None and sub.state is SubState.LOADING:
-                del self.subs[load.room_id]
+                self.subs.pop(load.room_id)
+
+    def _recheck_done(self, rechecks: set[int], room_id: int) -> None:
+        rechecks.discard(room_id)
+        if not rechecks:
+            self._rechecks = None
 
     def _room_loaded(self, loaded: RoomLoaded) -> list[Effect]:
         load = self._load
+        rechecks = self._rechecks
+        if (
+            rechecks is not None
+            and loaded.room_id in rechecks
+            and (load is None or load.room_id != loaded.room_id)
+        ):
+            # A held room decided again after a refresh changed the principal.
+            self._recheck_done(rechecks, loaded.room_id)
+            return self.reauthorize(loaded.room_id, loaded.access)
         if load is None or load.room_id != loaded.room_id or self.principal is None:
             return []
         self._load = None
@@ -490,8 +520,8 @@ class Session:
             return self._refuse(loaded.room_id, command)
         sub = self.subs.get(loaded.room_id)
         if sub is None:  # lost while its rules were read
-            sub = self.subs[loaded.room_id] = Subscription(loaded.room_id, explicit=False)
-        sub.access, sub.rules = decision, access
+            sub = Subscription(loaded.room_id, explicit=False)
+        sub.access = decision
         since = command.since
         # A resume of a room already held joins again (to get its replay lined up with the live
         # stream) but does not leave first: leaving could drop the room's channel on this
@@ -500,15 +530,18 @@ class Session:
         out: list[Effect] = []
         if isinstance(command, Subscribe):
             sub.explicit = True
+            self.subs.set(sub)
             out.append(Send(codec.subscribed(loaded.room_id)))
         else:
             previous = self.room_id
             if previous is not None and previous != loaded.room_id:
                 out += self._leave_selected(previous)
+            self.subs.set(sub)
             self.room_id = loaded.room_id
             out.append(Send(codec.CONNECTED))
         if rejoin:
             sub.fire(SubEvent.GRANTED_RESUME if since is not None else SubEvent.GRANTED)
+            self.subs.set(sub)
             if since is not None:
                 self._replay = loaded.room_id
             out.append(Join(loaded.room_id, access.room.last_seq, since, access))
@@ -541,11 +574,13 @@ class Session:
 
     def _drop(self, room_id: int, event: SubEvent) -> list[Effect]:
         """Stop holding ``room_id``: its subscription ends (``event``), the hub forgets it."""
-        sub = self.subs.pop(room_id, None)
+        sub = self.subs.pop(room_id)
         if self.room_id == room_id:
             self.room_id = None
         if self._replay == room_id:
             self._replay = None
+        if self._rechecks is not None and room_id in self._rechecks:
+            self._recheck_done(self._rechecks, room_id)
         if sub is None:
             return []
         joined = sub.joined

@@ -393,9 +393,19 @@ class Connection(Driver, asyncio.Protocol):
         if self.closing or not self.receiving:
             return
         session = self.session
-        sub = session.subs.get(room_id) if session is not None else None
-        if sub is not None and seq <= sub.min_seq:
-            return
+        # Only a room kept as an object can have a floor or held frames: one dict lookup, and
+        # none at all while the connection has no such room (nearly always).
+        objects = session.subs.objects if session is not None else None
+        sub = objects.get(room_id) if objects else None
+        if sub is not None:
+            if seq <= sub.min_seq:
+                return
+            if sub.min_seq and sub.held is None:
+                # The room's stream has passed its resume floor (the hub only moves forward):
+                # the floor will drop nothing more, and the room goes back to its compact form.
+                sub.min_seq = 0
+                assert session is not None
+                session.subs.set(sub)
         if self.deflate_bits is not None:
             frame = self.server.deflate.deflated(frame, self.deflate_bits)
         held = self.held
@@ -440,8 +450,11 @@ class Connection(Driver, asyncio.Protocol):
         session = self.session
         if session is None:
             return
-        sub = session.subs.get(room_id)
-        if sub is None or sub.held is not None:
+        if room_id not in session.subs:
+            return
+        objects = session.subs.objects
+        sub = objects.get(room_id) if objects else None
+        if sub is not None and sub.held is not None:
             return
         principal = session.principal
         if about is not None and principal is not None and principal.user == about:
@@ -548,8 +561,9 @@ class Connection(Driver, asyncio.Protocol):
         out: it holds the replies that explain the close)."""
         self.held, self.held_bytes, self.reply = None, 0, None
         if self.session is not None:
-            for sub in self.session.subs.values():
+            for sub in self.session.subs.kept():
                 sub.held = None
+                self.session.subs.set(sub)
         self.fragments = []
 
     def _flush(self) -> None:

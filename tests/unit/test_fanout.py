@@ -4,6 +4,7 @@ no sockets)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -338,6 +339,59 @@ async def test_a_receiver_in_two_rooms_gets_each_rooms_frames_named_by_room(
     assert list(zip(rec.rooms, rec.seqs, strict=True)) == [(first, 1), (second, 1), (first, 2)]
     hub.leave(rec, first)  # leaving one room keeps the other
     assert hub.receivers(first) == [] and hub.receivers(second) == [rec]
+    await hub.close()
+
+
+async def test_receivers_leaving_in_any_order_leave_each_room_with_exactly_the_others(
+    store: SqliteStore,
+) -> None:
+    first, first_msgs = await room_with(store, 2)
+    second, second_msgs = await room_with(store, 1)
+    hub = Hub(store)
+    recs = [Recorder() for _ in range(6)]
+    for rec in recs:
+        hub.join(rec, first, 0)
+        hub.join(rec, first, 0)  # joining again (a resume) adds no second membership
+    for rec in recs[::2]:
+        hub.join(rec, second, 0)
+    # Leave from the middle, the end and the start: the last member fills each hole.
+    for rec in (recs[2], recs[5], recs[0]):
+        hub.leave(rec, first)
+    hub.leave(recs[1], second)  # not a member there: nothing changes
+    stay = [recs[1], recs[3], recs[4]]
+    assert sorted(map(id, hub.receivers(first))) == sorted(map(id, stay))
+    assert sorted(map(id, hub.receivers(second))) == sorted(map(id, recs[::2]))
+    hub.deliver(first_msgs[0])
+    hub.deliver(second_msgs[0])
+    for rec in recs:
+        expected = [1] if rec in stay else []
+        expected += [1] if rec in recs[::2] else []
+        assert rec.seqs == expected
+    for rec in stay:
+        hub.leave(rec, first)
+    assert first not in hub.rooms
+    for rec in recs[::2]:
+        hub.leave(rec, second)
+    assert hub.rooms == {} and hub.places == {}  # nothing kept for receivers gone
+    await hub.close()
+
+
+async def test_a_membership_costs_a_few_bytes_not_a_dict_entry(store: SqliteStore) -> None:
+    """1 000 receivers holding the same 100 rooms: the hub's memberships (the rooms' member
+    lists and each receiver's places) cost about 16 bytes each, where a dict entry per
+    membership cost ~37 (BENCHMARKS.md section 10)."""
+    hub = Hub(store)
+    recs = [Recorder() for _ in range(1000)]
+    for room_id in range(1, 101):
+        for rec in recs:
+            hub.join(rec, room_id, 0)
+    size = sum(sys.getsizeof(channel.members) for channel in hub.rooms.values())
+    places = getattr(hub, "places", {})  # where each receiver stands (none with a dict)
+    size += sum(
+        sys.getsizeof(p) + sys.getsizeof(p.rooms) + sys.getsizeof(p.at) for p in places.values()
+    )
+    per_membership = size / 100_000
+    assert per_membership < 24, per_membership
     await hub.close()
 
 

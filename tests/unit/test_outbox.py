@@ -19,11 +19,11 @@ from nanomsg.app import build_usecases
 from nanomsg.auth import Verifier
 from nanomsg.clock import SystemClock
 from nanomsg.config import Config
-from nanomsg.events import EndReplay, Leave, Send
+from nanomsg.events import EndReplay, Join, Leave, Send
 from nanomsg.fanout import Hub, text_frame
 from nanomsg.store.sqlite import SqliteStore
 from nanomsg.store.writer import BatchWriter
-from nanomsg.subscription import SubEvent, Subscription
+from nanomsg.subscription import SubEvent, Subscription, SubState
 from nanomsg.ws_server import Connection, WsServer, _Reply
 
 pytestmark = pytest.mark.asyncio
@@ -163,23 +163,61 @@ async def test_control_frames_keep_their_place_after_queued_frames(server: WsSer
     assert stream == frame(1) + ping + frame(2)
 
 
-def hold(conn: Connection, room_id: int) -> Subscription:
-    """Make ``conn``'s session hold ``room_id`` (as a granted select or subscribe does)."""
+def hold(
+    conn: Connection, room_id: int, *, min_seq: int = 0, held: list[bytes] | None = None
+) -> Subscription:
+    """Make ``conn``'s session hold ``room_id`` (as a granted select or subscribe does), with
+    a resume floor or frames held behind its replay when given."""
     assert conn.session is not None
-    sub = conn.session.subs[room_id] = Subscription(room_id, explicit=True)
+    sub = Subscription(room_id, explicit=True)
     sub.fire(SubEvent.GRANTED)
+    sub.min_seq, sub.held = min_seq, held
+    conn.session.subs.set(sub)
     return sub
 
 
 async def test_frames_already_had_are_not_written(server: WsServer) -> None:
     conn, transport = connect(server)
-    hold(conn, 7).min_seq = 2  # a resume of room 7 since seq 2
+    hold(conn, 7, min_seq=2)  # a resume of room 7 since seq 2
     hold(conn, 8)  # another room held: its floor is its own
     for seq in (1, 2, 3):
         conn.write_frame(frame(seq), seq, 7)
     conn.write_frame(frame(2), 2, 8)
     await one_pass()
     assert transport.writes == [frame(3) + frame(2)]
+
+
+async def test_a_resume_floor_is_kept_only_while_it_can_drop_something(
+    server: WsServer,
+) -> None:
+    """Room 7 resumes since seq 9 while this process has delivered up to 5: the hub writes it
+    live from 6, so seqs 6-9 are dropped by its floor, and once its stream passes 9 the room
+    goes back to its compact form. Room 8 resumes since 5, just below where the hub starts
+    writing it: no floor is needed, and the room is compact again when its replay is out."""
+    conn, transport = connect(server)
+    assert conn.session is not None
+    subs = conn.session.subs
+    for room_id, since in ((7, 9), (8, 5)):
+        sub = Subscription(room_id, explicit=True)
+        sub.fire(SubEvent.GRANTED_RESUME)  # as the session does before its Join
+        subs.set(sub)
+        conn.session._replay = room_id
+        conn.apply([Join(room_id, last_seq=5, since=since)])
+        assert subs.objects is not None and room_id in subs.objects  # replaying: an object
+        for _ in range(100):  # the replay (nothing missed) comes back from a task
+            if not conn.busy and conn.reply is None:
+                break
+            await asyncio.sleep(0.001)
+        assert subs[room_id].state is SubState.LIVE
+    assert subs.objects is not None and list(subs.objects) == [7]  # 7 keeps its floor
+    assert subs[7].min_seq == 9 and subs[8].min_seq == 0
+    await one_pass()
+    transport.writes.clear()
+    for seq in (6, 7, 8, 9, 10):
+        conn.write_frame(frame(seq), seq, 7)
+    await one_pass()
+    assert transport.writes == [frame(10)]
+    assert subs.objects is None  # past its floor: compact again
 
 
 async def test_outbox_over_the_backlog_bound_closes_4000_and_spares_others(
@@ -368,14 +406,13 @@ async def test_leaving_the_room_while_its_replay_is_read_forgets_the_replay(
     server: WsServer,
 ) -> None:
     conn, transport = connect(server)
-    replaying = hold(conn, 7)
-    replaying.held = []  # its replay is being read
+    hold(conn, 7, held=[])  # its replay is being read
     hold(conn, 8)
     conn.write_frame(frame(5), 5, 7)  # held behind room 7's replay
     conn.write_frame(frame(1), 1, 8)  # another room's frames are not held
     assert conn.held_bytes == len(frame(5))
     assert conn.session is not None
-    del conn.session.subs[7]  # the session dropped the room, then asks the shell to leave
+    conn.session.subs.pop(7)  # the session dropped the room, then asks the shell to leave
     conn.apply([Leave(7)])
     assert conn.held_bytes == 0 and conn.reply is None
     await one_pass()
@@ -386,8 +423,7 @@ async def test_a_rooms_replay_holds_only_that_rooms_frames_and_they_follow_the_r
     server: WsServer,
 ) -> None:
     conn, transport = connect(server)
-    replaying = hold(conn, 7)
-    replaying.held = []  # room 7's resume replay is being read
+    replaying = hold(conn, 7, held=[])  # room 7's resume replay is being read
     hold(conn, 8)
     conn.write_frame(frame(5), 5, 7)  # held by room 7's subscription
     conn.write_frame(frame(1), 1, 8)  # room 8 flows meanwhile

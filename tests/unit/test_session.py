@@ -60,7 +60,8 @@ from nanomsg.events import (
     Unknown,
     Unsubscribe,
 )
-from nanomsg.models import Message, Room, RoomAccess, Rule
+from nanomsg.models import Message, Principal, Room, RoomAccess, Rule
+from nanomsg.permissions import Access, evaluate
 from nanomsg.session import (
     _COMMANDS,
     MAX_CLOSE_REASON,
@@ -420,14 +421,66 @@ def test_refresh_that_lowers_level_drops_only_the_rooms_it_no_longer_reads(
     session.receive(Subscribe(8))
     session.result(RoomLoaded(8, access("r", 8)))
     effects = session.receive(token(clock, level=5))
-    # Decided again on the rules each subscription holds: no storage read, each room alone.
-    assert not any(isinstance(e, LoadRoom) for e in effects)
+    # Each held room is loaded again, like a select (the driver answers from the rules the
+    # hub keeps): the connection keeps no rules of its own.
+    assert [e for e in effects if isinstance(e, LoadRoom)] == [LoadRoom(7), LoadRoom(8)]
+    assert sent(effects) == [{"type": "status", "data": "READY"}]
+    effects = session.result(RoomLoaded(7, by_level)) + session.result(
+        RoomLoaded(8, access("r", 8))
+    )
+    # Each room decided alone.
     assert Leave(7) in effects and Leave(8) not in effects
-    assert sent(effects) == [
-        {"type": "status", "data": "READY"},
-        {"type": "status", "data": "NOTAUTHORIZED", "room_id": 7},
-    ]
+    assert sent(effects) == [{"type": "status", "data": "NOTAUTHORIZED", "room_id": 7}]
     assert set(session.subs) == {8}
+
+
+def test_a_refresh_decides_each_room_on_the_rules_its_load_brings_not_on_the_old_ones(
+    session: Session, clock: FakeClock
+) -> None:
+    authed(session, clock)
+    by_level = RoomAccess(room(7), (Rule(7, ENTITY, "entity", "r", 50, True, T0, T0),))
+    session.receive(Subscribe(7))
+    session.result(RoomLoaded(7, by_level))
+    session.receive(token(clock, level=5))
+    # The rules changed meanwhile (a user rule for this user now): the load brings them, and
+    # the room is kept although the rules the subscription was granted on would refuse it.
+    now = RoomAccess(room(7), (*by_level.rules, rule(7, "r")))
+    assert session.result(RoomLoaded(7, now)) == []
+    assert set(session.subs) == {7} and session.subs[7].access == evaluate_for(5, now)
+
+
+def test_a_refresh_whose_room_cannot_be_read_again_leaves_that_room_only(
+    session: Session, clock: FakeClock
+) -> None:
+    authed(session, clock)
+    for room_id in (7, 8):
+        session.receive(Subscribe(room_id))
+        session.result(RoomLoaded(room_id, access("r", room_id)))
+    effects = session.receive(token(clock, level=5))
+    assert [e for e in effects if isinstance(e, LoadRoom)] == [LoadRoom(7), LoadRoom(8)]
+    # Storage down and no rules on the hub: room 7 is not kept on a decision made for the
+    # old level; room 8 is decided when its rules come.
+    effects = session.result(StorageFailed(7))
+    assert effects == [Leave(7), Send(codec.revoked(7))]
+    assert session.result(RoomLoaded(8, access("r", 8))) == []
+    assert set(session.subs) == {8}
+    # Nothing is waiting any more: a later failure is an ordinary one.
+    assert sent(session.result(StorageFailed(8))) == [{"type": "status", "data": "UNAVAILABLE"}]
+
+
+def test_a_refresh_for_the_same_entity_and_level_loads_nothing(
+    session: Session, clock: FakeClock
+) -> None:
+    in_room(session, clock)
+    effects = session.receive(token(clock))
+    assert not any(isinstance(e, LoadRoom) for e in effects)
+
+
+def evaluate_for(level: int, rules: RoomAccess) -> Access:
+    """The decision for this test's user at ``level``."""
+    return evaluate(
+        Principal(user=USER, entity=ENTITY, level=level, exp=0, claims={}), rules.room, rules.rules
+    )
 
 
 def test_reauthorize_revokes_when_rule_removed(session: Session, clock: FakeClock) -> None:
@@ -764,7 +817,7 @@ def test_revocation_of_one_room_keeps_the_others(session: Session, clock: FakeCl
     assert session.reauthorize(8, None) == [Leave(8), Send(codec.revoked(8))]
     assert set(session.subs) == {7} and session.room_id == 7
     assert session.reauthorize(7, RoomAccess(room(7), ())) == [Leave(7), Send(codec.revoked(7))]
-    assert session.subs == {} and session.room_id is None
+    assert len(session.subs) == 0 and session.room_id is None
 
 
 def test_subscribe_with_since_replays_that_room_alone(session: Session, clock: FakeClock) -> None:
@@ -812,7 +865,7 @@ def test_closing_leaves_every_room_held(session: Session, clock: FakeClock) -> N
     subscribed(session, 8)
     effects = session.receive(Quit())
     assert Leave(7) in effects and Leave(8) in effects
-    assert session.subs == {}
+    assert len(session.subs) == 0
 
 
 # -- edit and delete ---------------------------------------------------------------------------

@@ -4,22 +4,29 @@ ping, and the process-wide outbound budget."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 import pytest
 import pytest_asyncio
 
 from nanomsg.app import build_usecases
-from nanomsg.auth import Verifier
+from nanomsg.auth import Verifier, mint
 from nanomsg.clock import SystemClock
 from nanomsg.config import Config
+from nanomsg.events import Token
 from nanomsg.fanout import Hub
-from nanomsg.models import Principal
+from nanomsg.models import Principal, Room, RoomAccess, Rule
+from nanomsg.permissions import evaluate
+from nanomsg.session import State
 from nanomsg.store.sqlite import SqliteStore
 from nanomsg.store.writer import BatchWriter
-from nanomsg.subscription import SubEvent, Subscription
+from nanomsg.subscription import SubEvent, Subscription, Subscriptions
 from nanomsg.ws_server import WsServer
 from tests.unit.test_outbox import close_code, connect, frame, one_pass
 
@@ -118,6 +125,14 @@ async def test_past_the_outbound_budget_the_largest_backlogs_are_closed_first(
     assert big.conn_id in line and "budget" in line
 
 
+def held(*subs: Subscription) -> Subscriptions:
+    """A connection's rooms, as the session keeps them."""
+    rooms = Subscriptions()
+    for sub in subs:
+        rooms.set(sub)
+    return rooms
+
+
 async def test_a_receipt_is_dropped_while_its_room_replays_and_for_its_own_user(
     server: WsServer,
 ) -> None:
@@ -129,7 +144,7 @@ async def test_a_receipt_is_dropped_while_its_room_replays_and_for_its_own_user(
     live.fire(SubEvent.GRANTED)
     replaying.fire(SubEvent.GRANTED_RESUME)
     replaying.held = []
-    session.subs = {7: live, 8: replaying}
+    session.subs = held(live, replaying)
     receipt = frame(1)
     conn.write_signal(receipt, 8, "someone")  # replaying: dropped, not held
     assert replaying.held == [] and conn.held_bytes == 0
@@ -149,7 +164,51 @@ async def test_receipts_count_against_the_backlog_like_any_frame(server: WsServe
     session.principal = Principal(user="me", entity="e", level=0, exp=0, claims={})
     sub = Subscription(7, explicit=True)
     sub.fire(SubEvent.GRANTED)
-    session.subs = {7: sub}
+    session.subs = held(sub)
     for _ in range(5):
         conn.write_signal(frame(1, 1000), 7, "someone")
     assert conn.closing and close_code(transport.writes[-1]) == 4000
+
+
+async def test_a_refresh_decides_held_rooms_on_the_hubs_rules_and_reads_storage_only_without(
+    server: WsServer,
+) -> None:
+    """A token refresh that changes the level decides every held room again: room 7 on the
+    rules the hub keeps (it is not in storage at all, so a read would lose it), room 8, whose
+    rules the hub does not have, from storage (where it does not exist: lost, by name)."""
+    await server.store.open()
+    conn, transport = connect(server)
+    session = conn.session
+    assert session is not None
+    user, entity = "00000000-0000-4000-8000-00000000000a", "00000000-0000-4000-8000-00000000000b"
+    secret = "ws-server-test-secret-0123456789ab"
+    session.principal = Principal(user=user, entity=entity, level=100, exp=0, claims={})
+    session.state = State.READY
+    now = datetime.now(UTC)
+    kept = RoomAccess(
+        Room(7, "u7", "r", 100, "group", "other", 10, 0, now, now),
+        (Rule(7, user, "user", "r", 0, True, now, now),),
+    )
+    server.hub.join(conn, 7, 0, kept)
+    server.hub.join(conn, 8, 0, None)  # the hub has no rules for room 8
+    for room_id, rules in ((7, kept), (8, kept)):
+        sub = Subscription(room_id, explicit=True)
+        sub.fire(SubEvent.GRANTED)
+        sub.access = evaluate(session.principal, rules.room, rules.rules)
+        session.subs.set(sub)
+    refresh = mint(secret=secret, user=user, entity=entity, level=5, now=time.time())
+    conn.apply(session.receive(Token(refresh)))
+    assert conn.busy  # room 8's rules are being read: later commands wait
+    for _ in range(1000):
+        if not conn.busy:
+            break
+        await asyncio.sleep(0.001)
+    assert not conn.busy
+    await one_pass()
+    sent = [orjson.loads(w[2:]) for w in transport.writes]
+    assert sent == [
+        {"type": "status", "data": "READY"},
+        {"type": "status", "data": "NOTAUTHORIZED", "room_id": 8},
+    ]
+    assert list(session.subs) == [7]
+    assert server.hub.receivers(8) == [] and server.hub.receivers(7) == [conn]
