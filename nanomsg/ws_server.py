@@ -660,9 +660,16 @@ class WsServer:
         self.verifier = verifier
         self.clock = clock
         # The use cases (edit, delete, read) the driver runs, the HTTP side-port's rules;
-        # ``receipts`` is the process's one coalescer, shared with the side-port.
+        # ``receipts`` is the process's one coalescer, shared with the side-port. Edits and
+        # deletes go through the batching writer, as sends do.
         self.usecases = UseCases(
-            store, clock, receipts=receipts, users=hub, kept_rules=hub.cached_access
+            store,
+            clock,
+            writer=writer,
+            publisher=hub,
+            receipts=receipts,
+            users=hub,
+            kept_rules=hub.cached_access,
         )
         self.limits = Limits(
             auth_timeout=config.auth_timeout,

@@ -119,6 +119,48 @@ class NewMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageChange:
+    """An edit (``content`` given) or a delete (``content`` None) of the message ``seq`` of
+    ``room_id`` by ``actor``: a room event the batching writer stores in turn with the sends.
+
+    The store checks the target (a message, not deleted, by ``actor`` unless ``admin``: the
+    caller's rights in the room decided ``admin`` and whether it may write at all). An edit
+    event carries the message's entity; a delete event the deleter's ``entity``."""
+
+    room_id: int
+    seq: int
+    actor: str
+    now: datetime
+    content: str | None = None
+    admin: bool = False
+    entity: str = ""
+
+    @property
+    def kind(self) -> str:
+        """The stored event's kind: ``edit`` or ``delete``."""
+        return "delete" if self.content is None else "edit"
+
+
+# The room events the batching writer stores, in one queue per shard and one transaction per
+# batch: each takes the room's next seq in submission order.
+RoomEvent = NewMessage | MessageChange
+
+
+@dataclass(frozen=True, slots=True)
+class Changed:
+    """An edit or delete stored: the ``event`` (its own seq in the room) and the message's
+    state after it (edited content, or a tombstone)."""
+
+    event: Message
+    message: Message
+
+
+# The outcome of one room event of a batch: a message stored (with False for a client_id
+# already stored), a change stored, or the refusal of that event alone.
+EventOutcome = tuple[Message, bool] | Changed | RoomGone | EventRefused
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryQuery:
     """Which stored messages of a room to read.
 
@@ -247,6 +289,18 @@ class Store(Protocol):
         once (the first occurrence) and the later ones return that message with created=False.
         Raises StoreUnavailable when the batch failed as a whole, ContentRefused when the
         database refused what one of its messages holds: either way nothing of it is stored.
+        """
+
+    async def append_events(self, batch: Sequence[RoomEvent]) -> list[EventOutcome]:
+        """Store a batch of room events (messages, edits, deletes) in ONE transaction.
+
+        Each room's events take its next seqs in batch order, gapless; a refused event takes
+        none. One entry per input, in input order: for a message as ``append_batch``; for a
+        change ``Changed`` (the event and the message after it), or the refusal of that input
+        alone (RoomGone, UnknownSeq, NotAuthor, AlreadyDeleted) judged on the state the
+        inputs before it left: a change may target a message stored earlier in the same
+        batch, and a second delete of one message in a batch is AlreadyDeleted. Raises
+        StoreUnavailable or ContentRefused for the batch as a whole, as ``append_batch``.
         """
 
     async def history(self, query: HistoryQuery) -> list[Message]:

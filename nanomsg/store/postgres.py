@@ -8,11 +8,12 @@ its own, so the store recovers without help once PostgreSQL is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 
@@ -23,10 +24,13 @@ from nanomsg.store import common
 from nanomsg.store.base import (
     ContentRefused,
     Conversation,
+    EventOutcome,
     HistoryQuery,
+    MessageChange,
     NewMessage,
     NewRoom,
     RoomChanges,
+    RoomEvent,
     RoomGone,
     Settled,
     StoreUnavailable,
@@ -132,6 +136,130 @@ SELECT ord, id, seq, entity, content, created_at, system, FALSE AS created FROM 
 # Tries of the batch statement when it collided with a concurrent writer (it was rolled back
 # as a whole, so trying again is safe).
 _BATCH_TRIES = 3
+
+
+# What a batch with edits or deletes depends on, in one read: the live rooms' last seqs
+# (part 0, padded to the message columns), the rows at the seqs its changes name (part 1) and
+# the messages already stored under its client_ids (part 2).
+_READ_EVENTS_SQL = f"""
+SELECT 0 AS part, r.id, r.id, r.last_seq, NULL::text, NULL::text, NULL::text,
+       NULL::timestamptz, NULL::text, NULL::text, NULL::bigint, NULL::boolean,
+       NULL::timestamptz, NULL::timestamptz, NULL::text
+FROM rooms r WHERE r.id = ANY ($1::bigint[]) AND r.deleted_at IS NULL
+UNION ALL
+SELECT 1, {common.MSG_COLS}
+FROM unnest($2::bigint[], $3::bigint[]) AS t(room_id, seq)
+JOIN messages m ON m.room_id = t.room_id AND m.seq = t.seq
+UNION ALL
+SELECT 2, {common.MSG_COLS}
+FROM unnest($4::bigint[], $5::text[], $6::text[]) AS k(room_id, emitter, client_id)
+JOIN messages m
+    ON m.room_id = k.room_id AND m.emitter = k.emitter AND m.client_id = k.client_id
+"""
+
+# One statement, so one round trip and its commit, storing what ``common.plan_events``
+# decided: each room's new last_seq, the targets' new state, the new rows (messages, edits and
+# deletes, in their final state). ``locked`` takes the rooms' row locks in id order (as
+# _APPEND_BATCH_SQL does) and, being FOR NO KEY UPDATE under READ COMMITTED, reads each room's
+# latest last_seq, committed or not when the statement began. Every write is gated on
+# ``valid``: all rooms live and still at the last_seq the plan was read at. Since every writer
+# of a room's rows bumps its last_seq under that lock, an unchanged last_seq means an
+# unchanged room; otherwise nothing is written, no row comes back, and the caller plans again.
+_WRITE_EVENTS_SQL = f"""
+WITH plan AS (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::timestamptz[])
+        AS p(room_id, expected, last_seq, at)
+), locked AS MATERIALIZED (
+    SELECT r.id, r.last_seq FROM rooms r
+    WHERE r.id = ANY ($1::bigint[]) AND r.deleted_at IS NULL
+    ORDER BY r.id FOR NO KEY UPDATE
+), valid AS MATERIALIZED (
+    SELECT count(*) = cardinality($1::bigint[]) AS ok
+    FROM plan p JOIN locked l ON l.id = p.room_id AND l.last_seq = p.expected
+), bumped AS (
+    UPDATE rooms r SET last_seq = p.last_seq,
+        last_activity_at = greatest(r.last_activity_at, p.at)
+    FROM plan p WHERE r.id = p.room_id AND (SELECT ok FROM valid)
+), changed AS (
+    UPDATE messages m SET
+        first_content = CASE WHEN c.edited THEN coalesce(m.first_content, m.content)
+            ELSE m.first_content END,
+        content = c.content, edited_at = c.edited_at, deleted_at = c.deleted_at,
+        deleted_by = c.deleted_by
+    FROM unnest($5::bigint[], $6::bigint[], $7::text[], $8::timestamptz[],
+                $9::timestamptz[], $10::text[], $11::boolean[])
+        AS c(room_id, seq, content, edited_at, deleted_at, deleted_by, edited)
+    WHERE m.room_id = c.room_id AND m.seq = c.seq AND (SELECT ok FROM valid)
+), inserted AS (
+    INSERT INTO messages ({common.INSERT_COLS})
+    SELECT * FROM unnest($12::bigint[], $13::bigint[], $14::text[], $15::text[], $16::text[],
+                         $17::text[], $18::timestamptz[], $19::boolean[], $20::text[],
+                         $21::bigint[], $22::text[], $23::timestamptz[], $24::timestamptz[],
+                         $25::text[])
+    WHERE (SELECT ok FROM valid)
+    RETURNING room_id, seq, id
+)
+SELECT room_id, seq, id FROM inserted
+"""
+
+# The rooms' row locks, in id order, for a batch that kept colliding (see append_events).
+_LOCK_ROOMS_SQL = "SELECT id FROM rooms WHERE id = ANY ($1::bigint[]) ORDER BY id FOR NO KEY UPDATE"
+
+
+async def _plan(
+    conn: Any,
+    batch: Sequence[RoomEvent],
+    rooms: list[int],
+    wanted: list[tuple[int, int]],
+    keys: Sequence[tuple[int, str, str | None]],
+) -> common.EventPlan:
+    """Read what ``batch`` depends on (_READ_EVENTS_SQL) and decide it."""
+    rows = await conn.fetch(
+        _READ_EVENTS_SQL,
+        rooms,
+        [room for room, _ in wanted],
+        [seq for _, seq in wanted],
+        [key[0] for key in keys],
+        [key[1] for key in keys],
+        [key[2] for key in keys],
+    )
+    last_seqs: dict[int, int] = {}
+    targets: dict[tuple[int, int], Message] = {}
+    stored: dict[tuple[int, str, str | None], Message] = {}
+    for row in rows:
+        values = tuple(row)
+        if values[0] == 0:
+            last_seqs[int(values[1])] = int(values[3])
+            continue
+        message = common.message_from_row(values[1:], _timestamptz)
+        if values[0] == 1:
+            targets[message.room_id, message.seq] = message
+        else:
+            stored[message.room_id, message.emitter, message.client_id] = message
+    return common.plan_events(batch, last_seqs, targets, stored)
+
+
+def _write_columns(plan: common.EventPlan) -> list[list[Any]]:
+    """The parallel arrays _WRITE_EVENTS_SQL takes, from ``plan``."""
+    rooms = list(plan.rooms.items())
+    updates = list(plan.updates.values())
+    inserts = [
+        common.row_values(row, plan.first_contents.get(key)) for key, row in plan.rows.items()
+    ]
+    return [
+        [room_id for room_id, _ in rooms],
+        [before for _, (before, _, _) in rooms],
+        [after for _, (_, after, _) in rooms],
+        [latest for _, (_, _, latest) in rooms],
+        [m.room_id for m, _ in updates],
+        [m.seq for m, _ in updates],
+        [m.content for m, _ in updates],
+        [m.edited_at for m, _ in updates],
+        [m.deleted_at for m, _ in updates],
+        [m.deleted_by for m, _ in updates],
+        [edited for _, edited in updates],
+        *([values[column] for values in inserts] for column in range(common.INSERT_WIDTH)),
+    ]
 
 
 def redact(url: str) -> str:
@@ -643,89 +771,66 @@ class PostgresStore:
     async def edit_message(
         self, room_id: int, seq: int, author: str, content: str, now: datetime
     ) -> tuple[Message, Message]:
-        """The edit row and the message's new state, under the room's row lock."""
-        return await self._change(room_id, seq, author, False, now, "edit", content, None)
+        """The edit row and the message's new state: a batch of one change."""
+        change = MessageChange(room_id, seq, author, now, content)
+        return common.sole_change(await self.append_events([change]))
 
     async def delete_message(
         self, room_id: int, seq: int, by: str, is_admin: bool, now: datetime, entity: str = ""
     ) -> tuple[Message, Message]:
-        """The delete row and the tombstone, under the room's row lock."""
-        return await self._change(room_id, seq, by, is_admin, now, "delete", "", entity)
+        """The delete row and the tombstone: a batch of one change."""
+        change = MessageChange(room_id, seq, by, now, None, is_admin, entity)
+        return common.sole_change(await self.append_events([change]))
 
-    async def _change(
-        self,
-        room_id: int,
-        seq: int,
-        actor: str,
-        admin: bool,
-        now: datetime,
-        kind: str,
-        content: str,
-        entity: str | None,
-    ) -> tuple[Message, Message]:
-        """Lock the room row (the lock ``append_batch`` takes), then check the target, take the
-        next seq, insert the event and update the target in one statement: one transaction, so
-        two deletes of one message queue and the second finds it deleted.
+    async def append_events(self, batch: Sequence[RoomEvent]) -> list[EventOutcome]:
+        """A batch of messages only is ``append_batch`` (one statement). With changes: one
+        read of what the batch depends on (_READ_EVENTS_SQL), ``common.plan_events`` decides
+        every input, and one statement writes it all if no room changed since the read
+        (_WRITE_EVENTS_SQL): two round trips, whatever the batch holds.
 
-        Four round trips (BEGIN, lock, change, COMMIT). The lock is a statement of its own so
-        that the change's snapshot, taken after the lock is granted, sees every event committed
-        before (all writers of a room's rows take its lock). The change writes nothing unless
-        the target passes the check ``common.check_target`` makes; when it does not, the
-        target is read again (still under the lock) and that check names the refusal."""
-        common.check_seq(seq)
-        stamp = common.utc(now)
-        if kind == "edit":
-            change = (
-                "first_content = coalesce(first_content, content), content = $7, edited_at = $5"
-            )
-        else:
-            change = "deleted_at = $5, deleted_by = $3"
-        statement = (
-            "WITH target AS ("
-            "  SELECT entity FROM messages WHERE room_id = $1 AND seq = $2 AND kind = 'message'"
-            "  AND deleted_at IS NULL AND (emitter = $3 OR $4::boolean)"
-            "), bump AS ("
-            "  UPDATE rooms SET last_seq = last_seq + 1,"
-            "  last_activity_at = greatest(last_activity_at, $5)"
-            "  WHERE id = $1 AND EXISTS (SELECT 1 FROM target) RETURNING last_seq"
-            "), event AS ("
-            "  INSERT INTO messages (room_id, seq, emitter, entity, content, created_at, kind,"
-            "  target_seq) SELECT $1, bump.last_seq, $3, coalesce($6, target.entity), $7, $5, $8,"
-            f"  $2 FROM bump, target RETURNING {_RETURNED_MSG}"
-            "), changed AS ("
-            f"  UPDATE messages SET {change} WHERE room_id = $1 AND seq = $2"
-            f"  AND EXISTS (SELECT 1 FROM bump) RETURNING {_RETURNED_MSG}"
-            ")"
-            " SELECT 0 AS part, * FROM event UNION ALL SELECT 1 AS part, * FROM changed"
-            " ORDER BY part"
-        )
+        A room written meanwhile by another process makes the write store nothing; the batch
+        is read and decided again. After ``_BATCH_TRIES`` such collisions it is done under
+        the rooms' row locks, taken first in one transaction (it then cannot collide)."""
+        if all(isinstance(event, NewMessage) for event in batch):
+            return list(await self.append_batch(cast(Sequence[NewMessage], batch)))
+        for event in batch:
+            common.utc(event.now)  # rejects naive timestamps up front
+        rooms = sorted({event.room_id for event in batch})
+        wanted = common.change_targets(batch)
+        keys = [
+            (event.room_id, event.emitter, event.client_id)
+            for event in batch
+            if isinstance(event, NewMessage) and event.client_id is not None
+        ]
         try:
-            async with self._connection() as conn, conn.transaction():
-                locked = await conn.fetchval(
-                    "SELECT id FROM rooms WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE",
-                    room_id,
-                )
-                if locked is None:
-                    raise RoomGone(room_id)
-                rows = await conn.fetch(
-                    statement, room_id, seq, actor, admin, stamp, entity, content, kind
-                )
-                if len(rows) != 2:
-                    target = await conn.fetchrow(
-                        "SELECT kind, emitter, deleted_at, entity FROM messages"
-                        " WHERE room_id = $1 AND seq = $2",
-                        room_id,
-                        seq,
-                    )
-                    common.check_target(room_id, seq, target, actor, admin=admin)
-                    raise RuntimeError(f"change of room {room_id} seq {seq} wrote nothing")
-                inserted, changed = rows[0][1:], rows[1][1:]
+            async with self._connection() as conn:
+                for attempt in range(1, _BATCH_TRIES + 2):
+                    locking = attempt > _BATCH_TRIES
+                    async with conn.transaction() if locking else contextlib.nullcontext():
+                        if locking:
+                            await conn.execute(_LOCK_ROOMS_SQL, rooms)
+                        plan = await _plan(conn, batch, rooms, wanted, keys)
+                        if not plan.rooms:  # every input refused: nothing to write
+                            return plan.finish({})
+                        try:
+                            rows = await conn.fetch(_WRITE_EVENTS_SQL, *_write_columns(plan))
+                        except asyncpg.UniqueViolationError as exc:
+                            # A client_id committed elsewhere since the read.
+                            if exc.constraint_name != "messages_client_id_idx" or locking:
+                                raise
+                            continue
+                        except asyncpg.DeadlockDetectedError:
+                            if locking:
+                                raise
+                            continue
+                        if rows:
+                            return plan.finish({(int(r[0]), int(r[1])): int(r[2]) for r in rows})
+                        if locking:
+                            raise RuntimeError("a batch under its rooms' locks wrote nothing")
         except asyncpg.DataError as exc:
+            # Class 22: a value PostgreSQL will not store (U+0000 in text); nothing was stored.
             raise ContentRefused(type(exc).__name__) from exc
-        return (
-            common.message_from_row(inserted, _timestamptz),
-            common.message_from_row(changed, _timestamptz),
-        )
+        raise AssertionError("unreachable")
 
     # -- read marks --------------------------------------------------------------------------
     async def set_read_mark(self, room_id: int, user: str, seq: int, now: datetime) -> int:
