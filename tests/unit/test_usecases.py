@@ -277,6 +277,39 @@ async def test_a_reader_without_write_may_neither_edit_nor_delete(posting: UseCa
         await cases.delete(reader, room.id, seq)
 
 
+async def test_edit_and_delete_go_through_the_writer_and_publish_their_frames_when_stored(
+    posting: UseCases,
+) -> None:
+    """As ``post``: the event takes the room's next seq among the sends and reaches the
+    room's receivers before the use case returns, in seq order; a refusal publishes nothing."""
+    admin, author = person(), person()
+    room = await group(posting, admin)
+    receiver = watch(posting, room)
+    sent = await posting.post(author, room.id, "helo")
+    edited = await posting.edit(author, room.id, sent.message.seq, "hello")
+    deleted = await posting.delete(admin, room.id, sent.message.seq)
+    with pytest.raises(Forbidden, match="deleted"):
+        await posting.delete(author, room.id, sent.message.seq)
+    assert [(f["type"], f["data"]["seq"]) for f in receiver.frames] == [
+        ("message", 1),
+        ("edited", 2),
+        ("deleted", 3),
+    ]
+    assert (edited.event.seq, deleted.event.seq, deleted.message.deleted_by) == (2, 3, admin.user)
+    writer = posting.writer
+    assert isinstance(writer, BatchWriter) and writer.messages == 4  # the refusal included
+
+
+async def test_edit_and_delete_without_a_writer_are_a_wiring_error(cases: UseCases) -> None:
+    admin = person()
+    room = await group(cases, admin)
+    seq = await post(cases, room, admin)
+    with pytest.raises(RuntimeError, match="need a writer"):
+        await cases.edit(admin, room.id, seq, "x")
+    with pytest.raises(RuntimeError, match="need a writer"):
+        await cases.delete(admin, room.id, seq)
+
+
 # -- DMs ----------------------------------------------------------------------------------------
 
 
