@@ -494,7 +494,7 @@ class EventPlan:
 
         def filled(message: Message) -> Message:
             if message.id == 0 and (message.room_id, message.seq) in ids:
-                return dataclasses.replace(message, id=ids[message.room_id, message.seq])
+                return _message(message, id=ids[message.room_id, message.seq])
             return message
 
         out: list[EventOutcome] = []
@@ -580,9 +580,9 @@ def plan_events(
         assert target is not None
         seq = take(event.room_id, stamp)
         if event.content is not None:
-            after = dataclasses.replace(target, content=event.content, edited_at=stamp)
+            after = _message(target, content=event.content, edited_at=stamp)
         else:
-            after = dataclasses.replace(target, deleted_at=stamp, deleted_by=event.actor)
+            after = _message(target, deleted_at=stamp, deleted_by=event.actor)
         change = Message(
             id=0,
             room_id=event.room_id,
@@ -605,6 +605,35 @@ def plan_events(
             plan.updates[where] = (after, edited)
         plan.outcomes.append(Changed(change, after))
     return plan
+
+
+def _message(
+    m: Message,
+    *,
+    id: int | None = None,
+    content: str | None = None,
+    edited_at: datetime | None = None,
+    deleted_at: datetime | None = None,
+    deleted_by: str | None = None,
+) -> Message:
+    """``m`` with the given fields changed: ``dataclasses.replace`` for the fields a batch
+    changes, at half its cost (it runs two or three times per edit or delete)."""
+    return Message(
+        m.id if id is None else id,
+        m.room_id,
+        m.seq,
+        m.emitter,
+        m.entity,
+        m.content if content is None else content,
+        m.created_at,
+        m.client_id,
+        m.kind,
+        m.target_seq,
+        m.system,
+        m.edited_at if edited_at is None else edited_at,
+        m.deleted_at if deleted_at is None else deleted_at,
+        m.deleted_by if deleted_by is None else deleted_by,
+    )
 
 
 def row_values(message: Message, first_content: str | None) -> tuple[Any, ...]:
