@@ -319,8 +319,8 @@ class Store(Protocol):
     ) -> tuple[Message, Message]:
         """Store an edit of the message ``seq`` as the room's next event; (edit, message).
 
-        One transaction under the room's row lock (as ``append_batch``): the edit row takes
-        the next seq, the message gets the new content and ``edited_at``. Raises RoomGone,
+        A batch of one ``MessageChange`` (``append_events``): the edit row takes the next
+        seq, the message gets the new content and ``edited_at``. Raises RoomGone,
         UnknownSeq, AlreadyDeleted, or NotAuthor when ``author`` is not the emitter.
         """
 
@@ -329,7 +329,7 @@ class Store(Protocol):
     ) -> tuple[Message, Message]:
         """Soft-delete the message ``seq`` as the room's next event; (delete, tombstone).
 
-        The message keeps its content in storage and gets ``deleted_at``/``deleted_by``.
+        A batch of one ``MessageChange`` (``append_events``). The message keeps its content in storage and gets ``deleted_at``/``deleted_by``.
         Raises RoomGone, UnknownSeq, AlreadyDeleted, or NotAuthor when ``by`` is neither the
         emitter nor ``is_admin``.
         """
