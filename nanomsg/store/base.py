@@ -329,9 +329,9 @@ class Store(Protocol):
     ) -> tuple[Message, Message]:
         """Soft-delete the message ``seq`` as the room's next event; (delete, tombstone).
 
-        A batch of one ``MessageChange`` (``append_events``). The message keeps its content in storage and gets ``deleted_at``/``deleted_by``.
-        Raises RoomGone, UnknownSeq, AlreadyDeleted, or NotAuthor when ``by`` is neither the
-        emitter nor ``is_admin``.
+        A batch of one ``MessageChange`` (``append_events``). The message keeps its content
+        in storage and gets ``deleted_at``/``deleted_by``. Raises RoomGone, UnknownSeq,
+        AlreadyDeleted, or NotAuthor when ``by`` is neither the emitter nor ``is_admin``.
         """
 
     # -- read marks --------------------------------------------------------------------------
