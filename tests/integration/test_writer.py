@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 
 from nanomsg.store.base import (
+    Changed,
     ContentRefused,
     HistoryQuery,
     MessageChange,
@@ -293,11 +294,13 @@ async def test_sends_edits_and_deletes_submitted_together_share_one_batch_in_ord
     assert await contents(store, room.id) == [(1, "m1!"), (3, "m2"), (5, "m3")]
 
 
+@pytest.mark.parametrize("bad", ["b\x00", "lone \ud800"], ids=["nul", "surrogate"])
 async def test_postgres_refusing_an_edits_content_fails_that_edit_alone_in_a_mixed_batch(
-    pg_url: str,
+    pg_url: str, bad: str
 ) -> None:
-    """U+0000 in an edit (the codec keeps it out; this calls the writer directly): the mixed
-    batch is halved down to that edit, which alone gets ContentRefused and takes no seq."""
+    """U+0000 or a lone surrogate in an edit (the codec keeps both out; this calls the writer
+    directly): the mixed batch is halved down to that edit, which alone gets ContentRefused
+    and takes no seq."""
     pg = PostgresStore(pg_url, pool_size=2)
     await pg.open()
     w = BatchWriter(pg, shards=1)
@@ -308,7 +311,7 @@ async def test_postgres_refusing_an_edits_content_fails_that_edit_alone_in_a_mix
         futures = [
             w.submit(edit(room.id, 1, "a!")),
             w.submit(message(room.id, "c")),
-            w.submit(edit(room.id, 2, "b\x00")),
+            w.submit(edit(room.id, 2, bad)),
             w.submit(delete(room.id, 1)),
             w.submit(message(room.id, "d")),
         ]
@@ -333,3 +336,19 @@ async def test_postgres_refusing_an_edits_content_fails_that_edit_alone_in_a_mix
     finally:
         await w.close()
         await pg.close()
+
+
+async def test_an_edit_no_backend_can_encode_fails_only_itself(
+    store: Store,  # noqa: F811
+    writer: BatchWriter,
+) -> None:
+    room = await make_room(store)
+    await store.append_batch([message(room.id, "a")])
+    before = writer.submit(edit(room.id, 1, "a!"))
+    bad = writer.submit(edit(room.id, 1, "lone \ud800"))
+    after = writer.submit(message(room.id, "b"))
+    assert isinstance(await before, Changed)
+    with pytest.raises(ContentRefused):
+        await bad
+    assert (await after)[0].seq == 3
+    assert await contents(store, room.id) == [(1, "a!"), (3, "b")]
