@@ -636,8 +636,12 @@ def _message(
     )
 
 
-def row_values(message: Message, first_content: str | None) -> tuple[Any, ...]:
-    """The columns ``INSERT_COLS`` of a row to insert, timestamps left as datetimes."""
+def row_values(
+    message: Message, first_content: str | None, store_stamp: Callable[[datetime], Any]
+) -> tuple[Any, ...]:
+    """The columns ``INSERT_COLS`` of a row to insert, timestamps made parameters by
+    ``store_stamp``."""
+    edited, deleted = message.edited_at, message.deleted_at
     return (
         message.room_id,
         message.seq,
@@ -645,13 +649,13 @@ def row_values(message: Message, first_content: str | None) -> tuple[Any, ...]:
         message.entity,
         message.content,
         message.client_id,
-        message.created_at,
+        store_stamp(message.created_at),
         message.system,
         message.kind,
         message.target_seq,
         first_content,
-        message.edited_at,
-        message.deleted_at,
+        None if edited is None else store_stamp(edited),
+        None if deleted is None else store_stamp(deleted),
         message.deleted_by,
     )
 

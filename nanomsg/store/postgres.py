@@ -268,7 +268,7 @@ def _write_params(plan: common.EventPlan) -> tuple[str, str, str]:
             ).decode(),
             orjson.dumps(
                 [
-                    common.row_values(row, plan.first_contents.get(key))
+                    common.row_values(row, plan.first_contents.get(key), _timestamptz)
                     for key, row in plan.rows.items()
                 ]
             ).decode(),

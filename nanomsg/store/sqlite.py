@@ -605,7 +605,7 @@ class SqliteStore:
                 )
             ids: dict[tuple[int, int], int] = {}
             inserts = [
-                _micros_row(common.row_values(row, plan.first_contents.get(key)))
+                common.row_values(row, plan.first_contents.get(key), to_micros)
                 for key, row in plan.rows.items()
             ]
             for rows_chunk in _chunks(inserts, common.INSERT_WIDTH):
@@ -882,14 +882,6 @@ async def _insert_messages(
 
 def _micros_or_none(value: datetime | None) -> int | None:
     return None if value is None else to_micros(value)
-
-
-def _micros_row(values: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A row of ``common.row_values`` as SQLite stores it: datetimes as micros, booleans 0/1."""
-    return tuple(
-        to_micros(v) if isinstance(v, datetime) else int(v) if isinstance(v, bool) else v
-        for v in values
-    )
 
 
 async def _worker_finished(db: aiosqlite.Connection) -> None:
