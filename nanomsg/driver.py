@@ -70,7 +70,14 @@ from nanomsg.events import (
 from nanomsg.fanout import text_frame
 from nanomsg.models import RoomAccess
 from nanomsg.session import Session
-from nanomsg.store.base import ContentRefused, HistoryQuery, RoomGone, Store, StoreUnavailable
+from nanomsg.store.base import (
+    ContentRefused,
+    HistoryQuery,
+    MessageChange,
+    RoomGone,
+    Store,
+    StoreUnavailable,
+)
 from nanomsg.store.writer import Stored
 
 if TYPE_CHECKING:
@@ -283,16 +290,26 @@ class Driver:
 
     def _change(self, effect: ChangeMessage) -> None:
         """An edit or delete, pipelined like a send: the use case's rule decides it on the
-        rules kept for a room live here (no task, no storage read) and the writer stores it
-        in turn with the sends; the result is applied in command order. A refusal decided
+        rights the subscription holds for a room held, else on the rules kept for a room live
+        here (no task, no storage read either way) and the writer stores it in turn with the
+        sends; the result is applied in command order. A refusal decided
         now is the status word, in its turn. A room whose rules are not kept here is read
         first (``_decide_change``), holding later commands back so that seqs keep the
         commands' order."""
         usecases = self.server.usecases
+        sub = self.session.subs.get(effect.room_id) if self.session is not None else None
+        change: MessageChange | None
         try:
-            change = usecases.kept_change(
-                effect.principal, effect.room_id, effect.seq, effect.content
-            )
+            if sub is not None and sub.access is not None:
+                # A room held: decided on the rights its subscription holds, as a send is
+                # (kept current by the hub's re-checks), by the same rule.
+                change = usecases.change_in(
+                    effect.principal, effect.room_id, sub.access, effect.seq, effect.content
+                )
+            else:
+                change = usecases.kept_change(
+                    effect.principal, effect.room_id, effect.seq, effect.content
+                )
         except usecases_mod.UseCaseError as exc:
             assert self.session is not None
             effects = self.session.result(_refusal(exc))

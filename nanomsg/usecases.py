@@ -443,7 +443,7 @@ class UseCases:
         rules (kept ones when the room is live here, else read): ``change_to_store``."""
         _check_change(seq, content)
         granted = await self.readable(principal, room_id)
-        return change_to_store(principal, room_id, granted.rights, seq, content, self.now())
+        return self.change_in(principal, room_id, granted.rights, seq, content)
 
     def kept_change(
         self, principal: Principal, room_id: int, seq: int, content: str | None
@@ -458,6 +458,18 @@ class UseCases:
         rights = evaluate(principal, kept.room, kept.rules)
         if not rights.read:
             raise NoSuchRoom()
+        return self.change_in(principal, room_id, rights, seq, content)
+
+    def change_in(
+        self,
+        principal: Principal,
+        room_id: int,
+        rights: Access,
+        seq: int,
+        content: str | None,
+    ) -> MessageChange:
+        """``change_to_store`` with rights the driver already holds (a WebSocket
+        subscription's), stamped with this instance's clock."""
         return change_to_store(principal, room_id, rights, seq, content, self.now())
 
     async def _store_change(self, change: MessageChange) -> Changed:

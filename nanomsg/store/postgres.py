@@ -141,21 +141,24 @@ _BATCH_TRIES = 3
 
 # What a batch with edits or deletes depends on, in one read: the live rooms' last seqs
 # (part 0, padded to the message columns), the rows at the seqs its changes name (part 1) and
-# the messages already stored under its client_ids (part 2).
+# the messages already stored under its client_ids (part 2). Its inputs come as JSON arrays,
+# as _WRITE_EVENTS_SQL's do.
 _READ_EVENTS_SQL = f"""
 SELECT 0 AS part, r.id, r.id, r.last_seq, NULL::text, NULL::text, NULL::text,
        NULL::timestamptz, NULL::text, NULL::text, NULL::bigint, NULL::boolean,
        NULL::timestamptz, NULL::timestamptz, NULL::text
-FROM rooms r WHERE r.id = ANY ($1::bigint[]) AND r.deleted_at IS NULL
+FROM rooms r
+WHERE r.id = ANY (ARRAY (SELECT value::bigint FROM jsonb_array_elements_text($1::jsonb)))
+    AND r.deleted_at IS NULL
 UNION ALL
 SELECT 1, {common.MSG_COLS}
-FROM unnest($2::bigint[], $3::bigint[]) AS t(room_id, seq)
-JOIN messages m ON m.room_id = t.room_id AND m.seq = t.seq
+FROM jsonb_array_elements($2::jsonb) AS t
+JOIN messages m ON m.room_id = (t->>0)::bigint AND m.seq = (t->>1)::bigint
 UNION ALL
 SELECT 2, {common.MSG_COLS}
-FROM unnest($4::bigint[], $5::text[], $6::text[]) AS k(room_id, emitter, client_id)
+FROM jsonb_array_elements($3::jsonb) AS k
 JOIN messages m
-    ON m.room_id = k.room_id AND m.emitter = k.emitter AND m.client_id = k.client_id
+    ON m.room_id = (k->>0)::bigint AND m.emitter = k->>1 AND m.client_id = k->>2
 """
 
 # One statement, so one round trip and its commit, storing what ``common.plan_events``
@@ -222,15 +225,11 @@ async def _plan(
     keys: Sequence[tuple[int, str, str | None]],
 ) -> common.EventPlan:
     """Read what ``batch`` depends on (_READ_EVENTS_SQL) and decide it."""
-    rows = await conn.fetch(
-        _READ_EVENTS_SQL,
-        rooms,
-        [room for room, _ in wanted],
-        [seq for _, seq in wanted],
-        [key[0] for key in keys],
-        [key[1] for key in keys],
-        [key[2] for key in keys],
-    )
+    try:
+        params = (orjson.dumps(rooms), orjson.dumps(wanted), orjson.dumps(keys))
+    except orjson.JSONEncodeError as exc:  # a client_id no backend can encode
+        raise ContentRefused("UnicodeEncodeError") from exc
+    rows = await conn.fetch(_READ_EVENTS_SQL, *(param.decode() for param in params))
     last_seqs: dict[int, int] = {}
     targets: dict[tuple[int, int], Message] = {}
     stored: dict[tuple[int, str, str | None], Message] = {}
