@@ -530,13 +530,14 @@ def plan_events(
     # The state of every message or event the batch has touched or written, by (room, seq).
     state: dict[tuple[int, int], Message] = {}
     firsts: dict[tuple[int, str, str], int] = {}
+    seqs: dict[int, int] = {}  # each room written: the last seq taken so far
+    latest: dict[int, datetime] = {}  # and its newest event's stamp
 
     def take(room_id: int, stamp: datetime) -> int:
-        before, after, latest = plan.rooms.get(
-            room_id, (last_seqs[room_id], last_seqs[room_id], stamp)
-        )
-        plan.rooms[room_id] = (before, after + 1, max(latest, stamp))
-        return after + 1
+        seq = seqs[room_id] = seqs.get(room_id, last_seqs[room_id]) + 1
+        if room_id not in latest or stamp > latest[room_id]:
+            latest[room_id] = stamp
+        return seq
 
     for index, event in enumerate(batch):
         stamp = utc(event.now)
@@ -604,6 +605,7 @@ def plan_events(
             edited = plan.updates.get(where, (after, False))[1] or event.content is not None
             plan.updates[where] = (after, edited)
         plan.outcomes.append(Changed(change, after))
+    plan.rooms = {room: (last_seqs[room], seq, latest[room]) for room, seq in seqs.items()}
     return plan
 
 
