@@ -411,7 +411,7 @@ def numbered(sql: str, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
     return _NAMED.sub(number, sql), [params[name] for name in names]
 
 
-def first_copies(batch: Sequence[NewMessage]) -> tuple[list[int], list[int]]:
+def first_copies(batch: Sequence[RoomEvent]) -> tuple[list[int], list[int]]:
     """Where each input's (room, emitter, client_id) key first occurs, and the inputs to store.
 
     Returns ``(firsts, sent)``: ``firsts[i]`` is the index of the first input with input i's
@@ -422,7 +422,7 @@ def first_copies(batch: Sequence[NewMessage]) -> tuple[list[int], list[int]]:
     seen: dict[tuple[int, str, str], int] = {}
     firsts: list[int] = []
     for index, new in enumerate(batch):
-        if new.client_id is None:
+        if not isinstance(new, NewMessage) or new.client_id is None:  # a change: its own
             firsts.append(index)
         else:
             firsts.append(seen.setdefault((new.room_id, new.emitter, new.client_id), index))

@@ -23,6 +23,8 @@ import orjson
 from nanomsg.models import Message, ReadMark, Room, RoomAccess, RoomState, Rule
 from nanomsg.store import common
 from nanomsg.store.base import (
+    AlreadyDeleted,
+    Changed,
     ContentRefused,
     Conversation,
     EventOutcome,
@@ -30,12 +32,14 @@ from nanomsg.store.base import (
     MessageChange,
     NewMessage,
     NewRoom,
+    NotAuthor,
     RoomChanges,
     RoomEvent,
     RoomGone,
     Settled,
     StoreUnavailable,
     TooManyRules,
+    UnknownSeq,
 )
 from nanomsg.store.migrate import load_migrations, postgres_schema_path
 
@@ -138,6 +142,103 @@ SELECT ord, id, seq, entity, content, created_at, system, FALSE AS created FROM 
 # as a whole, so trying again is safe).
 _BATCH_TRIES = 3
 
+
+# A batch with edits or deletes in ONE statement, when no two of its changes name the same
+# message (the caller checks) and no change names a message of the batch itself (checked
+# here: a target above its room's last seq). Inputs are one JSON array of rows (see
+# _WRITE_EVENTS_SQL on why JSON), ``ord`` their 1-based position; client_ids repeated inside
+# the batch are dropped by the caller first, as for _APPEND_BATCH_SQL. ``locked`` takes the
+# rooms' row locks in id order and reads their latest last_seq; ``seen`` is the same rooms as
+# this statement's snapshot has them. Every writer of a room's rows bumps its last_seq under
+# that lock, so where the two agree the snapshot's rows of that room (the targets, the
+# client_ids) are current, and stay so under the lock. ``judged`` gives each input its
+# verdict (as ``common.check_target`` does for a change), ``numbered`` the accepted ones
+# their seqs in batch order. Unless every room agrees and no change is ``ahead``, nothing is
+# written (``go``) and the caller takes the general path (_READ_EVENTS_SQL, then
+# _WRITE_EVENTS_SQL). Part 0 of the answer is one row per input; part 1 the changed messages
+# as they are now; part 2 the messages already stored under a client_id.
+_EVENTS_BATCH_SQL = f"""
+WITH input AS (
+    SELECT (r->>0)::int AS ord, r->>1 AS kind, (r->>2)::bigint AS room_id, r->>3 AS emitter,
+           r->>4 AS entity, r->>5 AS content, r->>6 AS client_id,
+           (r->>7)::timestamptz AS created_at, (r->>8)::boolean AS system,
+           (r->>9)::bigint AS target_seq, (r->>10)::boolean AS admin
+    FROM jsonb_array_elements($1::jsonb) AS r
+), locked AS MATERIALIZED (
+    SELECT r.id, r.last_seq FROM rooms r
+    WHERE r.id = ANY (ARRAY (SELECT DISTINCT room_id FROM input)) AND r.deleted_at IS NULL
+    ORDER BY r.id FOR NO KEY UPDATE
+), seen AS MATERIALIZED (
+    SELECT r.id, r.last_seq FROM rooms r
+    WHERE r.id = ANY (ARRAY (SELECT DISTINCT room_id FROM input)) AND r.deleted_at IS NULL
+), existing AS MATERIALIZED (
+    SELECT i.ord, {common.MSG_COLS}
+    FROM input i JOIN messages m
+        ON m.room_id = i.room_id AND m.emitter = i.emitter AND m.client_id = i.client_id
+    WHERE i.client_id IS NOT NULL
+), target AS (
+    SELECT i.ord, m.kind, m.emitter, m.entity, m.deleted_at
+    FROM input i JOIN messages m ON m.room_id = i.room_id AND m.seq = i.target_seq
+    WHERE i.kind <> 'message'
+), judged AS MATERIALIZED (
+    SELECT i.*, t.entity AS target_entity, CASE
+        WHEN l.id IS NULL THEN 'gone'
+        WHEN i.kind = 'message' THEN
+            CASE WHEN EXISTS (SELECT 1 FROM existing e WHERE e.ord = i.ord)
+                THEN 'stored' ELSE 'ok' END
+        WHEN i.target_seq > l.last_seq THEN 'ahead'
+        WHEN t.kind IS DISTINCT FROM 'message' THEN 'unknown'
+        WHEN t.deleted_at IS NOT NULL THEN 'deleted'
+        WHEN t.emitter <> i.emitter AND NOT i.admin THEN 'author'
+        ELSE 'ok' END AS verdict
+    FROM input i LEFT JOIN locked l ON l.id = i.room_id LEFT JOIN target t ON t.ord = i.ord
+), go AS MATERIALIZED (
+    SELECT NOT EXISTS (SELECT 1 FROM judged WHERE verdict = 'ahead')
+        AND NOT EXISTS (
+            SELECT 1 FROM locked l LEFT JOIN seen s ON s.id = l.id
+            WHERE s.last_seq IS DISTINCT FROM l.last_seq
+        ) AS ok
+), numbered AS MATERIALIZED (
+    SELECT j.*, l.last_seq + row_number() OVER (PARTITION BY j.room_id ORDER BY j.ord) AS seq
+    FROM judged j JOIN locked l ON l.id = j.room_id
+    WHERE j.verdict = 'ok' AND (SELECT ok FROM go)
+), wanted AS (
+    SELECT room_id, count(*) AS n, max(created_at) AS at FROM numbered GROUP BY room_id
+), bumped AS (
+    UPDATE rooms r SET last_seq = r.last_seq + w.n,
+        last_activity_at = greatest(r.last_activity_at, w.at)
+    FROM wanted w WHERE r.id = w.room_id
+), changed AS (
+    UPDATE messages m SET
+        first_content = CASE WHEN n.kind = 'edit' THEN coalesce(m.first_content, m.content)
+            ELSE m.first_content END,
+        content = CASE WHEN n.kind = 'edit' THEN n.content ELSE m.content END,
+        edited_at = CASE WHEN n.kind = 'edit' THEN n.created_at ELSE m.edited_at END,
+        deleted_at = CASE WHEN n.kind = 'delete' THEN n.created_at ELSE m.deleted_at END,
+        deleted_by = CASE WHEN n.kind = 'delete' THEN n.emitter ELSE m.deleted_by END
+    FROM numbered n
+    WHERE n.kind <> 'message' AND m.room_id = n.room_id AND m.seq = n.target_seq
+    RETURNING n.ord, {common.MSG_COLS}
+), inserted AS (
+    INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at,
+                          system, kind, target_seq)
+    SELECT room_id, seq, emitter,
+           CASE WHEN kind = 'edit' THEN target_entity ELSE entity END, content, client_id,
+           created_at, system, kind, target_seq
+    FROM numbered
+    RETURNING id, room_id, seq
+)
+SELECT 0 AS part, j.ord, j.verdict, n.seq, ins.id, (SELECT ok FROM go),
+       NULL::bigint, NULL::bigint, NULL::bigint, NULL::text, NULL::text, NULL::text,
+       NULL::timestamptz, NULL::text, NULL::text, NULL::bigint, NULL::boolean,
+       NULL::timestamptz, NULL::timestamptz, NULL::text
+FROM judged j LEFT JOIN numbered n ON n.ord = j.ord
+LEFT JOIN inserted ins ON ins.room_id = n.room_id AND ins.seq = n.seq
+UNION ALL
+SELECT 1, m.ord, NULL, NULL, NULL, NULL, {common.MSG_COLS} FROM changed m
+UNION ALL
+SELECT 2, m.ord, NULL, NULL, NULL, NULL, {common.MSG_COLS} FROM existing m
+"""
 
 # What a batch with edits or deletes depends on, in one read: the live rooms' last seqs
 # (part 0, padded to the message columns), the rows at the seqs its changes name (part 1) and
@@ -244,6 +345,88 @@ async def _plan(
         else:
             stored[message.room_id, message.emitter, message.client_id] = message
     return common.plan_events(batch, last_seqs, targets, stored)
+
+
+def _event_row(position: int, event: RoomEvent) -> tuple[Any, ...]:
+    """One input row of _EVENTS_BATCH_SQL."""
+    if isinstance(event, NewMessage):
+        return (
+            position,
+            "message",
+            event.room_id,
+            event.emitter,
+            event.entity,
+            event.content,
+            event.client_id,
+            event.now,
+            event.system,
+            None,
+            False,
+        )
+    return (
+        position,
+        event.kind,
+        event.room_id,
+        event.actor,
+        event.entity,
+        event.content or "",
+        None,
+        event.now,
+        False,
+        event.seq,
+        event.admin,
+    )
+
+
+def _event_outcome(event: RoomEvent, verdict: Any, stored: Message | None) -> EventOutcome:
+    """The outcome of one input of _EVENTS_BATCH_SQL from its part-0 row (ord, verdict, seq,
+    id) and its part-1 or part-2 message (the message changed, or stored under its
+    client_id)."""
+    said, seq, row_id = verdict[2], verdict[3], verdict[4]
+    stamp = common.utc(event.now)
+    if said == "gone":
+        return RoomGone(event.room_id)
+    if isinstance(event, NewMessage):
+        if said == "stored":
+            assert stored is not None
+            return stored, False
+        message = Message(
+            id=int(row_id),
+            room_id=event.room_id,
+            seq=int(seq),
+            emitter=event.emitter,
+            entity=event.entity,
+            content=event.content,
+            created_at=stamp,
+            client_id=event.client_id,
+            system=event.system,
+        )
+        return message, True
+    if said != "ok":
+        refusal = {"unknown": UnknownSeq, "deleted": AlreadyDeleted, "author": NotAuthor}[said]
+        return refusal(event.room_id, event.seq)
+    assert stored is not None
+    change = Message(
+        id=int(row_id),
+        room_id=event.room_id,
+        seq=int(seq),
+        emitter=event.actor,
+        entity=stored.entity if event.content is not None else event.entity,
+        content=event.content or "",
+        created_at=stamp,
+        kind=event.kind,
+        target_seq=event.seq,
+    )
+    return Changed(change, stored)
+
+
+def _repeated(outcome: EventOutcome) -> EventOutcome:
+    """A later copy of a client_id in the batch: the first copy's message, not created."""
+    if isinstance(outcome, tuple):
+        return outcome[0], False
+    if isinstance(outcome, RoomGone):
+        return RoomGone(*outcome.args)
+    return outcome
 
 
 def _write_params(plan: common.EventPlan) -> tuple[str, str, str]:
@@ -811,6 +994,10 @@ class PostgresStore:
             common.utc(event.now)  # rejects naive timestamps up front
         rooms = sorted({event.room_id for event in batch})
         wanted = common.change_targets(batch)
+        if len(wanted) == sum(isinstance(event, MessageChange) for event in batch):
+            done = await self._events_at_once(batch)
+            if done is not None:
+                return done
         keys = [
             (event.room_id, event.emitter, event.client_id)
             for event in batch
@@ -845,6 +1032,49 @@ class PostgresStore:
             # Class 22: a value PostgreSQL will not store (U+0000 in text); nothing was stored.
             raise ContentRefused(type(exc).__name__) from exc
         raise AssertionError("unreachable")
+
+    async def _events_at_once(self, batch: Sequence[RoomEvent]) -> list[EventOutcome] | None:
+        """The batch in one statement (_EVENTS_BATCH_SQL); None when that statement wrote
+        nothing because the batch needs the general path (a change naming a message of the
+        batch, or a room written by another process since the statement's snapshot)."""
+        firsts, sent = common.first_copies(batch)
+        try:
+            param = orjson.dumps(
+                [_event_row(position, batch[index]) for position, index in enumerate(sent, start=1)]
+            ).decode()
+        except orjson.JSONEncodeError as exc:
+            raise ContentRefused("UnicodeEncodeError") from exc
+        try:
+            async with self._connection() as conn:
+                try:
+                    rows = await conn.fetch(_EVENTS_BATCH_SQL, param)
+                except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError) as exc:
+                    if (
+                        isinstance(exc, asyncpg.UniqueViolationError)
+                        and exc.constraint_name != "messages_client_id_idx"
+                    ):
+                        raise
+                    return None  # a client_id committed elsewhere meanwhile: plan again
+        except asyncpg.DataError as exc:
+            raise ContentRefused(type(exc).__name__) from exc
+        verdicts: dict[int, Any] = {}
+        after: dict[int, Message] = {}
+        for row in rows:
+            values = tuple(row)
+            if values[0] == 0:
+                if not values[5]:
+                    return None
+                verdicts[int(values[1])] = values
+            else:
+                message = common.message_from_row(values[6:], _timestamptz)
+                after[int(values[1])] = message
+        outcomes: dict[int, EventOutcome] = {}
+        for position, index in enumerate(sent, start=1):
+            outcomes[index] = _event_outcome(batch[index], verdicts[position], after.get(position))
+        return [
+            outcomes[index] if first == index else _repeated(outcomes[first])
+            for index, first in enumerate(firsts)
+        ]
 
     # -- read marks --------------------------------------------------------------------------
     async def set_read_mark(self, room_id: int, user: str, seq: int, now: datetime) -> int:

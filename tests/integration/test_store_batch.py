@@ -491,3 +491,23 @@ async def test_a_refused_change_fails_only_itself_and_takes_no_seq(
     unknown = await store.append_events([edit(room.id, 3, "the edit event itself")])
     assert isinstance(unknown[0], UnknownSeq)
     assert await last_seq(store, room.id) == 4
+
+
+async def test_an_edit_of_a_message_sent_earlier_in_the_batch_is_stored_after_it(
+    store: Store,  # noqa: F811
+) -> None:
+    """One change, naming the message sent just before it in the same batch (PostgreSQL's
+    one-statement path cannot see that message and hands the batch to the general one)."""
+    room = await make_room(store)
+    await store.append_batch([message(room.id, "a")])
+    outcomes = await store.append_events(
+        [message(room.id, "b"), edit(room.id, 2, "b!"), delete(room.id, 1)]
+    )
+    assert sent(outcomes[0]).seq == 2
+    assert (changed(outcomes[1]).event.seq, changed(outcomes[1]).message.content) == (3, "b!")
+    assert changed(outcomes[1]).message.id == sent(outcomes[0]).id
+    assert changed(outcomes[2]).event.seq == 4
+    assert [(m.seq, m.content, m.deleted) for m in await history(store, room.id)] == [
+        (1, "a", True),
+        (2, "b!", False),
+    ]
