@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, cast
@@ -143,6 +143,8 @@ SELECT ord, id, seq, entity, content, created_at, system, FALSE AS created FROM 
 _BATCH_TRIES = 3
 
 
+_NULL_MSG = ", ".join(["NULL"] * common.MSG_WIDTH)
+
 # A batch with edits or deletes in ONE statement, when no two of its changes name the same
 # message (the caller checks) and no change names a message of the batch itself (checked
 # here: a target above its room's last seq). Inputs are one JSON array of rows (see
@@ -155,8 +157,11 @@ _BATCH_TRIES = 3
 # verdict (as ``common.check_target`` does for a change), ``numbered`` the accepted ones
 # their seqs in batch order. Unless every room agrees and no change is ``ahead``, nothing is
 # written (``go``) and the caller takes the general path (_READ_EVENTS_SQL, then
-# _WRITE_EVENTS_SQL). Part 0 of the answer is one row per input; part 1 the changed messages
-# as they are now; part 2 the messages already stored under a client_id.
+# _WRITE_EVENTS_SQL). The answer: part 0, whether it wrote (``go``); part 1, each input's
+# verdict and, accepted, its seq; part 2, the changed messages as they are now and those
+# already stored under a client_id; part 3, the new rows' ids. The parts are kept apart
+# rather than joined: the planner cannot size CTEs, and its nested loops over them cost more
+# than the writes (EXPLAIN ANALYZE, 64 edits: 4.2 ms, 1.4 ms of it one such join).
 _EVENTS_BATCH_SQL = f"""
 WITH input AS (
     SELECT (r->>0)::int AS ord, r->>1 AS kind, (r->>2)::bigint AS room_id, r->>3 AS emitter,
@@ -165,12 +170,12 @@ WITH input AS (
            (r->>9)::bigint AS target_seq, (r->>10)::boolean AS admin
     FROM jsonb_array_elements($1::jsonb) AS r
 ), locked AS MATERIALIZED (
-    SELECT r.id, r.last_seq FROM rooms r
-    WHERE r.id = ANY (ARRAY (SELECT DISTINCT room_id FROM input)) AND r.deleted_at IS NULL
+    SELECT r.id, r.last_seq, r.deleted_at IS NULL AS live FROM rooms r
+    WHERE r.id = ANY (ARRAY (SELECT DISTINCT room_id FROM input))
     ORDER BY r.id FOR NO KEY UPDATE
 ), seen AS MATERIALIZED (
-    SELECT r.id, r.last_seq FROM rooms r
-    WHERE r.id = ANY (ARRAY (SELECT DISTINCT room_id FROM input)) AND r.deleted_at IS NULL
+    SELECT array_agg(r.last_seq ORDER BY r.id) AS seqs FROM rooms r
+    WHERE r.id = ANY (ARRAY (SELECT DISTINCT room_id FROM input))
 ), existing AS MATERIALIZED (
     SELECT i.ord, {common.MSG_COLS}
     FROM input i JOIN messages m
@@ -181,11 +186,10 @@ WITH input AS (
     FROM input i JOIN messages m ON m.room_id = i.room_id AND m.seq = i.target_seq
     WHERE i.kind <> 'message'
 ), judged AS MATERIALIZED (
-    SELECT i.*, t.entity AS target_entity, CASE
-        WHEN l.id IS NULL THEN 'gone'
+    SELECT i.*, t.entity AS target_entity, l.last_seq AS base, CASE
+        WHEN l.id IS NULL OR NOT l.live THEN 'gone'
         WHEN i.kind = 'message' THEN
-            CASE WHEN EXISTS (SELECT 1 FROM existing e WHERE e.ord = i.ord)
-                THEN 'stored' ELSE 'ok' END
+            CASE WHEN i.ord IN (SELECT ord FROM existing) THEN 'stored' ELSE 'ok' END
         WHEN i.target_seq > l.last_seq THEN 'ahead'
         WHEN t.kind IS DISTINCT FROM 'message' THEN 'unknown'
         WHEN t.deleted_at IS NOT NULL THEN 'deleted'
@@ -194,14 +198,11 @@ WITH input AS (
     FROM input i LEFT JOIN locked l ON l.id = i.room_id LEFT JOIN target t ON t.ord = i.ord
 ), go AS MATERIALIZED (
     SELECT NOT EXISTS (SELECT 1 FROM judged WHERE verdict = 'ahead')
-        AND NOT EXISTS (
-            SELECT 1 FROM locked l LEFT JOIN seen s ON s.id = l.id
-            WHERE s.last_seq IS DISTINCT FROM l.last_seq
-        ) AS ok
+        AND (SELECT array_agg(last_seq ORDER BY id) FROM locked) = (SELECT seqs FROM seen)
+        AS ok
 ), numbered AS MATERIALIZED (
-    SELECT j.*, l.last_seq + row_number() OVER (PARTITION BY j.room_id ORDER BY j.ord) AS seq
-    FROM judged j JOIN locked l ON l.id = j.room_id
-    WHERE j.verdict = 'ok' AND (SELECT ok FROM go)
+    SELECT j.*, j.base + row_number() OVER (PARTITION BY j.room_id ORDER BY j.ord) AS seq
+    FROM judged j WHERE j.verdict = 'ok' AND (SELECT ok FROM go)
 ), wanted AS (
     SELECT room_id, count(*) AS n, max(created_at) AS at FROM numbered GROUP BY room_id
 ), bumped AS (
@@ -228,16 +229,21 @@ WITH input AS (
     FROM numbered
     RETURNING id, room_id, seq
 )
-SELECT 0 AS part, j.ord, j.verdict, n.seq, ins.id, (SELECT ok FROM go),
+SELECT 0 AS part, NULL::int AS ord, NULL::text AS verdict, NULL::bigint AS seq,
+       (SELECT ok FROM go) AS ok,
        NULL::bigint, NULL::bigint, NULL::bigint, NULL::text, NULL::text, NULL::text,
        NULL::timestamptz, NULL::text, NULL::text, NULL::bigint, NULL::boolean,
        NULL::timestamptz, NULL::timestamptz, NULL::text
-FROM judged j LEFT JOIN numbered n ON n.ord = j.ord
-LEFT JOIN inserted ins ON ins.room_id = n.room_id AND ins.seq = n.seq
 UNION ALL
-SELECT 1, m.ord, NULL, NULL, NULL, NULL, {common.MSG_COLS} FROM changed m
+SELECT 1, ord, verdict, NULL, NULL, {_NULL_MSG} FROM judged WHERE verdict <> 'ok'
 UNION ALL
-SELECT 2, m.ord, NULL, NULL, NULL, NULL, {common.MSG_COLS} FROM existing m
+SELECT 1, ord, verdict, seq, NULL, {_NULL_MSG} FROM numbered
+UNION ALL
+SELECT 2, m.ord, NULL, NULL, NULL, {common.MSG_COLS} FROM changed m
+UNION ALL
+SELECT 2, m.ord, NULL, NULL, NULL, {common.MSG_COLS} FROM existing m
+UNION ALL
+SELECT 3, NULL, NULL, seq, NULL, id, room_id, {_NULL_MSG.split(", ", 2)[2]} FROM inserted
 """
 
 # What a batch with edits or deletes depends on, in one read: the live rooms' last seqs
@@ -378,11 +384,16 @@ def _event_row(position: int, event: RoomEvent) -> tuple[Any, ...]:
     )
 
 
-def _event_outcome(event: RoomEvent, verdict: Any, stored: Message | None) -> EventOutcome:
-    """The outcome of one input of _EVENTS_BATCH_SQL from its part-0 row (ord, verdict, seq,
-    id) and its part-1 or part-2 message (the message changed, or stored under its
-    client_id)."""
-    said, seq, row_id = verdict[2], verdict[3], verdict[4]
+def _event_outcome(
+    event: RoomEvent,
+    said: str,
+    seq: int | None,
+    stored: Message | None,
+    ids: Mapping[tuple[int, int], int],
+) -> EventOutcome:
+    """The outcome of one input of _EVENTS_BATCH_SQL from its verdict (and seq when
+    accepted), its message (the one it changed, or the one stored under its client_id) and
+    the new rows' ids by (room, seq)."""
     stamp = common.utc(event.now)
     if said == "gone":
         return RoomGone(event.room_id)
@@ -391,9 +402,9 @@ def _event_outcome(event: RoomEvent, verdict: Any, stored: Message | None) -> Ev
             assert stored is not None
             return stored, False
         message = Message(
-            id=int(row_id),
+            id=ids[event.room_id, int(seq or 0)],
             room_id=event.room_id,
-            seq=int(seq),
+            seq=int(seq or 0),
             emitter=event.emitter,
             entity=event.entity,
             content=event.content,
@@ -407,9 +418,9 @@ def _event_outcome(event: RoomEvent, verdict: Any, stored: Message | None) -> Ev
         return refusal(event.room_id, event.seq)
     assert stored is not None
     change = Message(
-        id=int(row_id),
+        id=ids[event.room_id, int(seq or 0)],
         room_id=event.room_id,
-        seq=int(seq),
+        seq=int(seq or 0),
         emitter=event.actor,
         entity=stored.entity if event.content is not None else event.entity,
         content=event.content or "",
@@ -1057,20 +1068,26 @@ class PostgresStore:
                     return None  # a client_id committed elsewhere meanwhile: plan again
         except asyncpg.DataError as exc:
             raise ContentRefused(type(exc).__name__) from exc
-        verdicts: dict[int, Any] = {}
+        verdicts: dict[int, tuple[str, int | None]] = {}
         after: dict[int, Message] = {}
+        ids: dict[tuple[int, int], int] = {}
         for row in rows:
             values = tuple(row)
-            if values[0] == 0:
-                if not values[5]:
+            part = values[0]
+            if part == 0:
+                if not values[4]:
                     return None
-                verdicts[int(values[1])] = values
+            elif part == 1:
+                verdicts[int(values[1])] = (str(values[2]), values[3])
+            elif part == 2:
+                after[int(values[1])] = common.message_from_row(values[5:], _timestamptz)
             else:
-                message = common.message_from_row(values[6:], _timestamptz)
-                after[int(values[1])] = message
+                ids[int(values[6]), int(values[3])] = int(values[5])
         outcomes: dict[int, EventOutcome] = {}
         for position, index in enumerate(sent, start=1):
-            outcomes[index] = _event_outcome(batch[index], verdicts[position], after.get(position))
+            outcomes[index] = _event_outcome(
+                batch[index], *verdicts[position], after.get(position), ids
+            )
         return [
             outcomes[index] if first == index else _repeated(outcomes[first])
             for index, first in enumerate(firsts)
