@@ -177,13 +177,18 @@ WITH input AS (
     SELECT array_agg(r.last_seq ORDER BY r.id) AS seqs FROM rooms r
     WHERE r.id = ANY (ARRAY (SELECT DISTINCT room_id FROM input))
 ), existing AS MATERIALIZED (
-    SELECT i.ord, {common.MSG_COLS}
-    FROM input i JOIN messages m
-        ON m.room_id = i.room_id AND m.emitter = i.emitter AND m.client_id = i.client_id
+    SELECT i.ord, m.* FROM input i CROSS JOIN LATERAL (
+        SELECT {common.MSG_COLS} FROM messages m
+        WHERE m.room_id = i.room_id AND m.emitter = i.emitter AND m.client_id = i.client_id
+        LIMIT 1  -- a fence: the probe stays an index lookup per input
+    ) m
     WHERE i.client_id IS NOT NULL
 ), target AS (
-    SELECT i.ord, m.kind, m.emitter, m.entity, m.deleted_at
-    FROM input i JOIN messages m ON m.room_id = i.room_id AND m.seq = i.target_seq
+    SELECT i.ord, m.* FROM input i CROSS JOIN LATERAL (
+        SELECT m.kind, m.emitter, m.entity, m.deleted_at FROM messages m
+        WHERE m.room_id = i.room_id AND m.seq = i.target_seq
+        LIMIT 1
+    ) m
     WHERE i.kind <> 'message'
 ), judged AS MATERIALIZED (
     SELECT i.*, t.entity AS target_entity, l.last_seq AS base, CASE
@@ -258,14 +263,17 @@ FROM rooms r
 WHERE r.id = ANY (ARRAY (SELECT value::bigint FROM jsonb_array_elements_text($1::jsonb)))
     AND r.deleted_at IS NULL
 UNION ALL
-SELECT 1, {common.MSG_COLS}
-FROM jsonb_array_elements($2::jsonb) AS t
-JOIN messages m ON m.room_id = (t->>0)::bigint AND m.seq = (t->>1)::bigint
+SELECT 1, m.* FROM jsonb_array_elements($2::jsonb) AS t CROSS JOIN LATERAL (
+    SELECT {common.MSG_COLS} FROM messages m
+    WHERE m.room_id = (t->>0)::bigint AND m.seq = (t->>1)::bigint
+    LIMIT 1  -- a fence: the probe stays an index lookup per input
+) m
 UNION ALL
-SELECT 2, {common.MSG_COLS}
-FROM jsonb_array_elements($3::jsonb) AS k
-JOIN messages m
-    ON m.room_id = (k->>0)::bigint AND m.emitter = k->>1 AND m.client_id = k->>2
+SELECT 2, m.* FROM jsonb_array_elements($3::jsonb) AS k CROSS JOIN LATERAL (
+    SELECT {common.MSG_COLS} FROM messages m
+    WHERE m.room_id = (k->>0)::bigint AND m.emitter = k->>1 AND m.client_id = k->>2
+    LIMIT 1
+) m
 """
 
 # One statement, so one round trip and its commit, storing what ``common.plan_events``
