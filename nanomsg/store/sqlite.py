@@ -568,25 +568,7 @@ class SqliteStore:
         rooms = sorted({event.room_id for event in batch})
         news = [event for event in batch if isinstance(event, NewMessage)]
         async with self._write() as db:
-            last_seqs: dict[int, int] = {}
-            for ids_chunk in _chunks(rooms, 1):
-                rows = await db.execute_fetchall(
-                    "SELECT id, last_seq FROM rooms"
-                    f" WHERE id IN ({', '.join('?' * len(ids_chunk))}) AND deleted_at IS NULL",
-                    list(ids_chunk),
-                )
-                last_seqs.update((int(row[0]), int(row[1])) for row in rows)
-            targets: dict[tuple[int, int], Message] = {}
-            for pairs in _chunks(wanted, 2):
-                rows = await db.execute_fetchall(
-                    f"WITH t(room_id, seq) AS (VALUES {_values(len(pairs), 2)})"
-                    f" SELECT {common.MSG_COLS} FROM t JOIN messages m"
-                    " ON m.room_id = t.room_id AND m.seq = t.seq",
-                    [value for pair in pairs for value in pair],
-                )
-                for row in rows:
-                    message = common.message_from_row(row, from_micros)
-                    targets[message.room_id, message.seq] = message
+            last_seqs, targets = await _rooms_and_targets(db, rooms, wanted)
             stored = await _stored_client_ids(db, news)
             plan = common.plan_events(batch, last_seqs, targets, stored)
             if not plan.rooms:
@@ -789,6 +771,45 @@ class SqliteStore:
             rows = await db.execute_fetchall(common.room_states_sql(page, "id"), params)
         found = common.conversations_from_rows(list(rows), from_micros)
         return {c.room.id: c.state for c in found}
+
+
+async def _rooms_and_targets(
+    db: aiosqlite.Connection, rooms: Sequence[int], wanted: Sequence[tuple[int, int]]
+) -> tuple[dict[int, int], dict[tuple[int, int], Message]]:
+    """The last seq of each live room of ``rooms``, and the rows at the (room, seq) pairs of
+    ``wanted``: one statement when its parameters fit in one (every call hops to aiosqlite's
+    thread), else one per chunk of each."""
+    last_seqs: dict[int, int] = {}
+    targets: dict[tuple[int, int], Message] = {}
+    pad = ", ".join(["NULL"] * (common.MSG_WIDTH - 2))
+    rooms_sql = (
+        "SELECT 0, id, last_seq, {pad} FROM rooms WHERE id IN ({ids}) AND deleted_at IS NULL"
+    )
+    targets_sql = (
+        "SELECT 1, {cols} FROM t JOIN messages m ON m.room_id = t.room_id AND m.seq = t.seq"
+    )
+    if len(rooms) + 2 * len(wanted) <= _MAX_VARIABLES:
+        statements = [(list(rooms), list(wanted))]
+    else:
+        statements = [(list(chunk), []) for chunk in _chunks(rooms, 1)]
+        statements += [([], list(chunk)) for chunk in _chunks(wanted, 2)]
+    for ids, pairs in statements:
+        parts = []
+        if pairs:
+            parts.append(targets_sql.format(cols=common.MSG_COLS))
+        if ids:
+            parts.append(rooms_sql.format(pad=pad, ids=", ".join("?" * len(ids))))
+        head = f"WITH t(room_id, seq) AS (VALUES {_values(len(pairs), 2)}) " if pairs else ""
+        rows = await db.execute_fetchall(
+            head + " UNION ALL ".join(parts), [v for pair in pairs for v in pair] + ids
+        )
+        for row in rows:
+            if row[0] == 0:
+                last_seqs[int(row[1])] = int(row[2])
+            else:
+                message = common.message_from_row(tuple(row)[1:], from_micros)
+                targets[message.room_id, message.seq] = message
+    return last_seqs, targets
 
 
 def _chunks(items: Sequence[_T], width: int) -> list[Sequence[_T]]:
