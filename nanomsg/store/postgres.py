@@ -999,12 +999,14 @@ class PostgresStore:
         return common.sole_change(await self.append_events([change]))
 
     async def append_events(self, batch: Sequence[RoomEvent]) -> list[EventOutcome]:
-        """A batch of messages only is ``append_batch`` (one statement). With changes: one
-        read of what the batch depends on (_READ_EVENTS_SQL), ``common.plan_events`` decides
-        every input, and one statement writes it all if no room changed since the read
-        (_WRITE_EVENTS_SQL): two round trips, whatever the batch holds.
+        """A batch of messages only is ``append_batch`` (one statement). With changes, one
+        statement too (_EVENTS_BATCH_SQL) unless two changes name one message, a change
+        names a message of the batch, or a room moved since the statement's snapshot. Then
+        the general path: one read of what the batch depends on (_READ_EVENTS_SQL),
+        ``common.plan_events`` decides every input, and one statement writes it all if no
+        room changed since the read (_WRITE_EVENTS_SQL).
 
-        A room written meanwhile by another process makes the write store nothing; the batch
+        A room written meanwhile by another process makes that write store nothing; the batch
         is read and decided again. After ``_BATCH_TRIES`` such collisions it is done under
         the rooms' row locks, taken first in one transaction (it then cannot collide)."""
         if all(isinstance(event, NewMessage) for event in batch):
