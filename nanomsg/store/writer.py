@@ -6,8 +6,8 @@ extra loop callback per event) or ``submit``-ted for a future. One writer task p
 *everything* that arrived while the previous batch was being committed (up to ``max_batch``),
 whatever its kinds, and stores it with ``Store.append_events``: one transaction and, on
 PostgreSQL, one round trip (edits and deletes included, bar the rare batches
-``PostgresStore.append_events`` describes). Outcomes are delivered only after the commit, in submission
-order, so an acknowledgement always means "stored": a message's ``(message, created)``, a
+``PostgresStore.append_events`` describes). Outcomes are delivered only after the commit,
+in submission order, so an acknowledgement always means "stored": a message's ``(message, created)``, a
 change's ``Changed`` (the event and the message after it), or the refusal of that one event
 (``RoomGone``; for a change also ``UnknownSeq``, ``NotAuthor``, ``AlreadyDeleted``, judged
 after the events before it in the batch).
