@@ -7,10 +7,10 @@ extra loop callback per event) or ``submit``-ted for a future. One writer task p
 whatever its kinds, and stores it with ``Store.append_events``: one transaction and, on
 PostgreSQL, one round trip (edits and deletes included, bar the rare batches
 ``PostgresStore.append_events`` describes). Outcomes are delivered only after the commit,
-in submission order, so an acknowledgement always means "stored": a message's ``(message, created)``, a
-change's ``Changed`` (the event and the message after it), or the refusal of that one event
-(``RoomGone``; for a change also ``UnknownSeq``, ``NotAuthor``, ``AlreadyDeleted``, judged
-after the events before it in the batch).
+in submission order, so an acknowledgement always means "stored": a message's
+``(message, created)``, a change's ``Changed`` (the event and the message after it), or the
+refusal of that one event (``RoomGone``; for a change also ``UnknownSeq``, ``NotAuthor``,
+``AlreadyDeleted``, judged after the events before it in the batch).
 
 Rooms are spread over ``shards`` by id, each shard with one batch in flight at a time: a room's
 events always go through the same shard, in one queue, so their seqs follow submission order
