@@ -292,10 +292,10 @@ class Driver:
         """An edit or delete, pipelined like a send: the use case's rule decides it on the
         rights the subscription holds for a room held, else on the rules kept for a room live
         here (no task, no storage read either way) and the writer stores it in turn with the
-        sends; the result is applied in command order. A refusal decided
-        now is the status word, in its turn. A room whose rules are not kept here is read
-        first (``_decide_change``), holding later commands back so that seqs keep the
-        commands' order."""
+        sends; the result is applied in command order. A refusal decided now is the status
+        word, in its turn. A room whose rules are not kept here is read first
+        (``_decide_change``), holding later commands back so that seqs keep the commands'
+        order."""
         usecases = self.server.usecases
         sub = self.session.subs.get(effect.room_id) if self.session is not None else None
         change: MessageChange | None
