@@ -4,11 +4,11 @@ effects do, and the storage runner.
 The WebSocket adapter (``ws_server.Connection``) turns bytes into commands and frames into bytes;
 this part sits between it and the pure ``Session``:
 
-- **Scheduling.** Commands are handed to the session in order. Up to ``PIPELINE`` message sends
-  of a connection are handed to the batching writer (``store.writer``) without waiting for each
-  other, so one connection is not capped by commit latency; their results are applied strictly
-  in the order of the commands. Every other command waits until the sends before it are
-  answered, so replies still come in command order (protocol.md section 2).
+- **Scheduling.** Commands are handed to the session in order. Up to ``PIPELINE`` sends, edits
+  and deletes of a connection are handed to the batching writer (``store.writer``) without
+  waiting for each other, so one connection is not capped by commit latency; their results are
+  applied strictly in the order of the commands. Every other command waits until those before
+  it are answered, so replies still come in command order (protocol.md section 2).
 - **Effects.** Replies go to the adapter's outbox, room membership to the hub, timers to the
   adapter's timer table, storage operations to the runner.
 - **Storage runner.** Room loads, history reads and resume replays run as tasks owned by the
@@ -35,8 +35,10 @@ from nanomsg.events import (
     ChangeRefused,
     Close,
     Command,
+    DeleteMessage,
     Disarm,
     DmReady,
+    EditMessage,
     Effect,
     EndReplay,
     EventStored,
@@ -68,7 +70,14 @@ from nanomsg.events import (
 from nanomsg.fanout import text_frame
 from nanomsg.models import RoomAccess
 from nanomsg.session import Session
-from nanomsg.store.base import ContentRefused, HistoryQuery, RoomGone, Store, StoreUnavailable
+from nanomsg.store.base import (
+    ContentRefused,
+    HistoryQuery,
+    MessageChange,
+    RoomGone,
+    Store,
+    StoreUnavailable,
+)
 from nanomsg.store.writer import Stored
 
 if TYPE_CHECKING:
@@ -81,10 +90,13 @@ log = logging.getLogger("nanomsg.ws_server")
 
 INBOX_PAUSE = 32  # commands queued behind a slow store operation before we stop reading
 INBOX_RESUME = 8
-PIPELINE = 64  # message sends of one connection in flight at once
-# Commands whose READY handler changes no session state (only Send or StoreMessage comes out),
-# so they may be answered behind sends still in flight. Anything else is a barrier.
-PIPELINABLE: frozenset[type] = frozenset({SendMessage, BadArgs, TooLarge, Unknown})
+PIPELINE = 64  # sends, edits and deletes of one connection in flight at once
+# Commands whose READY handler changes no session state (only Send, StoreMessage or
+# ChangeMessage comes out), so they may be answered behind sends still in flight. Anything
+# else is a barrier.
+PIPELINABLE: frozenset[type] = frozenset(
+    {SendMessage, EditMessage, DeleteMessage, BadArgs, TooLarge, Unknown}
+)
 
 
 @dataclass(eq=False, slots=True)
@@ -141,8 +153,9 @@ class Driver:
         def write_user_event(self, frame: bytes, data: dict[str, Any]) -> None: ...
 
     def _pump(self) -> None:
-        """Hand queued commands to the session in order: sends may overlap (up to
-        ``PIPELINE``), any other command waits for everything before it to be answered."""
+        """Hand queued commands to the session in order: sends, edits and deletes may overlap
+        (up to ``PIPELINE``), any other command waits for everything before it to be
+        answered."""
         session = self.session
         while (
             not self.busy
@@ -159,6 +172,8 @@ class Driver:
                 for effect in session.receive(command):
                     if isinstance(effect, StoreMessage):
                         self._submit(effect)
+                    elif isinstance(effect, ChangeMessage):
+                        self._change(effect)
                     else:  # a reply: it waits behind the sends in flight
                         self.pipeline.append([effect])
             else:
@@ -183,6 +198,8 @@ class Driver:
                 self._leave(effect.room_id)
             elif isinstance(effect, StoreMessage):
                 self._submit(effect)
+            elif isinstance(effect, ChangeMessage):
+                self._change(effect)
             elif isinstance(effect, LoadRoom) and (
                 cached := self.server.hub.cached_access(effect.room_id)
             ):
@@ -191,7 +208,7 @@ class Driver:
                 self.apply(self.session.result(RoomLoaded(effect.room_id, cached)))
             elif isinstance(effect, LoadRoom):
                 loads.append(effect.room_id)
-            elif isinstance(effect, LoadHistory | ChangeMessage | SetReadMark | RunOpenDm):
+            elif isinstance(effect, LoadHistory | SetReadMark | RunOpenDm):
                 self.busy = True
                 self.server.spawn(self._run(effect))
             elif isinstance(effect, Settle):
@@ -288,6 +305,67 @@ class Driver:
         self.pipeline.append(entry)
         self.server.writer.enqueue(effect.new, entry)
 
+    def _change(self, effect: ChangeMessage) -> None:
+        """An edit or delete, pipelined like a send: the use case's rule decides it on the
+        rights the subscription holds for a room held, else on the rules kept for a room live
+        here (no task, no storage read either way) and the writer stores it in turn with the
+        sends; the result is applied in command order. A refusal decided now is the status
+        word, in its turn. A room whose rules are not kept here is read first
+        (``_decide_change``), holding later commands back so that seqs keep the commands'
+        order."""
+        usecases = self.server.usecases
+        sub = self.session.subs.get(effect.room_id) if self.session is not None else None
+        change: MessageChange | None
+        try:
+            if sub is not None and sub.access is not None:
+                # A room held: decided on the rights its subscription holds, as a send is
+                # (kept current by the hub's re-checks), by the same rule.
+                change = usecases.change_in(
+                    effect.principal, effect.room_id, sub.access, effect.seq, effect.content
+                )
+            else:
+                change = usecases.kept_change(
+                    effect.principal, effect.room_id, effect.seq, effect.content
+                )
+        except usecases_mod.UseCaseError as exc:
+            assert self.session is not None
+            effects = self.session.result(_refusal(exc))
+            if self.pipeline:
+                self.pipeline.append(effects)  # answered behind what is in flight
+            else:
+                self.apply(effects)
+            return
+        entry = _InFlight(self, change=True)
+        self.pipeline.append(entry)
+        if change is None:
+            self.busy = True
+            self.server.spawn(self._decide_change(effect, entry))
+            return
+        self.server.writer.enqueue(change, entry)
+
+    async def _decide_change(self, effect: ChangeMessage, entry: _InFlight) -> None:
+        """``_change`` for a room whose rules are not kept here: read them, then hand the
+        change to the writer (or answer the refusal) in its turn."""
+        try:
+            change = await self.server.usecases.new_change(
+                effect.principal, effect.room_id, effect.seq, effect.content
+            )
+        except usecases_mod.UseCaseError as exc:
+            entry.result = _refusal(exc)
+        except StoreUnavailable:
+            entry.result = StorageFailed()
+        except Exception:
+            log.exception("deciding an edit or delete failed unexpectedly")
+            entry.result = StorageFailed()
+        else:
+            self.server.writer.enqueue(change, entry)
+        finally:
+            self.busy = False
+        if entry.result is not None:
+            self._advance()
+        else:
+            self._pump()
+
     def _advance(self) -> None:
         """Apply the results at the head of the pipeline that are ready, in command order."""
         pipeline = self.pipeline
@@ -307,6 +385,10 @@ class Driver:
             elif isinstance(result, MessageStored) and result.created:
                 # The sender is gone, but the message is stored: the room must still get it.
                 self.server.hub.publish(result.message)
+            elif isinstance(result, EventStored):
+                # The editor is gone, but the event is stored and holds a seq: the room must
+                # get it (receivers would otherwise wait for a gap fill).
+                self.server.hub.publish(result.event)
         self._pump()
 
     async def _dm_opened(self, room_id: int) -> None:
@@ -373,9 +455,7 @@ class Driver:
                 hub.room_changed(room_id)
         self._pump()
 
-    async def _run(
-        self, effect: LoadHistory | ChangeMessage | SetReadMark | RunOpenDm | _Replay
-    ) -> None:
+    async def _run(self, effect: LoadHistory | SetReadMark | RunOpenDm | _Replay) -> None:
         store = self.server.store
         result: Result
         try:
@@ -383,8 +463,6 @@ class Driver:
                 # A history page is a page of the room's event stream: messages (deleted ones
                 # as tombstones) with the edits and deletions between them.
                 result = HistoryLoaded(tuple(await store.events(effect.query)))
-            elif isinstance(effect, ChangeMessage):
-                result = await _change(self.server.usecases, effect)
             elif isinstance(effect, SetReadMark):
                 result = await _mark_read(self.server.usecases, effect, self)
             elif isinstance(effect, RunOpenDm):
@@ -398,11 +476,6 @@ class Driver:
             result = StorageFailed()
         finally:
             self.busy = False
-        if isinstance(result, EventStored) and (self.session is None or self.closing):
-            # The editor is gone, but the event is stored and holds a seq: the room must get
-            # it (receivers would otherwise wait for a gap fill).
-            self.server.hub.publish(result.event)
-            return
         if self.session is not None and not self.closing:
             if isinstance(result, HistoryLoaded | Replayed):
                 # A long reply: written as the client reads it, live frames held behind it.
@@ -425,13 +498,17 @@ class Driver:
 
 @dataclass(eq=False, slots=True)
 class _InFlight:
-    """A send handed to the batching writer; called with its outcome after the commit."""
+    """A send, edit or delete (``change``) handed to the batching writer; called with its
+    outcome after the commit."""
 
     conn: Driver
     result: Result | None = None
+    change: bool = False
 
     def __call__(self, outcome: Stored | Exception) -> None:
-        if isinstance(outcome, tuple):
+        if self.change:
+            self.result = _change_result(outcome)
+        elif isinstance(outcome, tuple):
             self.result = MessageStored(*outcome)
         elif isinstance(outcome, RoomGone):
             self.result = RoomMissing(int(outcome.args[0]) if outcome.args else 0)
@@ -439,26 +516,30 @@ class _InFlight:
             self.result = MessageRefused("content refused by storage")
         else:
             if not isinstance(outcome, StoreUnavailable):
-                log.error("storing a message failed unexpectedly", exc_info=outcome)
+                error = outcome if isinstance(outcome, Exception) else None
+                log.error("storing a message failed unexpectedly: %r", outcome, exc_info=error)
             self.result = StorageFailed()
         self.conn._advance()
 
 
-async def _change(usecases: UseCases, effect: ChangeMessage) -> Result:
-    """Run the edit or delete use case; its refusals become the WebSocket's status words
-    (StoreUnavailable propagates: the caller answers UNAVAILABLE)."""
+def _change_result(outcome: Stored | Exception) -> Result:
+    """The writer's outcome for an edit or delete as the session takes it: the use case's
+    mapping (``usecases.change_outcome``), its refusals as status words."""
     try:
-        if effect.content is not None:
-            changed = await usecases.edit(
-                effect.principal, effect.room_id, effect.seq, effect.content
-            )
-        else:
-            changed = await usecases.delete(effect.principal, effect.room_id, effect.seq)
-    except usecases_mod.BadArgs as exc:
-        return ChangeRefused(codec.badargs(exc.reason))
-    except usecases_mod.UseCaseError:  # NoSuchRoom, Forbidden: alike, rooms are not probed
-        return ChangeRefused(codec.NOTAUTHORIZED)
+        changed = usecases_mod.change_outcome(outcome)
+    except usecases_mod.UseCaseError as exc:
+        return _refusal(exc)
+    except StoreUnavailable:
+        return StorageFailed()
     return EventStored(changed.event)
+
+
+def _refusal(exc: usecases_mod.UseCaseError) -> ChangeRefused:
+    """A use case's refusal as the WebSocket's status word: BADARGS with its reason, else
+    NOTAUTHORIZED (NoSuchRoom and Forbidden alike: rooms are not probed)."""
+    if isinstance(exc, usecases_mod.BadArgs):
+        return ChangeRefused(codec.badargs(exc.reason))
+    return ChangeRefused(codec.NOTAUTHORIZED)
 
 
 async def _mark_read(usecases: UseCases, effect: SetReadMark, origin: object) -> Result:

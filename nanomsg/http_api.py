@@ -944,7 +944,6 @@ class HttpApi:
         content = checked_edit(await read_message_body(request), self.config.max_content)
         await self.usecases.settle(principal)
         changed = await self.usecases.edit(principal, room_id, seq, content)
-        self.usecases.publish(changed.event)
         return envelope(200, changed.event.event_json())
 
     async def delete_message(
@@ -956,7 +955,6 @@ class HttpApi:
         room_id, seq = path_room_id(request), path_seq(request)
         await self.usecases.settle(principal)
         changed = await self.usecases.delete(principal, room_id, seq)
-        self.usecases.publish(changed.event)
         return envelope(200, changed.event.event_json())
 
     # -- routes -----------------------------------------------------------------------------

@@ -165,7 +165,7 @@ class Session:
 
     def pipelinable(self, command: Command) -> bool:
         """Whether ``command`` may be answered behind sends still in flight: it changes no
-        session state (only Send or StoreMessage comes out)."""
+        session state (only Send, StoreMessage or ChangeMessage comes out)."""
         if self.state is not State.READY:
             return False
         if type(command) is SendMessage:
@@ -630,7 +630,8 @@ def _kept(principal: Principal) -> Principal:
 
 
 S = Session
-_PIPELINABLE: frozenset[type] = frozenset({BadArgs, TooLarge, Unknown})
+# edit and delete too: the driver pipelines them like sends (driver.Driver._change).
+_PIPELINABLE: frozenset[type] = frozenset({EditMessage, DeleteMessage, BadArgs, TooLarge, Unknown})
 _COMMANDS: tuple[type, ...] = (
     Token,
     SelectRoom,

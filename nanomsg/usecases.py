@@ -31,11 +31,14 @@ from nanomsg.models import Message, Principal, ReadMark, Room, RoomAccess, RoomS
 from nanomsg.openapi import LEVEL_ADMIN_MAX
 from nanomsg.permissions import Access, evaluate
 from nanomsg.store.base import (
-    AlreadyDeleted,
+    Changed,
     ContentRefused,
     Conversation,
+    EventRefused,
+    MessageChange,
     NewMessage,
     NotAuthor,
+    RoomEvent,
     RoomGone,
     Settled,
     Store,
@@ -114,15 +117,6 @@ class DmOpened:
 
 
 @dataclass(frozen=True, slots=True)
-class Changed:
-    """An edit or delete stored: the ``event`` (its own seq in the room) and the message's
-    state after it (edited content, or a tombstone)."""
-
-    event: Message
-    message: Message
-
-
-@dataclass(frozen=True, slots=True)
 class Posted:
     """A message ``post``-ed: the stored message (the ``data`` of its message frame) and
     whether it is new; False for a ``client_id`` repeat, answered with the message stored the
@@ -133,14 +127,16 @@ class Posted:
 
 
 class MessageWriter(Protocol):
-    """What ``post`` needs of the batching writer (``store.writer.BatchWriter``)."""
+    """What ``post``, ``edit`` and ``delete`` need of the batching writer
+    (``store.writer.BatchWriter``)."""
 
-    def enqueue(self, new: NewMessage, done: Done) -> None: ...
+    def enqueue(self, new: RoomEvent, done: Done) -> None: ...
 
 
 class Publisher(Protocol):
-    """What ``post`` needs of the hub (``fanout.Hub``): deliver a stored message to this
-    process's receivers in seq order and relay it to the other processes."""
+    """What ``post``, ``edit`` and ``delete`` need of the hub (``fanout.Hub``): deliver a
+    stored room event to this process's receivers in seq order and relay it to the other
+    processes."""
 
     def publish(self, message: Message) -> None: ...
 
@@ -164,8 +160,9 @@ class UseCases:
     and hands it to both drivers, the WebSocket server and the HTTP side-port, so a rule and
     the collaborators it relies on (the kept rules above all) are the same whoever asks.
 
-    ``writer`` and ``publisher`` are needed by ``post`` (and ``publish``) only (a test of the
-    other use cases may leave them out); without ``receipts``, ``mark_read`` sends no read
+    ``writer`` and ``publisher`` are needed by ``post``, ``edit`` and ``delete``
+    only (room events are stored by the batching writer; a test of the other
+    use cases may leave them out); without ``receipts``, ``mark_read`` sends no read
     receipts; without ``notify_room_changed``, rules changed by ``settle`` and ``open_dm``
     are announced to nobody (fine only where no rules are kept: no ``kept_rules``).
     """
@@ -340,13 +337,6 @@ class UseCases:
         self.writer.enqueue(new, done)
         return await answer
 
-    def publish(self, event: Message) -> None:
-        """Deliver a stored room event (an edit or delete a driver made) to this process's
-        receivers in seq order, and relay it to the other processes."""
-        if self.publisher is None:
-            raise RuntimeError("UseCases.publish needs a publisher")
-        self.publisher.publish(event)
-
     def new_message(
         self,
         principal: Principal,
@@ -376,7 +366,7 @@ class UseCases:
             raise BadArgs("content refused by storage")
         if isinstance(outcome, StoreUnavailable):
             raise StoreUnavailable(str(outcome))  # a fresh one: a batch shares its failure
-        log.error("storing a posted message failed unexpectedly", exc_info=outcome)
+        log.error("storing a posted message failed unexpectedly", exc_info=_error(outcome))
         raise StoreUnavailable(f"unexpected storage error: {outcome!r}")
 
     # -- DMs ---------------------------------------------------------------------------------
@@ -470,33 +460,127 @@ class UseCases:
     async def edit(self, principal: Principal, room_id: int, seq: int, content: str) -> Changed:
         """Replace the content of the caller's own message ``seq`` in a room they may write.
 
-        Forbidden for another's message or a deleted one; BadArgs for a seq that names no
-        message (unknown, or an edit or delete event).
+        Stored through the batching writer, as a send: it takes the room's next seq among the
+        sends, edits and deletes of every driver, and is published (this process's receivers,
+        then the relay) when its batch commits, before this returns. Forbidden for another's
+        message or a deleted one; BadArgs for a seq that names no message (unknown, or an edit
+        or delete event); NoSuchRoom unless readable; StoreUnavailable when storage is down.
         """
-        _check_seq(seq)
-        if not content.strip():
-            raise BadArgs("content must not be empty")
-        await self.writable(principal, room_id)
-        try:
-            event, message = await self.store.edit_message(
-                room_id, seq, principal.user, content, self.now()
-            )
-        except (NotAuthor, AlreadyDeleted, UnknownSeq, RoomGone) as exc:
-            raise _refused(exc) from None
-        return Changed(event=event, message=message)
+        return await self._store_change(await self.new_change(principal, room_id, seq, content))
 
     async def delete(self, principal: Principal, room_id: int, seq: int) -> Changed:
         """Soft-delete message ``seq``: the caller's own in a room they may write, or anyone's
-        for a room admin (``a``, or an owner-entity admin)."""
-        _check_seq(seq)
-        granted = await self.writable(principal, room_id)
-        try:
-            event, message = await self.store.delete_message(
-                room_id, seq, principal.user, granted.rights.admin, self.now(), principal.entity
-            )
-        except (NotAuthor, AlreadyDeleted, UnknownSeq, RoomGone) as exc:
-            raise _refused(exc) from None
-        return Changed(event=event, message=message)
+        for a room admin (``a``, or an owner-entity admin). Stored and published as ``edit``."""
+        return await self._store_change(await self.new_change(principal, room_id, seq, None))
+
+    async def new_change(
+        self, principal: Principal, room_id: int, seq: int, content: str | None
+    ) -> MessageChange:
+        """The edit (``content`` given) or delete to hand to the writer, decided on the room's
+        rules (kept ones when the room is live here, else read): ``change_to_store``."""
+        _check_change(seq, content)
+        granted = await self.readable(principal, room_id)
+        return self.change_in(principal, room_id, granted.rights, seq, content)
+
+    def kept_change(
+        self, principal: Principal, room_id: int, seq: int, content: str | None
+    ) -> MessageChange | None:
+        """``new_change`` decided now on the rules kept for a room live on this process
+        (the WebSocket driver: no task, no storage read, as for a send); None when the
+        room's rules are not kept here, for ``new_change`` to read them."""
+        _check_change(seq, content)
+        kept = self.kept_rules(room_id) if self.kept_rules is not None else None
+        if kept is None:
+            return None
+        rights = evaluate(principal, kept.room, kept.rules)
+        if not rights.read:
+            raise NoSuchRoom()
+        return self.change_in(principal, room_id, rights, seq, content)
+
+    def change_in(
+        self,
+        principal: Principal,
+        room_id: int,
+        rights: Access,
+        seq: int,
+        content: str | None,
+    ) -> MessageChange:
+        """``change_to_store`` with rights the driver already holds (a WebSocket
+        subscription's), stamped with this instance's clock."""
+        return change_to_store(principal, room_id, rights, seq, content, self.now())
+
+    async def _store_change(self, change: MessageChange) -> Changed:
+        """Hand ``change`` to the writer and wait for ``changed``'s answer."""
+        if self.writer is None:
+            raise RuntimeError("UseCases.edit and delete need a writer and a publisher")
+        answer: asyncio.Future[Changed] = asyncio.get_running_loop().create_future()
+
+        def done(outcome: Stored | Exception) -> None:
+            # Runs in the writer's task when the batch commits: the publish happens there,
+            # in commit order, even if the caller has stopped waiting.
+            try:
+                changed = self.changed(outcome)
+            except Exception as exc:
+                if not answer.done():
+                    answer.set_exception(exc)
+                return
+            if not answer.done():
+                answer.set_result(changed)
+
+        self.writer.enqueue(change, done)
+        return await answer
+
+    def changed(self, outcome: Stored | Exception) -> Changed:
+        """The writer's outcome for an edit or delete: a stored one is published; a refusal
+        becomes the driver-neutral error (``change_outcome``)."""
+        changed = change_outcome(outcome)
+        if self.publisher is None:
+            raise RuntimeError("UseCases.edit and delete need a writer and a publisher")
+        self.publisher.publish(changed.event)
+        return changed
+
+
+def change_to_store(
+    principal: Principal,
+    room_id: int,
+    rights: Access,
+    seq: int,
+    content: str | None,
+    now: datetime,
+) -> MessageChange:
+    """The rule for editing (``content`` given) and deleting, given the caller's rights in
+    the room (``permissions.evaluate``): ``w`` is needed (Forbidden otherwise); a delete of
+    another's message needs room admin rights (``a``, or an owner-entity admin), an edit is
+    the author's alone, which the store checks against the message (NotAuthor). The change to
+    hand to the writer. Pure, like ``message_to_post``."""
+    _check_change(seq, content)
+    if not rights.write:
+        raise Forbidden("write permission required")
+    return MessageChange(
+        room_id=room_id,
+        seq=seq,
+        actor=principal.user,
+        now=now,
+        content=content,
+        admin=content is None and rights.admin,
+        entity=principal.entity,
+    )
+
+
+def change_outcome(outcome: Stored | Exception) -> Changed:
+    """The writer's outcome for an edit or delete, ``Changed`` or the driver-neutral error
+    raised: the store's refusals as ``_refused`` says, BadArgs for content storage refused,
+    StoreUnavailable for anything else."""
+    if isinstance(outcome, Changed):
+        return outcome
+    if isinstance(outcome, EventRefused | RoomGone):
+        raise _refused(outcome)
+    if isinstance(outcome, ContentRefused):
+        raise BadArgs("content refused by storage")
+    if isinstance(outcome, StoreUnavailable):
+        raise StoreUnavailable(str(outcome))  # a fresh one: a batch shares its failure
+    log.error("storing an edit or delete failed unexpectedly", exc_info=_error(outcome))
+    raise StoreUnavailable(f"unexpected storage error: {outcome!r}")
 
 
 def message_to_post(
@@ -551,6 +635,18 @@ def _pending(rule: Rule | None) -> bool:
 def _check_seq(seq: int) -> None:
     if seq < 0:
         raise BadArgs("seq must be 0 or more")
+
+
+def _error(outcome: Stored | Exception) -> Exception | None:
+    """The exception to log with an unexpected outcome (a record of the wrong kind has none)."""
+    return outcome if isinstance(outcome, Exception) else None
+
+
+def _check_change(seq: int, content: str | None) -> None:
+    """BadArgs for an edit or delete wrong whoever asks: a negative seq, an empty edit."""
+    _check_seq(seq)
+    if content is not None and not content.strip():
+        raise BadArgs("content must not be empty")
 
 
 def _refused(exc: Exception) -> UseCaseError:

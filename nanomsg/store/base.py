@@ -119,6 +119,48 @@ class NewMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageChange:
+    """An edit (``content`` given) or a delete (``content`` None) of the message ``seq`` of
+    ``room_id`` by ``actor``: a room event the batching writer stores in turn with the sends.
+
+    The store checks the target (a message, not deleted, by ``actor`` unless ``admin``: the
+    caller's rights in the room decided ``admin`` and whether it may write at all). An edit
+    event carries the message's entity; a delete event the deleter's ``entity``."""
+
+    room_id: int
+    seq: int
+    actor: str
+    now: datetime
+    content: str | None = None
+    admin: bool = False
+    entity: str = ""
+
+    @property
+    def kind(self) -> str:
+        """The stored event's kind: ``edit`` or ``delete``."""
+        return "delete" if self.content is None else "edit"
+
+
+# The room events the batching writer stores, in one queue per shard and one transaction per
+# batch: each takes the room's next seq in submission order.
+RoomEvent = NewMessage | MessageChange
+
+
+@dataclass(frozen=True, slots=True)
+class Changed:
+    """An edit or delete stored: the ``event`` (its own seq in the room) and the message's
+    state after it (edited content, or a tombstone)."""
+
+    event: Message
+    message: Message
+
+
+# The outcome of one room event of a batch: a message stored (with False for a client_id
+# already stored), a change stored, or the refusal of that event alone.
+EventOutcome = tuple[Message, bool] | Changed | RoomGone | EventRefused
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryQuery:
     """Which stored messages of a room to read.
 
@@ -249,6 +291,18 @@ class Store(Protocol):
         database refused what one of its messages holds: either way nothing of it is stored.
         """
 
+    async def append_events(self, batch: Sequence[RoomEvent]) -> list[EventOutcome]:
+        """Store a batch of room events (messages, edits, deletes) in ONE transaction.
+
+        Each room's events take its next seqs in batch order, gapless; a refused event takes
+        none. One entry per input, in input order: for a message as ``append_batch``; for a
+        change ``Changed`` (the event and the message after it), or the refusal of that input
+        alone (RoomGone, UnknownSeq, NotAuthor, AlreadyDeleted) judged on the state the
+        inputs before it left: a change may target a message stored earlier in the same
+        batch, and a second delete of one message in a batch is AlreadyDeleted. Raises
+        StoreUnavailable or ContentRefused for the batch as a whole, as ``append_batch``.
+        """
+
     async def history(self, query: HistoryQuery) -> list[Message]:
         """Messages of the room matching the query, oldest first (deleted rooms included).
 
@@ -265,8 +319,8 @@ class Store(Protocol):
     ) -> tuple[Message, Message]:
         """Store an edit of the message ``seq`` as the room's next event; (edit, message).
 
-        One transaction under the room's row lock (as ``append_batch``): the edit row takes
-        the next seq, the message gets the new content and ``edited_at``. Raises RoomGone,
+        A batch of one ``MessageChange`` (``append_events``): the edit row takes the next
+        seq, the message gets the new content and ``edited_at``. Raises RoomGone,
         UnknownSeq, AlreadyDeleted, or NotAuthor when ``author`` is not the emitter.
         """
 
@@ -275,9 +329,9 @@ class Store(Protocol):
     ) -> tuple[Message, Message]:
         """Soft-delete the message ``seq`` as the room's next event; (delete, tombstone).
 
-        The message keeps its content in storage and gets ``deleted_at``/``deleted_by``.
-        Raises RoomGone, UnknownSeq, AlreadyDeleted, or NotAuthor when ``by`` is neither the
-        emitter nor ``is_admin``.
+        A batch of one ``MessageChange`` (``append_events``). The message keeps its content
+        in storage and gets ``deleted_at``/``deleted_by``. Raises RoomGone, UnknownSeq,
+        AlreadyDeleted, or NotAuthor when ``by`` is neither the emitter nor ``is_admin``.
         """
 
     # -- read marks --------------------------------------------------------------------------

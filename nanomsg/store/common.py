@@ -18,13 +18,18 @@ from typing import Any
 from nanomsg.models import ROOM_TYPES, RULE_KINDS, Message, Room, RoomAccess, RoomState, Rule
 from nanomsg.store.base import (
     AlreadyDeleted,
+    Changed,
     Conversation,
+    EventOutcome,
+    EventRefused,
     HistoryQuery,
     LimitBelowRules,
+    MessageChange,
     NewMessage,
     NewRoom,
     NotAuthor,
     RoomChanges,
+    RoomEvent,
     RoomGone,
     UnknownSeq,
 )
@@ -406,7 +411,7 @@ def numbered(sql: str, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
     return _NAMED.sub(number, sql), [params[name] for name in names]
 
 
-def first_copies(batch: Sequence[NewMessage]) -> tuple[list[int], list[int]]:
+def first_copies(batch: Sequence[RoomEvent]) -> tuple[list[int], list[int]]:
     """Where each input's (room, emitter, client_id) key first occurs, and the inputs to store.
 
     Returns ``(firsts, sent)``: ``firsts[i]`` is the index of the first input with input i's
@@ -417,7 +422,7 @@ def first_copies(batch: Sequence[NewMessage]) -> tuple[list[int], list[int]]:
     seen: dict[tuple[int, str, str], int] = {}
     firsts: list[int] = []
     for index, new in enumerate(batch):
-        if new.client_id is None:
+        if not isinstance(new, NewMessage) or new.client_id is None:  # a change: its own
             firsts.append(index)
         else:
             firsts.append(seen.setdefault((new.room_id, new.emitter, new.client_id), index))
@@ -450,3 +455,224 @@ def sole_outcome(outcomes: Sequence[Outcome]) -> tuple[Message, bool]:
     if isinstance(outcome, RoomGone):
         raise outcome
     return outcome
+
+
+# -- batches of room events: messages, edits and deletes ------------------------------------------
+
+
+def change_targets(batch: Sequence[RoomEvent]) -> list[tuple[int, int]]:
+    """The (room, seq) of every message the batch's changes name, each once, in order."""
+    seen: dict[tuple[int, int], None] = {}
+    for event in batch:
+        if isinstance(event, MessageChange):
+            check_seq(event.seq)
+            seen.setdefault((event.room_id, event.seq), None)
+    return list(seen)
+
+
+@dataclasses.dataclass(slots=True)
+class EventPlan:
+    """What a batch of room events writes, decided in Python from the state it was read on,
+    so that both backends apply one rule in one place.
+
+    ``rooms``: each room written, (last_seq read, last_seq after, latest event stamp);
+    ``rows``: the rows to insert in their final state (a message edited or deleted later in
+    the same batch is inserted so), id 0; ``first_contents``: the original content of those
+    rows edited in the batch; ``updates``: stored messages in their state after the batch,
+    with whether the batch edited them (``first_content`` keeps the content before the first
+    edit ever). ``finish`` gives the outcomes once the inserted rows' ids are known.
+    """
+
+    rooms: dict[int, tuple[int, int, datetime]]
+    rows: dict[tuple[int, int], Message]
+    first_contents: dict[tuple[int, int], str]
+    updates: dict[tuple[int, int], tuple[Message, bool]]
+    outcomes: list[EventOutcome | int]  # an int: a later copy of that input's client_id
+
+    def finish(self, ids: Mapping[tuple[int, int], int]) -> list[EventOutcome]:
+        """The outcome of every input, the rows inserted given their ``ids`` by (room, seq)."""
+
+        def filled(message: Message) -> Message:
+            if message.id == 0 and (message.room_id, message.seq) in ids:
+                return _message(message, id=ids[message.room_id, message.seq])
+            return message
+
+        out: list[EventOutcome] = []
+        for outcome in self.outcomes:
+            if isinstance(outcome, int):
+                first = out[outcome]
+                assert isinstance(first, tuple | RoomGone)
+                out.append(_repeated(first))
+            elif isinstance(outcome, tuple):
+                out.append((filled(outcome[0]), outcome[1]))
+            elif isinstance(outcome, Changed):
+                out.append(Changed(filled(outcome.event), filled(outcome.message)))
+            else:
+                out.append(outcome)
+        return out
+
+
+def plan_events(
+    batch: Sequence[RoomEvent],
+    last_seqs: Mapping[int, int],
+    targets: Mapping[tuple[int, int], Message],
+    stored_ids: Mapping[tuple[int, str, str | None], Message],
+) -> EventPlan:
+    """Decide a batch in order: ``last_seqs`` holds each live room's last seq (a room missing
+    is absent or deleted), ``targets`` the stored rows at the seqs the changes name,
+    ``stored_ids`` the messages already stored under the batch's client_ids.
+
+    Each accepted event takes its room's next seq; a change is checked (``check_target``)
+    against the state the events before it left, so it may edit a message sent earlier in
+    the batch, and a second delete of one message is AlreadyDeleted. A refusal takes no seq.
+    """
+    plan = EventPlan(rooms={}, rows={}, first_contents={}, updates={}, outcomes=[])
+    # The state of every message or event the batch has touched or written, by (room, seq).
+    state: dict[tuple[int, int], Message] = {}
+    firsts: dict[tuple[int, str, str], int] = {}
+    seqs: dict[int, int] = {}  # each room written: the last seq taken so far
+    latest: dict[int, datetime] = {}  # and its newest event's stamp
+
+    def take(room_id: int, stamp: datetime) -> int:
+        seq = seqs[room_id] = seqs.get(room_id, last_seqs[room_id]) + 1
+        if room_id not in latest or stamp > latest[room_id]:
+            latest[room_id] = stamp
+        return seq
+
+    for index, event in enumerate(batch):
+        stamp = utc(event.now)
+        if event.room_id not in last_seqs:
+            plan.outcomes.append(RoomGone(event.room_id))
+            continue
+        if isinstance(event, NewMessage):
+            if event.client_id is not None:
+                key = (event.room_id, event.emitter, event.client_id)
+                found = stored_ids.get(key)
+                if found is not None:
+                    plan.outcomes.append((found, False))
+                    continue
+                if key in firsts:
+                    plan.outcomes.append(firsts[key])
+                    continue
+                firsts[key] = index
+            seq = take(event.room_id, stamp)
+            message = Message(
+                id=0,
+                room_id=event.room_id,
+                seq=seq,
+                emitter=event.emitter,
+                entity=event.entity,
+                content=event.content,
+                created_at=stamp,
+                client_id=event.client_id,
+                system=event.system,
+            )
+            state[event.room_id, seq] = plan.rows[event.room_id, seq] = message
+            plan.outcomes.append((message, True))
+            continue
+        where = (event.room_id, event.seq)
+        target = state.get(where) or targets.get(where)
+        row = None if target is None else (target.kind, target.emitter, target.deleted_at)
+        try:
+            check_target(event.room_id, event.seq, row, event.actor, admin=event.admin)
+        except EventRefused as refused:
+            plan.outcomes.append(refused)
+            continue
+        assert target is not None
+        seq = take(event.room_id, stamp)
+        if event.content is not None:
+            after = _message(target, content=event.content, edited_at=stamp)
+        else:
+            after = _message(target, deleted_at=stamp, deleted_by=event.actor)
+        change = Message(
+            id=0,
+            room_id=event.room_id,
+            seq=seq,
+            emitter=event.actor,
+            entity=target.entity if event.content is not None else event.entity,
+            content=event.content or "",
+            created_at=stamp,
+            kind=event.kind,
+            target_seq=event.seq,
+        )
+        state[event.room_id, seq] = plan.rows[event.room_id, seq] = change
+        state[where] = after
+        if where in plan.rows:  # sent earlier in this batch: inserted as it ends up
+            plan.rows[where] = after
+            if event.content is not None:
+                plan.first_contents.setdefault(where, target.content)
+        else:
+            edited = plan.updates.get(where, (after, False))[1] or event.content is not None
+            plan.updates[where] = (after, edited)
+        plan.outcomes.append(Changed(change, after))
+    plan.rooms = {room: (last_seqs[room], seq, latest[room]) for room, seq in seqs.items()}
+    return plan
+
+
+def _message(
+    m: Message,
+    *,
+    id: int | None = None,
+    content: str | None = None,
+    edited_at: datetime | None = None,
+    deleted_at: datetime | None = None,
+    deleted_by: str | None = None,
+) -> Message:
+    """``m`` with the given fields changed: ``dataclasses.replace`` for the fields a batch
+    changes, at half its cost (it runs two or three times per edit or delete)."""
+    return Message(
+        m.id if id is None else id,
+        m.room_id,
+        m.seq,
+        m.emitter,
+        m.entity,
+        m.content if content is None else content,
+        m.created_at,
+        m.client_id,
+        m.kind,
+        m.target_seq,
+        m.system,
+        m.edited_at if edited_at is None else edited_at,
+        m.deleted_at if deleted_at is None else deleted_at,
+        m.deleted_by if deleted_by is None else deleted_by,
+    )
+
+
+def row_values(
+    message: Message, first_content: str | None, store_stamp: Callable[[datetime], Any]
+) -> tuple[Any, ...]:
+    """The columns ``INSERT_COLS`` of a row to insert, timestamps made parameters by
+    ``store_stamp``."""
+    edited, deleted = message.edited_at, message.deleted_at
+    return (
+        message.room_id,
+        message.seq,
+        message.emitter,
+        message.entity,
+        message.content,
+        message.client_id,
+        store_stamp(message.created_at),
+        message.system,
+        message.kind,
+        message.target_seq,
+        first_content,
+        None if edited is None else store_stamp(edited),
+        None if deleted is None else store_stamp(deleted),
+        message.deleted_by,
+    )
+
+
+INSERT_COLS = (
+    "room_id, seq, emitter, entity, content, client_id, created_at, system, kind, target_seq,"
+    " first_content, edited_at, deleted_at, deleted_by"
+)
+INSERT_WIDTH = 14
+
+
+def sole_change(outcomes: Sequence[EventOutcome]) -> tuple[Message, Message]:
+    """The outcome of a batch of one change, as ``edit_message`` reports it: refusals raised."""
+    (outcome,) = outcomes
+    if isinstance(outcome, Exception):
+        raise outcome
+    assert isinstance(outcome, Changed)
+    return outcome.event, outcome.message

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -25,10 +25,13 @@ from nanomsg.models import Message, ReadMark, Room, RoomAccess, RoomState, Rule
 from nanomsg.store import common
 from nanomsg.store.base import (
     Conversation,
+    EventOutcome,
     HistoryQuery,
+    MessageChange,
     NewMessage,
     NewRoom,
     RoomChanges,
+    RoomEvent,
     RoomGone,
     Settled,
     StoreUnavailable,
@@ -539,87 +542,86 @@ class SqliteStore:
     async def edit_message(
         self, room_id: int, seq: int, author: str, content: str, now: datetime
     ) -> tuple[Message, Message]:
-        """The edit row and the message's new state, in one write transaction."""
-        return await self._change(room_id, seq, author, False, now, "edit", content, None)
+        """The edit row and the message's new state: a batch of one change."""
+        change = MessageChange(room_id, seq, author, now, content)
+        return common.sole_change(await self.append_events([change]))
 
     async def delete_message(
         self, room_id: int, seq: int, by: str, is_admin: bool, now: datetime, entity: str = ""
     ) -> tuple[Message, Message]:
-        """The delete row and the tombstone, in one write transaction."""
-        return await self._change(room_id, seq, by, is_admin, now, "delete", "", entity)
+        """The delete row and the tombstone: a batch of one change."""
+        change = MessageChange(room_id, seq, by, now, None, is_admin, entity)
+        return common.sole_change(await self.append_events([change]))
 
-    async def _change(
-        self,
-        room_id: int,
-        seq: int,
-        actor: str,
-        admin: bool,
-        now: datetime,
-        kind: str,
-        content: str,
-        entity: str | None,
-    ) -> tuple[Message, Message]:
-        """Check the target, take the room's next seq, insert the event, update the target.
+    async def append_events(self, batch: Sequence[RoomEvent]) -> list[EventOutcome]:
+        """A batch of messages only is ``append_batch``; with changes, one BEGIN IMMEDIATE
+        transaction reads what the batch depends on (the rooms' last seqs, the targets, the
+        client_ids already stored), ``common.plan_events`` decides every input, and three
+        statements write it: the rooms, the new rows, the targets changed.
 
-        BEGIN IMMEDIATE holds the write lock from the first read, so nothing changes the
-        target between the check and the update (the room row lock of PostgreSQL).
-        """
-        common.check_seq(seq)
-        stamp = to_micros(now)
+        The write lock is held from the first read, so nothing changes in between."""
+        if all(isinstance(event, NewMessage) for event in batch):
+            return list(await self.append_batch(cast(Sequence[NewMessage], batch)))
+        for event in batch:
+            to_micros(event.now)  # rejects naive timestamps up front
+        wanted = common.change_targets(batch)
+        rooms = sorted({event.room_id for event in batch})
+        news = [event for event in batch if isinstance(event, NewMessage)]
         async with self._write() as db:
-            rows = list(
-                await db.execute_fetchall(
-                    "SELECT kind, emitter, deleted_at, entity FROM messages"
-                    " WHERE room_id = ? AND seq = ?",
-                    (room_id, seq),
+            last_seqs, targets = await _rooms_and_targets(db, rooms, wanted)
+            stored = await _stored_client_ids(db, news)
+            plan = common.plan_events(batch, last_seqs, targets, stored)
+            if not plan.rooms:
+                return plan.finish({})
+            for rooms_chunk in _chunks(list(plan.rooms.items()), 3):
+                await db.execute(
+                    "UPDATE rooms SET last_seq = c.column2,"
+                    " last_activity_at = max(coalesce(last_activity_at, c.column3), c.column3)"
+                    f" FROM (VALUES {_values(len(rooms_chunk), 3)}) AS c"
+                    " WHERE rooms.id = c.column1",
+                    [
+                        value
+                        for room_id, (_, after, latest) in rooms_chunk
+                        for value in (room_id, after, to_micros(latest))
+                    ],
                 )
-            )
-            live = list(
-                await db.execute_fetchall(
-                    "SELECT 1 FROM rooms WHERE id = ? AND deleted_at IS NULL", (room_id,)
+            ids: dict[tuple[int, int], int] = {}
+            inserts = [
+                common.row_values(row, plan.first_contents.get(key), to_micros)
+                for key, row in plan.rows.items()
+            ]
+            for rows_chunk in _chunks(inserts, common.INSERT_WIDTH):
+                returned = await db.execute_fetchall(
+                    f"INSERT INTO messages ({common.INSERT_COLS})"
+                    f" VALUES {_values(len(rows_chunk), common.INSERT_WIDTH)}"
+                    " RETURNING room_id, seq, id",
+                    [value for values in rows_chunk for value in values],
                 )
-            )
-            if not live:
-                raise RoomGone(room_id)
-            common.check_target(room_id, seq, rows[0] if rows else None, actor, admin=admin)
-            bumped = list(
-                await db.execute_fetchall(
-                    "UPDATE rooms SET last_seq = last_seq + 1, last_activity_at ="
-                    " max(coalesce(last_activity_at, ?), ?) WHERE id = ? RETURNING last_seq",
-                    (stamp, stamp, room_id),
+                ids.update(((int(r[0]), int(r[1])), int(r[2])) for r in returned)
+            updates = [
+                (
+                    m.room_id,
+                    m.seq,
+                    m.content,
+                    _micros_or_none(m.edited_at),
+                    _micros_or_none(m.deleted_at),
+                    m.deleted_by,
+                    int(edited),
                 )
-            )
-            event_seq = int(bumped[0][0])
-            event_entity = str(rows[0][3]) if entity is None else entity
-            inserted = list(
-                await db.execute_fetchall(
-                    "INSERT INTO messages (room_id, seq, emitter, entity, content, created_at,"
-                    " kind, target_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                    f" RETURNING {common.MSG_COLS.replace('m.', '')}",
-                    (room_id, event_seq, actor, event_entity, content, stamp, kind, seq),
+                for m, edited in plan.updates.values()
+            ]
+            for updates_chunk in _chunks(updates, 7):
+                await db.execute(
+                    "UPDATE messages SET"
+                    " first_content = CASE WHEN c.column7 THEN coalesce(first_content, content)"
+                    "  ELSE first_content END,"
+                    " content = c.column3, edited_at = c.column4, deleted_at = c.column5,"
+                    " deleted_by = c.column6"
+                    f" FROM (VALUES {_values(len(updates_chunk), 7)}) AS c"
+                    " WHERE messages.room_id = c.column1 AND messages.seq = c.column2",
+                    [value for values in updates_chunk for value in values],
                 )
-            )
-            if kind == "edit":
-                update = (
-                    "UPDATE messages SET first_content = coalesce(first_content, content),"
-                    " content = ?, edited_at = ? WHERE room_id = ? AND seq = ?"
-                )
-                params: tuple[Any, ...] = (content, stamp, room_id, seq)
-            else:
-                update = (
-                    "UPDATE messages SET deleted_at = ?, deleted_by = ?"
-                    " WHERE room_id = ? AND seq = ?"
-                )
-                params = (stamp, actor, room_id, seq)
-            target = list(
-                await db.execute_fetchall(
-                    f"{update} RETURNING {common.MSG_COLS.replace('m.', '')}", params
-                )
-            )
-        return (
-            common.message_from_row(inserted[0], from_micros),
-            common.message_from_row(target[0], from_micros),
-        )
+        return plan.finish(ids)
 
     # -- read marks --------------------------------------------------------------------------
     async def set_read_mark(self, room_id: int, user: str, seq: int, now: datetime) -> int:
@@ -771,6 +773,45 @@ class SqliteStore:
         return {c.room.id: c.state for c in found}
 
 
+async def _rooms_and_targets(
+    db: aiosqlite.Connection, rooms: Sequence[int], wanted: Sequence[tuple[int, int]]
+) -> tuple[dict[int, int], dict[tuple[int, int], Message]]:
+    """The last seq of each live room of ``rooms``, and the rows at the (room, seq) pairs of
+    ``wanted``: one statement when its parameters fit in one (every call hops to aiosqlite's
+    thread), else one per chunk of each."""
+    last_seqs: dict[int, int] = {}
+    targets: dict[tuple[int, int], Message] = {}
+    pad = ", ".join(["NULL"] * (common.MSG_WIDTH - 2))
+    rooms_sql = (
+        "SELECT 0, id, last_seq, {pad} FROM rooms WHERE id IN ({ids}) AND deleted_at IS NULL"
+    )
+    targets_sql = (
+        "SELECT 1, {cols} FROM t JOIN messages m ON m.room_id = t.room_id AND m.seq = t.seq"
+    )
+    if len(rooms) + 2 * len(wanted) <= _MAX_VARIABLES:
+        statements = [(list(rooms), list(wanted))]
+    else:
+        statements = [(list(chunk), []) for chunk in _chunks(rooms, 1)]
+        statements += [([], list(chunk)) for chunk in _chunks(wanted, 2)]
+    for ids, pairs in statements:
+        parts = []
+        if pairs:
+            parts.append(targets_sql.format(cols=common.MSG_COLS))
+        if ids:
+            parts.append(rooms_sql.format(pad=pad, ids=", ".join("?" * len(ids))))
+        head = f"WITH t(room_id, seq) AS (VALUES {_values(len(pairs), 2)}) " if pairs else ""
+        rows = await db.execute_fetchall(
+            head + " UNION ALL ".join(parts), [v for pair in pairs for v in pair] + ids
+        )
+        for row in rows:
+            if row[0] == 0:
+                last_seqs[int(row[1])] = int(row[2])
+            else:
+                message = common.message_from_row(tuple(row)[1:], from_micros)
+                targets[message.room_id, message.seq] = message
+    return last_seqs, targets
+
+
 def _chunks(items: Sequence[_T], width: int) -> list[Sequence[_T]]:
     """``items`` in slices small enough that ``width`` parameters each fit in one statement."""
     size = max(1, _MAX_VARIABLES // width)
@@ -858,6 +899,10 @@ async def _insert_messages(
         )
         ids.update(((int(row[0]), int(row[1])), int(row[2])) for row in returned)
     return ids
+
+
+def _micros_or_none(value: datetime | None) -> int | None:
+    return None if value is None else to_micros(value)
 
 
 async def _worker_finished(db: aiosqlite.Connection) -> None:

@@ -196,3 +196,50 @@ async def test_history_shows_a_tombstone_and_the_edit_and_delete_events(server: 
     tomb: dict[str, Any] = frames[1]["data"]
     assert (tomb["content"], tomb["deleted"], tomb["deleted_by"]) == ("", True, member.user)
     assert "secret" not in str(frames)
+
+
+async def test_edits_and_deletes_are_pipelined_like_sends_and_acknowledged_in_order(
+    server: Server,
+) -> None:
+    """A client may send edits and deletes without waiting for each answer, between sends:
+    they go to the batching writer with the sends (no transaction of their own) and each is
+    acknowledged, in command order, by its frame through the room, a refusal by its status."""
+    room_id, owner, member = await room_with_member(server)
+    author = await server.join(member, room_id)
+    seqs = [await say(author, f"m{n}") for n in range(4)]
+    live_elsewhere = await server.create_room(owner)  # not the member's; its rules kept here
+    await server.join(owner, live_elsewhere)
+    not_live = await server.create_room(owner)  # not the member's; its rules read from storage
+    writer = server.app.writer
+    stored_before = writer.messages
+    commands: list[dict[str, Any]] = [
+        {"type": "edit", "seq": seqs[0], "content": "m0!"},
+        {"type": "edit", "seq": seqs[1], "content": "m1!"},
+        {"type": "message", "content": "between"},
+        {"type": "edit", "seq": 1, "content": "x", "room_id": live_elsewhere},  # refused now
+        {"type": "delete", "seq": seqs[2]},
+        {"type": "delete", "seq": seqs[2]},  # already deleted by the command before
+        {"type": "delete", "seq": 1, "room_id": not_live},  # refused after a read
+        {"type": "edit", "seq": seqs[0], "content": "m0!!"},
+        {"type": "delete", "seq": seqs[3]},
+    ]
+    for command in commands:
+        await author.send(command)
+    got = [await author.recv() for _ in commands]
+    last = seqs[-1]
+    assert [(f["type"], f["data"] if f["type"] == "status" else f["data"]["seq"]) for f in got] == [
+        ("edited", last + 1),
+        ("edited", last + 2),
+        ("message", last + 3),
+        ("status", "NOTAUTHORIZED"),
+        ("deleted", last + 4),
+        ("status", "NOTAUTHORIZED"),
+        ("status", "NOTAUTHORIZED"),
+        ("edited", last + 5),
+        ("deleted", last + 6),
+    ]
+    assert [got[n]["data"]["seq_edited"] for n in (0, 1, 7)] == [seqs[0], seqs[1], seqs[0]]
+    assert got[7]["data"]["content"] == "m0!!"
+    # Each command of its own room went through the writer, the refused delete included.
+    assert writer.messages - stored_before == len(commands) - 2
+    assert await author.silent(0.2)

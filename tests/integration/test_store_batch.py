@@ -12,7 +12,19 @@ import asyncpg
 import pytest
 
 from nanomsg.models import Message
-from nanomsg.store.base import HistoryQuery, NewMessage, RoomGone, Store, StoreUnavailable
+from nanomsg.store.base import (
+    AlreadyDeleted,
+    Changed,
+    EventOutcome,
+    HistoryQuery,
+    MessageChange,
+    NewMessage,
+    RoomEvent,
+    RoomGone,
+    Store,
+    StoreUnavailable,
+    UnknownSeq,
+)
 from nanomsg.store.postgres import PostgresStore
 from nanomsg.store.sqlite import SqliteStore
 from tests.integration.test_store import (
@@ -323,3 +335,179 @@ async def test_postgres_batches_racing_on_one_client_id_behind_the_room_lock_sto
     finally:
         await locker.close()
         await pg.close()
+
+
+# -- batches of room events: messages, edits and deletes together -------------------------------
+
+
+def edit(
+    room_id: int, seq: int, content: str, *, actor: str = "alice", at: int = 1
+) -> MessageChange:
+    return MessageChange(room_id, seq, actor, T0 + timedelta(seconds=at), content)
+
+
+def delete(
+    room_id: int, seq: int, *, actor: str = "alice", admin: bool = False, at: int = 1
+) -> MessageChange:
+    return MessageChange(room_id, seq, actor, T0 + timedelta(seconds=at), None, admin, "acme")
+
+
+async def events(store: Store, room_id: int) -> list[Message]:  # noqa: F811
+    return await store.events(HistoryQuery(room_id=room_id, limit=10_000, newest=False))
+
+
+def sent(outcome: EventOutcome) -> Message:
+    """The message of an outcome that must be a message stored."""
+    assert isinstance(outcome, tuple), outcome
+    return outcome[0]
+
+
+def changed(outcome: EventOutcome) -> Changed:
+    assert isinstance(outcome, Changed), outcome
+    return outcome
+
+
+async def test_a_mixed_batch_takes_seqs_in_batch_order_across_kinds_and_rooms(
+    store: Store,  # noqa: F811
+) -> None:
+    a, b = await make_room(store), await make_room(store)
+    await store.append_batch([message(a.id, "a1"), message(a.id, "a2"), message(b.id, "b1")])
+    batch: list[RoomEvent] = [
+        message(a.id, "a3"),
+        edit(a.id, 1, "a1!"),
+        message(b.id, "b2"),
+        delete(b.id, 1),
+        delete(a.id, 2),
+        message(a.id, "a4"),
+    ]
+
+    outcomes = await store.append_events(batch)
+
+    assert sent(outcomes[0]).seq == 3
+    first_edit = changed(outcomes[1])
+    assert (first_edit.event.seq, first_edit.event.kind, first_edit.event.target_seq) == (
+        4,
+        "edit",
+        1,
+    )
+    assert (first_edit.message.seq, first_edit.message.content) == (1, "a1!")
+    assert first_edit.message.edited_at == T0 + timedelta(seconds=1)
+    assert sent(outcomes[2]).seq == 2
+    assert (changed(outcomes[3]).event.seq, changed(outcomes[3]).message.deleted) == (3, True)
+    assert changed(outcomes[4]).event.seq == 5
+    assert sent(outcomes[5]).seq == 6
+    # What the batch returned is what was stored, ids included.
+    in_a = await events(store, a.id)
+    assert [(e.seq, e.kind, e.target_seq) for e in in_a] == [
+        (1, "message", None),
+        (2, "message", None),
+        (3, "message", None),
+        (4, "edit", 1),
+        (5, "delete", 2),
+        (6, "message", None),
+    ]
+    assert in_a[3] == first_edit.event and in_a[4] == changed(outcomes[4]).event
+    assert (await history(store, a.id))[0] == first_edit.message
+    assert [e.kind for e in await events(store, b.id)] == ["message", "message", "delete"]
+    assert (await last_seq(store, a.id), await last_seq(store, b.id)) == (6, 3)
+
+
+async def test_two_deletes_of_one_message_in_one_batch_store_the_first_and_refuse_the_second(
+    store: Store,  # noqa: F811
+) -> None:
+    room = await make_room(store)
+    await store.append_batch([message(room.id, "m")])
+    outcomes = await store.append_events(
+        [delete(room.id, 1), delete(room.id, 1, actor="root", admin=True), message(room.id, "n")]
+    )
+    assert changed(outcomes[0]).event.seq == 2
+    assert isinstance(outcomes[1], AlreadyDeleted) and outcomes[1].seq == 1
+    assert sent(outcomes[2]).seq == 3  # the refusal took no seq
+    assert [e.kind for e in await events(store, room.id)] == ["message", "delete", "message"]
+
+
+async def test_a_message_sent_earlier_in_the_batch_may_be_edited_and_then_deleted_there(
+    store: Store,  # noqa: F811
+) -> None:
+    room = await make_room(store)
+    outcomes = await store.append_events(
+        [
+            message(room.id, "helo"),
+            edit(room.id, 1, "hello"),
+            edit(room.id, 1, "hello!"),
+            delete(room.id, 1, at=2),
+            edit(room.id, 1, "too late", at=3),
+        ]
+    )
+    first = sent(outcomes[0])
+    assert (first.seq, first.content, first.edited_at) == (1, "helo", None)  # as sent
+    assert [changed(o).message.content for o in outcomes[1:3]] == ["hello", "hello!"]
+    assert changed(outcomes[3]).message.deleted_at == T0 + timedelta(seconds=2)
+    assert changed(outcomes[3]).message.id == first.id
+    assert isinstance(outcomes[4], AlreadyDeleted)  # an edit after a delete in the same batch
+    (tomb,) = await history(store, room.id)
+    assert tomb == changed(outcomes[3]).message
+    assert (tomb.content, tomb.edited_at, tomb.deleted_by) == (
+        "hello!",
+        T0 + timedelta(seconds=1),
+        "alice",
+    )
+    assert [(e.seq, e.kind) for e in await events(store, room.id)] == [
+        (1, "message"),
+        (2, "edit"),
+        (3, "edit"),
+        (4, "delete"),
+    ]
+
+
+async def test_a_refused_change_fails_only_itself_and_takes_no_seq(
+    store: Store,  # noqa: F811
+) -> None:
+    room, gone = await make_room(store), await make_room(store)
+    await store.append_batch([message(room.id, "mine"), message(gone.id, "x")])
+    await store.delete_room(gone.id, T0)
+    outcomes = await store.append_events(
+        [
+            edit(room.id, 1, "theirs", actor="mallory"),
+            delete(room.id, 1, actor="mallory"),
+            edit(room.id, 9, "nothing there"),
+            message(room.id, "next"),
+            edit(room.id, 2, "next!"),  # seq 2: the message just sent in this batch...
+            edit(gone.id, 1, "gone"),
+            edit(room.id, 1, "mine!"),
+        ]
+    )
+    assert [type(o).__name__ for o in outcomes] == [
+        "NotAuthor",
+        "NotAuthor",
+        "UnknownSeq",
+        "tuple",
+        "Changed",  # ...so editing it works
+        "RoomGone",
+        "Changed",
+    ]
+    assert sent(outcomes[3]).seq == 2
+    assert [changed(o).event.seq for o in (outcomes[4], outcomes[6])] == [3, 4]
+    unknown = await store.append_events([edit(room.id, 3, "the edit event itself")])
+    assert isinstance(unknown[0], UnknownSeq)
+    assert await last_seq(store, room.id) == 4
+
+
+async def test_an_edit_of_a_message_sent_earlier_in_the_batch_is_stored_after_it(
+    store: Store,  # noqa: F811
+) -> None:
+    """One change, naming the message sent just before it in the same batch (PostgreSQL's
+    one-statement path cannot see that message and hands the batch to the general one)."""
+    room = await make_room(store)
+    await store.append_batch([message(room.id, "a")])
+    outcomes = await store.append_events(
+        [message(room.id, "b"), edit(room.id, 2, "b!"), delete(room.id, 1)]
+    )
+    assert sent(outcomes[0]).seq == 2
+    assert (changed(outcomes[1]).event.seq, changed(outcomes[1]).message.content) == (3, "b!")
+    assert changed(outcomes[1]).message.id == sent(outcomes[0]).id
+    assert changed(outcomes[2]).event.seq == 4
+    assert [(m.seq, m.content, m.deleted) for m in await history(store, room.id)] == [
+        (1, "a", True),
+        (2, "b!", False),
+    ]

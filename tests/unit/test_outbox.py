@@ -466,6 +466,7 @@ async def test_an_edit_stored_after_its_sender_closed_still_reaches_the_room(
     user, entity = "00000000-0000-4000-8000-00000000000a", "00000000-0000-4000-8000-00000000000b"
     now = utc_datetime(1_800_000_000)
     await server.store.open()
+    server.writer.start()
     try:
         room = await server.store.create_room(
             NewRoom("r", 100, "group", entity, 100, user, 100, now)
@@ -474,9 +475,12 @@ async def test_an_edit_stored_after_its_sender_closed_still_reaches_the_room(
         watcher = _Watcher()
         server.hub.join(watcher, room.id, last_seq=1)
         conn, _ = connect(server)
-        conn.closing = True  # the editor's connection closed while its edit was stored
         principal = Principal(user, entity, 100, 0, {})
-        await conn._run(ChangeMessage(principal, room.id, 1, "fixed"))
+        conn._change(ChangeMessage(principal, room.id, 1, "fixed"))  # handed to the writer
+        conn.closing = True  # the editor's connection closed while its edit was stored
+        await asyncio.gather(*list(server._tasks))  # the room's rules read (not kept here)
+        await server.writer.flush()
         assert [orjson.loads(frame_payload(f))["type"] for f in watcher.frames] == ["edited"]
     finally:
+        await server.writer.close()
         await server.store.close()

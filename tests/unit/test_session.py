@@ -1001,3 +1001,22 @@ def test_open_dm_goes_to_the_use_case_and_answers_dm_with_the_room(
     assert session.receive(OpenDm(other)) == [RunOpenDm(session.principal, other)]
     assert sent(session.result(DmReady(31))) == [{"type": "status", "data": "DM", "room_id": 31}]
     assert 31 not in session.subs  # the DM is not held until selected or subscribed
+
+
+def test_edits_and_deletes_are_pipelined_like_sends_whatever_room_they_name(
+    session: Session, clock: FakeClock
+) -> None:
+    """They change no session state (the driver decides and stores them), so they may be
+    handed on behind sends in flight, for the selected room or any other; a history read
+    may not (it answers with a long reply)."""
+    in_room(session, clock, room_id=7)
+    for command in (
+        EditMessage(1, "x"),
+        DeleteMessage(1),
+        EditMessage(1, "x", room_id=8),
+        DeleteMessage(1, room_id=9),
+    ):
+        assert session.pipelinable(command), command
+        (change,) = session.receive(command)
+        assert isinstance(change, ChangeMessage)
+    assert not session.pipelinable(GetPastMessages(5, None))

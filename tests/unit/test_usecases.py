@@ -212,7 +212,8 @@ async def test_post_without_a_writer_is_a_wiring_error(cases: UseCases) -> None:
 # -- edit and delete ----------------------------------------------------------------------------
 
 
-async def test_the_author_edits_and_another_member_may_not(cases: UseCases) -> None:
+async def test_the_author_edits_and_another_member_may_not(posting: UseCases) -> None:
+    cases = posting
     admin, author, member = person(), person(), person()
     room = await group(cases, admin)
     seq = await post(cases, room, author, "helo")
@@ -229,8 +230,9 @@ async def test_the_author_edits_and_another_member_may_not(cases: UseCases) -> N
 
 
 async def test_delete_by_the_author_or_a_room_admin_but_not_another_member(
-    cases: UseCases,
+    posting: UseCases,
 ) -> None:
+    cases = posting
     admin, author, member = person(), person(), person()
     room = await group(cases, admin)
     first, second = await post(cases, room, author), await post(cases, room, author)
@@ -245,8 +247,9 @@ async def test_delete_by_the_author_or_a_room_admin_but_not_another_member(
 
 
 async def test_edit_and_delete_answer_unknown_seq_bad_args_and_foreign_rooms_no_such_room(
-    cases: UseCases,
+    posting: UseCases,
 ) -> None:
+    cases = posting
     admin, author = person(), person()
     room = await group(cases, admin)
     await post(cases, room, author)
@@ -262,7 +265,8 @@ async def test_edit_and_delete_answer_unknown_seq_bad_args_and_foreign_rooms_no_
             await cases.delete(outsider, room_id, 1)
 
 
-async def test_a_reader_without_write_may_neither_edit_nor_delete(cases: UseCases) -> None:
+async def test_a_reader_without_write_may_neither_edit_nor_delete(posting: UseCases) -> None:
+    cases = posting
     admin, reader = person(), person(GLOBEX)
     room = await group(cases, admin)
     await cases.store.put_rule(room.id, reader.user, "user", "r", 0, True, cases.now())
@@ -271,6 +275,39 @@ async def test_a_reader_without_write_may_neither_edit_nor_delete(cases: UseCase
         await cases.edit(reader, room.id, seq, "x")
     with pytest.raises(Forbidden, match="write"):
         await cases.delete(reader, room.id, seq)
+
+
+async def test_edit_and_delete_go_through_the_writer_and_publish_their_frames_when_stored(
+    posting: UseCases,
+) -> None:
+    """As ``post``: the event takes the room's next seq among the sends and reaches the
+    room's receivers before the use case returns, in seq order; a refusal publishes nothing."""
+    admin, author = person(), person()
+    room = await group(posting, admin)
+    receiver = watch(posting, room)
+    sent = await posting.post(author, room.id, "helo")
+    edited = await posting.edit(author, room.id, sent.message.seq, "hello")
+    deleted = await posting.delete(admin, room.id, sent.message.seq)
+    with pytest.raises(Forbidden, match="deleted"):
+        await posting.delete(author, room.id, sent.message.seq)
+    assert [(f["type"], f["data"]["seq"]) for f in receiver.frames] == [
+        ("message", 1),
+        ("edited", 2),
+        ("deleted", 3),
+    ]
+    assert (edited.event.seq, deleted.event.seq, deleted.message.deleted_by) == (2, 3, admin.user)
+    writer = posting.writer
+    assert isinstance(writer, BatchWriter) and writer.messages == 4  # the refusal included
+
+
+async def test_edit_and_delete_without_a_writer_are_a_wiring_error(cases: UseCases) -> None:
+    admin = person()
+    room = await group(cases, admin)
+    seq = await post(cases, room, admin)
+    with pytest.raises(RuntimeError, match="need a writer"):
+        await cases.edit(admin, room.id, seq, "x")
+    with pytest.raises(RuntimeError, match="need a writer"):
+        await cases.delete(admin, room.id, seq)
 
 
 # -- DMs ----------------------------------------------------------------------------------------
@@ -474,14 +511,26 @@ async def test_the_rules_kept_for_a_live_room_decide_without_a_query_and_stay_st
     kept = await cases.store.room_access(room.id)
     counting = CountingStore(cases.store)
     live: dict[int, RoomAccess | None] = {room.id: kept}
-    fast = UseCases(counting, cases.clock, kept_rules=live.get)  # type: ignore[arg-type]
-    assert (await fast.edit(author, room.id, seq, "hello")).message.content == "hello"
-    assert counting.rules_reads == 0  # decided on the kept rules, as a send is
-    with pytest.raises(NoSuchRoom):  # the kept rules still refuse whom they refuse
-        await fast.edit(outsider, room.id, seq, "mine")
-    live.clear()  # not live here (or the relay cannot hear change notices): read storage
-    assert (await fast.delete(author, room.id, seq)).message.deleted
-    assert counting.rules_reads == 1
+    writer, hub = BatchWriter(counting), Hub(cases.store)  # type: ignore[arg-type]
+    writer.start()
+    fast = UseCases(
+        counting,  # type: ignore[arg-type]
+        cases.clock,
+        writer=writer,
+        publisher=hub,
+        kept_rules=live.get,
+    )
+    try:
+        assert (await fast.edit(author, room.id, seq, "hello")).message.content == "hello"
+        assert counting.rules_reads == 0  # decided on the kept rules, as a send is
+        with pytest.raises(NoSuchRoom):  # the kept rules still refuse whom they refuse
+            await fast.edit(outsider, room.id, seq, "mine")
+        live.clear()  # not live here (or the relay cannot hear change notices): read storage
+        assert (await fast.delete(author, room.id, seq)).message.deleted
+        assert counting.rules_reads == 1
+    finally:
+        await writer.close()
+        await hub.close()
 
 
 class Notices:
