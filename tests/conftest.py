@@ -147,3 +147,29 @@ def make_token() -> TokenFactory:
         )
 
     return factory
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Fail the run, naming them, when threads that keep the process alive are left behind
+    (an aiosqlite connection never closed, say): the interpreter would wait for them at exit
+    and CI would hang after printing a green summary."""
+    import sys
+    import threading
+    import time
+
+    deadline = time.monotonic() + 2.0
+    while True:
+        left = [
+            t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()
+        ]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if left:
+        names = ", ".join(sorted(t.name for t in left))
+        print(
+            f"threads left running after the tests (close what a test opens): {names}",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(int(pytest.ExitCode.TESTS_FAILED))
