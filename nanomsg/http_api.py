@@ -765,12 +765,13 @@ class HttpApi:
         return envelope(200, content)
 
     async def list_rooms(self, request: web.Request, principal: Principal) -> web.StreamResponse:
-        """The conversation list: one query for the page, states included."""
+        """The conversation list: one query for the page, states included. Each entry is
+        written from its row (``Conversation.to_json``), without a record per room."""
         query = QueryArgs(request, ("limit", "offset", "order"))
         order = query.choice("order", CONVERSATION_ORDERS) or "id"
         limit, offset = query.page(ROOMS_LIMIT_DEFAULT)
         found = await self.usecases.conversations(principal, order, limit, offset)
-        return envelope(200, [{**c.room.to_json(), **c.state.to_json()} for c in found])
+        return envelope(200, [c.to_json() for c in found])
 
     async def open_dm(self, request: web.Request, principal: Principal) -> web.StreamResponse:
         QueryArgs(request, ())

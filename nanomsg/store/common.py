@@ -15,10 +15,17 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from nanomsg.models import ROOM_TYPES, RULE_KINDS, Message, Room, RoomAccess, RoomState, Rule
+from nanomsg.models import (
+    ROOM_TYPES,
+    RULE_KINDS,
+    Conversation,
+    Message,
+    Room,
+    RoomAccess,
+    Rule,
+)
 from nanomsg.store.base import (
     AlreadyDeleted,
-    Conversation,
     HistoryQuery,
     LimitBelowRules,
     NewMessage,
@@ -330,38 +337,67 @@ def conversation_page_sql(visible_ids: str, order: str) -> str:
     )
 
 
+# The columns of a ``Conversation``, in its field order (``room_states_sql`` reads the latest
+# message as ``m``). The uuid is cast to text so the row needs no conversion on PostgreSQL.
+CONVERSATION_COLS = (
+    "r.id, CAST(r.uuid AS TEXT), r.name, r.level_admin, r.type, r.entity_owner,"
+    " r.max_entity_rules, r.last_seq, r.created_at, r.updated_at, r.deleted_at,"
+    " (r.dm_key IS NOT NULL), coalesce(p.activity, {activity}) AS activity,"
+    " coalesce(rd.seq, 0) AS read_seq, {unread} AS unread,"
+    " m.id, m.seq, m.emitter, m.entity, m.content, m.created_at, m.client_id, m.system,"
+    " m.edited_at, m.deleted_at, m.deleted_by"
+)
+# The latest message's columns (``m.`` above), probed in ``room_states_sql``.
+_LATEST_COLS = (
+    "l.id, l.seq, l.emitter, l.entity, l.content, l.created_at, l.client_id, l.system,"
+    " l.edited_at, l.deleted_at, l.deleted_by"
+)
+# Messages after the read mark not sent by the reader and not deleted, without scanning them:
+# the room's messages after the mark (its message count less the ordinal the mark holds, see
+# schema.sql migration 5), less the reader's own live ones after it (``messages_own_idx``,
+# usually an empty range) and the deleted ones after it (``messages_deleted_idx``, which only
+# deleted messages enter). Nothing after the mark: no probe at all.
+_UNREAD = (
+    "CASE WHEN r.message_count <= coalesce(rd.ordinal, 0) THEN 0"
+    " ELSE r.message_count - coalesce(rd.ordinal, 0)"
+    " - (SELECT count(*) FROM messages o WHERE o.room_id = r.id AND o.emitter = :user"
+    "  AND o.seq > coalesce(rd.seq, 0) AND o.kind = 'message' AND o.deleted_at IS NULL)"
+    " - (SELECT count(*) FROM messages d WHERE d.room_id = r.id"
+    "  AND d.seq > coalesce(rd.seq, 0) AND d.kind = 'message' AND d.deleted_at IS NOT NULL)"
+    " END"
+)
+# Positions of the stamps and booleans in a ``Conversation`` row, which SQLite stores as
+# integers (PostgreSQL's driver already returns datetimes and bools).
+_CONVERSATION_STAMPS = (8, 9, 10, 12, 20, 23, 24)
+_CONVERSATION_BOOLS = (11, 22)
+
+
 def room_states_sql(page_ids: str, order: str, *, lateral: bool = False) -> str:
     """ONE SELECT of the rooms ``page_ids`` (a SELECT of ``id, activity``, the activity NULL
-    when not known yet) names with their state for ``:user``: the room, its last activity, the
-    user's mark, the unread count, then its latest message (all NULL when it has none).
+    when not known yet) names with their state for ``:user``, as ``Conversation`` rows.
 
     Per room: one probe of the read mark, one of the latest message (the (room_id, seq) index
     from the top down; with ``lateral``, which PostgreSQL has and SQLite lacks, that probe
-    returns the row itself instead of its seq for a second probe) and, unless the mark is at
-    the room's last seq already (nothing to count), an index-only count of the unread range
-    of ``messages_unread_idx`` (live messages only, the emitter in the index).
+    returns the row itself instead of its seq for a second probe) and, when messages follow
+    the mark, the unread count from the room's message count and the mark's ordinal less two
+    short index ranges (``_UNREAD``): no part of it grows with the number of unread messages.
     """
     check_order(order)
     order_by = "p.activity DESC, r.id DESC" if order == "activity" else "r.id"
     if lateral:
         latest = (
-            " LEFT JOIN LATERAL (SELECT {cols} FROM messages l WHERE l.room_id = r.id"
+            f" LEFT JOIN LATERAL (SELECT {_LATEST_COLS} FROM messages l WHERE l.room_id = r.id"
             "  AND l.kind = 'message' ORDER BY l.seq DESC LIMIT 1) m ON TRUE"
-        ).format(cols=MSG_COLS.replace("m.", "l."))
+        )
     else:
         latest = (
             " LEFT JOIN messages m ON m.room_id = r.id AND m.seq = (SELECT l.seq FROM messages l"
             "  WHERE l.room_id = r.id AND l.kind = 'message' ORDER BY l.seq DESC LIMIT 1)"
         )
+    cols = CONVERSATION_COLS.format(activity=_ACTIVITY, unread=_UNREAD)
     return (
         f"WITH page AS ({page_ids})"
-        f" SELECT {ROOM_COLS}, coalesce(p.activity, {_ACTIVITY}) AS activity,"
-        " coalesce(rd.seq, 0) AS read_seq,"
-        " CASE WHEN coalesce(rd.seq, 0) >= r.last_seq THEN 0 ELSE"
-        " (SELECT count(*) FROM messages u WHERE u.room_id = r.id"
-        "  AND u.seq > coalesce(rd.seq, 0) AND u.kind = 'message'"
-        "  AND u.deleted_at IS NULL AND u.emitter <> :user) END AS unread,"
-        f" {MSG_COLS}"
+        f" SELECT {cols}"
         " FROM rooms r JOIN page p ON p.id = r.id"
         " LEFT JOIN room_reads rd ON rd.room_id = r.id AND rd.user_uuid = :user"
         f"{latest}"
@@ -369,23 +405,25 @@ def room_states_sql(page_ids: str, order: str, *, lateral: bool = False) -> str:
     )
 
 
-def conversations_from_rows(rows: Sequence[Row], stamp: Stamp) -> list[Conversation]:
-    """The rooms and states read by ``room_states_sql``, in its order."""
+def conversations_from_rows(rows: Sequence[Row], stamp: Stamp | None) -> list[Conversation]:
+    """The rows read by ``room_states_sql``, in its order, as ``Conversation`` tuples.
+
+    ``stamp`` None: the driver already decoded every column to its field's type (asyncpg),
+    so each row becomes its tuple as is. Otherwise (SQLite) the stored stamps and booleans
+    are converted first.
+    """
+    if stamp is None:
+        return [Conversation._make(row) for row in rows]
     out = []
     for row in rows:
-        values = tuple(row)
-        room = room_from_row(values, stamp)
-        message_cols = values[ROOM_WIDTH + 3 :]
-        last = None if message_cols[0] is None else message_from_row(message_cols, stamp)
-        state = RoomState(
-            room_id=room.id,
-            last_seq=room.last_seq,
-            last_message=last,
-            last_activity_at=stamp(values[ROOM_WIDTH]),
-            read_seq=int(values[ROOM_WIDTH + 1]),
-            unread=int(values[ROOM_WIDTH + 2]),
-        )
-        out.append(Conversation(room=room, state=state))
+        values = list(row)
+        for index in _CONVERSATION_STAMPS:
+            if values[index] is not None:
+                values[index] = stamp(values[index])
+        for index in _CONVERSATION_BOOLS:
+            if values[index] is not None:
+                values[index] = bool(values[index])
+        out.append(Conversation._make(values))
     return out
 
 

@@ -18,11 +18,10 @@ from uuid import uuid4
 
 import asyncpg
 
-from nanomsg.models import Message, ReadMark, Room, RoomAccess, RoomState, Rule
+from nanomsg.models import Conversation, Message, ReadMark, Room, RoomAccess, RoomState, Rule
 from nanomsg.store import common
 from nanomsg.store.base import (
     ContentRefused,
-    Conversation,
     HistoryQuery,
     NewMessage,
     NewRoom,
@@ -84,7 +83,8 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 # client_id; the other inputs are ``fresh`` and numbered per room in batch order. ``locked``
 # takes the row locks of their live rooms in id order, so concurrent batches from several
 # server processes queue instead of deadlocking, and the UPDATE (which can only touch rows
-# ``locked`` has already emitted) hands each room ``n`` consecutive seqs after ``base``. NO KEY
+# ``locked`` has already emitted) hands each room ``n`` consecutive seqs after ``base`` (and
+# ``n`` consecutive message ordinals after ``counted``, see schema.sql migration 5). NO KEY
 # UPDATE is the lock the UPDATE takes anyway; unlike FOR UPDATE it does not block foreign-key
 # checks. ``= ANY (ARRAY (...))`` keeps the lookup on the primary key whatever the estimates.
 # Rooms absent or deleted are missing from ``bumped``: their inputs get no row back.
@@ -109,18 +109,20 @@ WITH input AS (
     WHERE r.id = ANY (ARRAY (SELECT room_id FROM wanted)) AND r.deleted_at IS NULL
     ORDER BY r.id FOR NO KEY UPDATE
 ), bumped AS (
-    UPDATE rooms r SET last_seq = r.last_seq + w.n,
+    UPDATE rooms r SET last_seq = r.last_seq + w.n, message_count = r.message_count + w.n,
         last_activity_at = greatest(r.last_activity_at, w.at)
     FROM locked l JOIN wanted w ON w.room_id = l.id
     WHERE r.id = l.id AND r.deleted_at IS NULL
-    RETURNING r.id, r.last_seq - w.n AS base
+    RETURNING r.id, r.last_seq - w.n AS base, r.message_count - w.n AS counted
 ), planned AS (
     SELECT f.ord, f.room_id, b.base + f.n AS seq, f.emitter, f.entity, f.content,
-           f.client_id, f.created_at, f.system
+           f.client_id, f.created_at, f.system, b.counted + f.n AS ordinal
     FROM fresh f JOIN bumped b ON b.id = f.room_id
 ), inserted AS (
-    INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at, system)
-    SELECT room_id, seq, emitter, entity, content, client_id, created_at, system FROM planned
+    INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at, system,
+                          ordinal)
+    SELECT room_id, seq, emitter, entity, content, client_id, created_at, system, ordinal
+    FROM planned
     RETURNING id, room_id, seq
 )
 SELECT p.ord, ins.id, p.seq, p.entity, p.content, p.created_at, p.system, TRUE AS created
@@ -729,15 +731,22 @@ class PostgresStore:
 
     # -- read marks --------------------------------------------------------------------------
     async def set_read_mark(self, room_id: int, user: str, seq: int, now: datetime) -> int:
-        """One upsert: max(held, least(seq, last_seq)) for a live room."""
+        """One upsert: max(held, least(seq, last_seq)) for a live room, with the ordinal of
+        the latest message at or before the mark (a backward probe of the (room_id, seq)
+        index), which the conversation list subtracts from the room's message count."""
         common.check_seq(seq)
         async with self._connection() as conn:
             held = await conn.fetchval(
-                "INSERT INTO room_reads (room_id, user_uuid, seq, updated_at)"
-                " SELECT id, $2, least($3::bigint, last_seq), $4 FROM rooms"
-                " WHERE id = $1 AND deleted_at IS NULL"
+                "INSERT INTO room_reads (room_id, user_uuid, seq, updated_at, ordinal)"
+                " SELECT r.id, $2, c.seq, $4, coalesce((SELECT m.ordinal FROM messages m"
+                "  WHERE m.room_id = r.id AND m.seq <= c.seq AND m.kind = 'message'"
+                "  ORDER BY m.seq DESC LIMIT 1), 0)"
+                " FROM rooms r CROSS JOIN LATERAL (SELECT least($3::bigint, r.last_seq) AS seq) c"
+                " WHERE r.id = $1 AND r.deleted_at IS NULL"
                 " ON CONFLICT (room_id, user_uuid) DO UPDATE"
                 " SET seq = greatest(room_reads.seq, excluded.seq),"
+                " ordinal = CASE WHEN excluded.seq > room_reads.seq"
+                "  THEN excluded.ordinal ELSE room_reads.ordinal END,"
                 " updated_at = CASE WHEN excluded.seq > room_reads.seq"
                 "  THEN excluded.updated_at ELSE room_reads.updated_at END"
                 " RETURNING seq",
@@ -841,7 +850,7 @@ class PostgresStore:
             ),
             {"user": user, "entity": entity, "level": level, "limit": limit, "offset": offset},
         )
-        return common.conversations_from_rows(await self._fetch(sql, *args), _timestamptz)
+        return common.conversations_from_rows(await self._fetch(sql, *args), None)
 
     async def room_states(
         self, user: str, entity: str, level: int, room_ids: Sequence[int]
@@ -857,5 +866,5 @@ class PostgresStore:
             common.room_states_sql(page, "id", lateral=True),
             {"user": user, "entity": entity, "level": level, "ids": list(room_ids)},
         )
-        found = common.conversations_from_rows(await self._fetch(sql, *args), _timestamptz)
-        return {c.room.id: c.state for c in found}
+        found = common.conversations_from_rows(await self._fetch(sql, *args), None)
+        return {c.id: c.state for c in found}

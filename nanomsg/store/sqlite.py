@@ -21,10 +21,9 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from nanomsg.models import Message, ReadMark, Room, RoomAccess, RoomState, Rule
+from nanomsg.models import Conversation, Message, ReadMark, Room, RoomAccess, RoomState, Rule
 from nanomsg.store import common
 from nanomsg.store.base import (
-    Conversation,
     HistoryQuery,
     NewMessage,
     NewRoom,
@@ -496,17 +495,21 @@ class SqliteStore:
                 room_id = batch[index].room_id
                 latest[room_id] = max(latest.get(room_id, stamps[index]), stamps[index])
             counts = Counter(batch[index].room_id for index in fresh)
-            seqs = await _take_seqs(db, counts, latest)
-            planned: list[tuple[int, int]] = []  # (batch index, seq)
+            bases = await _take_seqs(db, counts, latest)
+            planned: list[tuple[int, int, int]] = []  # (batch index, seq, ordinal)
             for index in fresh:
                 room_id = batch[index].room_id
-                if room_id not in seqs:
+                if room_id not in bases:
                     outcomes[index] = RoomGone(room_id)
                     continue
-                seqs[room_id] += 1  # each live room's range is handed out in batch order
-                planned.append((index, seqs[room_id]))
-            ids = await _insert_messages(db, [(batch[i], seq, stamps[i]) for i, seq in planned])
-        for index, seq in planned:
+                # Each live room's ranges of seqs and ordinals are handed out in batch order.
+                seq, ordinal = bases[room_id]
+                bases[room_id] = (seq + 1, ordinal + 1)
+                planned.append((index, seq + 1, ordinal + 1))
+            ids = await _insert_messages(
+                db, [(batch[i], seq, stamps[i], ordinal) for i, seq, ordinal in planned]
+            )
+        for index, seq, _ in planned:
             new = batch[index]
             message = Message(
                 id=ids[new.room_id, seq],
@@ -623,21 +626,29 @@ class SqliteStore:
 
     # -- read marks --------------------------------------------------------------------------
     async def set_read_mark(self, room_id: int, user: str, seq: int, now: datetime) -> int:
-        """Upsert the mark to max(held, min(seq, last_seq)) in one write transaction."""
+        """Upsert the mark to max(held, min(seq, last_seq)) in one write transaction, with
+        the ordinal of the latest message at or before it (the conversation list subtracts it
+        from the room's message count)."""
         common.check_seq(seq)
         stamp = to_micros(now)
         async with self._write() as db:
             rows = list(
                 await db.execute_fetchall(
-                    "INSERT INTO room_reads (room_id, user_uuid, seq, updated_at)"
-                    " SELECT id, ?, min(?, last_seq), ? FROM rooms"
-                    " WHERE id = ? AND deleted_at IS NULL"
+                    "INSERT INTO room_reads (room_id, user_uuid, seq, updated_at, ordinal)"
+                    " SELECT c.id, :user, c.seq, :now, coalesce((SELECT m.ordinal FROM messages m"
+                    "  WHERE m.room_id = c.id AND m.seq <= c.seq AND m.kind = 'message'"
+                    "  ORDER BY m.seq DESC LIMIT 1), 0)"
+                    " FROM (SELECT id, min(:seq, last_seq) AS seq FROM rooms"
+                    "  WHERE id = :room AND deleted_at IS NULL) c"
+                    " WHERE true"  # without it SQLite would read ON CONFLICT as a join constraint
                     " ON CONFLICT (room_id, user_uuid) DO UPDATE"
                     " SET seq = max(room_reads.seq, excluded.seq),"
+                    " ordinal = CASE WHEN excluded.seq > room_reads.seq"
+                    "  THEN excluded.ordinal ELSE room_reads.ordinal END,"
                     " updated_at = CASE WHEN excluded.seq > room_reads.seq"
                     "  THEN excluded.updated_at ELSE room_reads.updated_at END"
                     " RETURNING seq",
-                    (user, seq, stamp, room_id),
+                    {"user": user, "seq": seq, "now": stamp, "room": room_id},
                 )
             )
         if not rows:
@@ -768,7 +779,7 @@ class SqliteStore:
         async with self._read() as db:
             rows = await db.execute_fetchall(common.room_states_sql(page, "id"), params)
         found = common.conversations_from_rows(list(rows), from_micros)
-        return {c.room.id: c.state for c in found}
+        return {c.id: c.state for c in found}
 
 
 def _chunks(items: Sequence[_T], width: int) -> list[Sequence[_T]]:
@@ -809,41 +820,47 @@ async def _stored_client_ids(
 
 async def _take_seqs(
     db: aiosqlite.Connection, wanted: Mapping[int, int], latest: Mapping[int, int]
-) -> dict[int, int]:
-    """Reserve ``wanted[room]`` seqs in each live room, stamping its last activity with
-    ``latest[room]`` (micros) unless it is already later; its last seq before them, by room.
+) -> dict[int, tuple[int, int]]:
+    """Reserve ``wanted[room]`` seqs and message ordinals in each live room, stamping its
+    last activity with ``latest[room]`` (micros) unless it is already later; its last seq and
+    message count before them, by room.
 
     Rooms absent or deleted are left out (and keep their last_seq).
     """
-    bases: dict[int, int] = {}
+    bases: dict[int, tuple[int, int]] = {}
     triples = [(room_id, n, latest[room_id]) for room_id, n in wanted.items()]
     for chunk in _chunks(triples, 3):
         rows = await db.execute_fetchall(
             "UPDATE rooms SET last_seq = last_seq + c.column2,"
+            " message_count = message_count + c.column2,"
             " last_activity_at = max(coalesce(last_activity_at, c.column3), c.column3)"
             f" FROM (VALUES {_values(len(chunk), 3)}) AS c"
-            " WHERE rooms.id = c.column1 AND rooms.deleted_at IS NULL RETURNING id, last_seq",
+            " WHERE rooms.id = c.column1 AND rooms.deleted_at IS NULL"
+            " RETURNING id, last_seq, message_count",
             [value for triple in chunk for value in triple],
         )
-        bases.update((int(row[0]), int(row[1]) - wanted[int(row[0])]) for row in rows)
+        for row in rows:
+            n = wanted[int(row[0])]
+            bases[int(row[0])] = (int(row[1]) - n, int(row[2]) - n)
     return bases
 
 
 async def _insert_messages(
-    db: aiosqlite.Connection, rows: Sequence[tuple[NewMessage, int, int]]
+    db: aiosqlite.Connection, rows: Sequence[tuple[NewMessage, int, int, int]]
 ) -> dict[tuple[int, int], int]:
-    """Insert (message, seq, created_at micros) rows; the new ids by (room_id, seq).
+    """Insert (message, seq, created_at micros, ordinal) rows; the new ids by (room_id, seq).
 
     RETURNING rows come in no promised order, hence the (room_id, seq) key.
     """
     ids: dict[tuple[int, int], int] = {}
-    for chunk in _chunks(rows, 8):
+    for chunk in _chunks(rows, 9):
         returned = await db.execute_fetchall(
             "INSERT INTO messages (room_id, seq, emitter, entity, content, client_id,"
-            f" created_at, system) VALUES {_values(len(chunk), 8)} RETURNING room_id, seq, id",
+            f" created_at, system, ordinal) VALUES {_values(len(chunk), 9)}"
+            " RETURNING room_id, seq, id",
             [
                 value
-                for new, seq, stamp in chunk
+                for new, seq, stamp, ordinal in chunk
                 for value in (
                     new.room_id,
                     seq,
@@ -853,6 +870,7 @@ async def _insert_messages(
                     new.client_id,
                     stamp,
                     int(new.system),
+                    ordinal,
                 )
             ],
         )
