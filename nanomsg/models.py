@@ -98,11 +98,11 @@ def message_json(
     room_id: int,
     seq: int,
     entity: str,
-    created_at: datetime,
+    created_at: str,
     client_id: str | None,
     system: bool,
-    edited_at: datetime | None,
-    deleted_at: datetime | None,
+    edited_at: str | None,
+    deleted_at: str | None,
     deleted_by: str | None,
 ) -> dict[str, Any]:
     """The ``data`` object of a message frame; the original's content/emitter come first.
@@ -111,9 +111,9 @@ def message_json(
     ``deleted_by`` say so. An edited one carries ``edited_at``; a system message
     ``system: true``. A plain message has none of these fields, as before. One function for
     ``Message.to_json`` and the conversation list (which writes it from its row, without a
-    Message record), so the two cannot drift apart.
+    Message record), so the two cannot drift apart. The stamps come as the frame writes them
+    (``iso_utc``).
     """
-    stamp = iso_utc(created_at)
     out: dict[str, Any] = {
         "content": "" if deleted_at is not None else content,
         "emitter": emitter,
@@ -121,20 +121,20 @@ def message_json(
         "room_id": room_id,
         "seq": seq,
         "entity": entity,
-        "created_at": stamp,
+        "created_at": created_at,
         # The original's history rows carried these two; kept so old clients find them.
-        "createdAt": stamp,
-        "updatedAt": stamp,
+        "createdAt": created_at,
+        "updatedAt": created_at,
     }
     if client_id is not None:
         out["client_id"] = client_id
     if system:
         out["system"] = True
     if edited_at is not None and deleted_at is None:
-        out["edited_at"] = iso_utc(edited_at)
+        out["edited_at"] = edited_at
     if deleted_at is not None:
         out["deleted"] = True
-        out["deleted_at"] = iso_utc(deleted_at)
+        out["deleted_at"] = deleted_at
         out["deleted_by"] = deleted_by
     return out
 
@@ -173,11 +173,11 @@ class Message:
             self.room_id,
             self.seq,
             self.entity,
-            self.created_at,
+            iso_utc(self.created_at),
             self.client_id,
             self.system,
-            self.edited_at,
-            self.deleted_at,
+            None if self.edited_at is None else iso_utc(self.edited_at),
+            None if self.deleted_at is None else iso_utc(self.deleted_at),
             self.deleted_by,
         )
 
@@ -249,18 +249,27 @@ class RoomState:
         }
 
 
+def instant(text: str) -> datetime:
+    """A stamp of a ``Conversation`` (UTC, ISO 8601 with microseconds, no zone) as the aware
+    UTC datetime it names."""
+    return datetime.fromisoformat(text + "+00:00")
+
+
 class Conversation(NamedTuple):
     """A room of a user's conversation list with its state for that user: one row of the
-    list's query, field for field (``store.common.CONVERSATION_COLS`` selects these columns
-    in this order), then ``room``, ``state`` and the list's JSON entry made from it.
+    list's query, field for field (``store.common.room_states_sql`` selects these columns in
+    this order), from which ``room``, ``state`` and the list's JSON entry are made.
 
-    A tuple rather than records: making a ``Room``, a ``Message``, a ``RoomState`` and a
-    frozen pair of them for each of 1 000 rooms took 7-16 ms on the 2-core benchmark machine
-    and writing the JSON from those as much again; this tuple is the decoded row itself
-    (``_make``, well under a microsecond a room) and ``to_json`` writes the entry straight
-    from it. ``room``, ``state`` and ``last_message`` build the records when asked (every
-    time: a tuple keeps no cache). The fields after ``unread`` describe the latest message
-    and are all None in a room without one.
+    A tuple of the row rather than records, and stamps as text: on the 2-core benchmark
+    machine, making a ``Room``, a ``Message``, a ``RoomState`` and a frozen pair of them for
+    each of 1 000 rooms took 7-16 ms and writing the JSON from them as much again, of which
+    ~1.4 us per stamp went to decoding a datetime and formatting it back. This tuple is the
+    decoded row itself (``_make``, under a microsecond a room); its stamps are UTC ISO 8601
+    text with microseconds (``2026-01-02T03:04:05.678901``), which ``to_json`` cuts to the
+    wire's milliseconds and ``room``/``state`` read back exactly. ``room``, ``state`` and
+    ``last_message`` build the records when asked (every time: a tuple keeps no cache). The
+    fields after ``unread`` describe the latest message and are all None in a room without
+    one.
     """
 
     id: int
@@ -271,11 +280,11 @@ class Conversation(NamedTuple):
     entity_owner: str
     max_entity_rules: int
     last_seq: int
-    created_at: datetime
-    updated_at: datetime
-    deleted_at: datetime | None
+    created_at: str
+    updated_at: str
+    deleted_at: str | None
     dm: bool
-    last_activity_at: datetime
+    last_activity_at: str
     read_seq: int
     unread: int
     message_id: int | None
@@ -283,11 +292,11 @@ class Conversation(NamedTuple):
     message_emitter: str | None
     message_entity: str | None
     message_content: str | None
-    message_created_at: datetime | None
+    message_created_at: str | None
     message_client_id: str | None
     message_system: bool | None
-    message_edited_at: datetime | None
-    message_deleted_at: datetime | None
+    message_edited_at: str | None
+    message_deleted_at: str | None
     message_deleted_by: str | None
 
     @property
@@ -301,9 +310,9 @@ class Conversation(NamedTuple):
             self.entity_owner,
             self.max_entity_rules,
             self.last_seq,
-            self.created_at,
-            self.updated_at,
-            self.deleted_at,
+            instant(self.created_at),
+            instant(self.updated_at),
+            None if self.deleted_at is None else instant(self.deleted_at),
             self.dm,
         )
 
@@ -312,19 +321,24 @@ class Conversation(NamedTuple):
         """The latest message (a tombstone if deleted), None in a room without messages."""
         if self.message_id is None:
             return None
+        # Never None beside a message id: the row's message columns are NULL together.
         assert self.message_seq is not None and self.message_created_at is not None
+        assert self.message_content is not None and self.message_emitter is not None
+        assert self.message_entity is not None
         return Message(
             id=self.message_id,
             room_id=self.id,
             seq=self.message_seq,
-            emitter=str(self.message_emitter),
-            entity=str(self.message_entity),
-            content=str(self.message_content),
-            created_at=self.message_created_at,
+            emitter=self.message_emitter,
+            entity=self.message_entity,
+            content=self.message_content,
+            created_at=instant(self.message_created_at),
             client_id=self.message_client_id,
             system=bool(self.message_system),
-            edited_at=self.message_edited_at,
-            deleted_at=self.message_deleted_at,
+            edited_at=None if self.message_edited_at is None else instant(self.message_edited_at),
+            deleted_at=None
+            if self.message_deleted_at is None
+            else instant(self.message_deleted_at),
             deleted_by=self.message_deleted_by,
         )
 
@@ -334,20 +348,22 @@ class Conversation(NamedTuple):
             room_id=self.id,
             last_seq=self.last_seq,
             last_message=self.last_message,
-            last_activity_at=self.last_activity_at,
+            last_activity_at=instant(self.last_activity_at),
             read_seq=self.read_seq,
             unread=self.unread,
         )
 
     def to_json(self) -> dict[str, Any]:
         """The list's entry: the same fields, in the same order, as ``{**room.to_json(),
-        **state.to_json()}`` (a test holds them equal), written without those records."""
+        **state.to_json()}`` (a test holds them byte-identical), written without those
+        records; each stamp is cut to milliseconds and marked UTC, as ``iso_utc`` writes it."""
         last = None
         if self.message_id is not None:
             # Never None beside a message id: the row's message columns are NULL together.
             assert self.message_seq is not None and self.message_created_at is not None
             assert self.message_content is not None and self.message_emitter is not None
             assert self.message_entity is not None
+            edited, deleted = self.message_edited_at, self.message_deleted_at
             last = message_json(
                 self.message_content,
                 self.message_emitter,
@@ -355,11 +371,11 @@ class Conversation(NamedTuple):
                 self.id,
                 self.message_seq,
                 self.message_entity,
-                self.message_created_at,
+                self.message_created_at[:23] + "Z",
                 self.message_client_id,
                 bool(self.message_system),
-                self.message_edited_at,
-                self.message_deleted_at,
+                None if edited is None else edited[:23] + "Z",
+                None if deleted is None else deleted[:23] + "Z",
                 self.message_deleted_by,
             )
         return {
@@ -371,10 +387,10 @@ class Conversation(NamedTuple):
             "entity_owner": self.entity_owner,
             "max_entity_rules": self.max_entity_rules,
             "last_seq": self.last_seq,
-            "createdAt": iso_utc(self.created_at),
-            "updatedAt": iso_utc(self.updated_at),
+            "createdAt": self.created_at[:23] + "Z",
+            "updatedAt": self.updated_at[:23] + "Z",
             "last_message": last,
-            "last_activity_at": iso_utc(self.last_activity_at),
+            "last_activity_at": self.last_activity_at[:23] + "Z",
             "read_seq": self.read_seq,
             "unread": self.unread,
         }

@@ -314,39 +314,59 @@ def check_order(order: str) -> None:
         raise ValueError(f"order must be one of {CONVERSATION_ORDERS}, got {order!r}")
 
 
-# When a room was last active: its latest event (kept on the room row by every writer), or
-# its creation while it has none.
-_ACTIVITY = "coalesce(r.last_activity_at, r.created_at)"
+# The rooms of a page of the conversation list: every column of the room row and when the
+# room was last active (its latest event, kept on the room row by every writer, or its
+# creation while it has none). ``room_states_sql`` reads the page as ``r`` in place of the
+# rooms table, so the room rows are read once.
+ROOM_PAGE = "SELECT r.*, coalesce(r.last_activity_at, r.created_at) AS activity FROM rooms r"
 
 
 def conversation_page_sql(visible_ids: str, order: str) -> str:
-    """The ids of one page of the rooms ``visible_ids`` (a SELECT of room ids, named
-    parameters) lists, by id or latest activity first; ``:limit`` and ``:offset`` page it."""
+    """One page of the rooms ``visible_ids`` (a SELECT of room ids, named parameters) lists,
+    by id or latest activity first, as ``ROOM_PAGE`` rows; ``:limit`` and ``:offset`` page it."""
     check_order(order)
-    if order == "activity":
-        # Sorting needs every visible room's activity anyway: hand it on to the outer query.
-        return (
-            f"SELECT r.id, {_ACTIVITY} AS activity FROM rooms r"
-            f" WHERE r.deleted_at IS NULL AND r.id IN ({visible_ids})"
-            " ORDER BY activity DESC, r.id DESC LIMIT :limit OFFSET :offset"
-        )
+    order_by = "activity DESC, r.id DESC" if order == "activity" else "r.id"
     return (
-        "SELECT r.id, CAST(NULL AS TIMESTAMP) AS activity FROM rooms r"
-        f" WHERE r.deleted_at IS NULL AND r.id IN ({visible_ids})"
-        " ORDER BY r.id LIMIT :limit OFFSET :offset"
+        f"{ROOM_PAGE} WHERE r.deleted_at IS NULL AND r.id IN ({visible_ids})"
+        f" ORDER BY {order_by} LIMIT :limit OFFSET :offset"
     )
 
 
-# The columns of a ``Conversation``, in its field order (``room_states_sql`` reads the latest
-# message as ``m``). The uuid is cast to text so the row needs no conversion on PostgreSQL.
-CONVERSATION_COLS = (
-    "r.id, CAST(r.uuid AS TEXT), r.name, r.level_admin, r.type, r.entity_owner,"
-    " r.max_entity_rules, r.last_seq, r.created_at, r.updated_at, r.deleted_at,"
-    " (r.dm_key IS NOT NULL), coalesce(p.activity, {activity}) AS activity,"
-    " coalesce(rd.seq, 0) AS read_seq, {unread} AS unread,"
-    " m.id, m.seq, m.emitter, m.entity, m.content, m.created_at, m.client_id, m.system,"
-    " m.edited_at, m.deleted_at, m.deleted_by"
+# The columns of a ``Conversation``, in its field order, over the page ``r``, the read mark
+# ``rd`` and the latest message ``m`` (see ``room_states_sql``). The uuid is cast to text so
+# that the row needs no conversion on PostgreSQL; the stamps at ``_CONVERSATION_STAMPS`` are
+# wrapped by the backend's ``stamp_text``.
+_CONVERSATION_COLS = (
+    "r.id",
+    "CAST(r.uuid AS TEXT)",
+    "r.name",
+    "r.level_admin",
+    "r.type",
+    "r.entity_owner",
+    "r.max_entity_rules",
+    "r.last_seq",
+    "r.created_at",
+    "r.updated_at",
+    "r.deleted_at",
+    "(r.dm_key IS NOT NULL)",
+    "r.activity",
+    "coalesce(rd.seq, 0)",
+    "{unread}",
+    "m.id",
+    "m.seq",
+    "m.emitter",
+    "m.entity",
+    "m.content",
+    "m.created_at",
+    "m.client_id",
+    "m.system",
+    "m.edited_at",
+    "m.deleted_at",
+    "m.deleted_by",
 )
+# Positions of the stamps and booleans among them.
+_CONVERSATION_STAMPS = (8, 9, 10, 12, 20, 23, 24)
+_CONVERSATION_BOOLS = (11, 22)
 # The latest message's columns (``m.`` above), probed in ``room_states_sql``.
 _LATEST_COLS = (
     "l.id, l.seq, l.emitter, l.entity, l.content, l.created_at, l.client_id, l.system,"
@@ -366,24 +386,28 @@ _UNREAD = (
     "  AND d.seq > coalesce(rd.seq, 0) AND d.kind = 'message' AND d.deleted_at IS NOT NULL)"
     " END"
 )
-# Positions of the stamps and booleans in a ``Conversation`` row, which SQLite stores as
-# integers (PostgreSQL's driver already returns datetimes and bools).
-_CONVERSATION_STAMPS = (8, 9, 10, 12, 20, 23, 24)
-_CONVERSATION_BOOLS = (11, 22)
 
 
-def room_states_sql(page_ids: str, order: str, *, lateral: bool = False) -> str:
-    """ONE SELECT of the rooms ``page_ids`` (a SELECT of ``id, activity``, the activity NULL
-    when not known yet) names with their state for ``:user``, as ``Conversation`` rows.
+def room_states_sql(
+    page: str,
+    order: str,
+    *,
+    lateral: bool = False,
+    stamp_text: Callable[[str], str] | None = None,
+) -> str:
+    """ONE SELECT of the rooms ``page`` (a SELECT of ``ROOM_PAGE`` rows) holds with their state
+    for ``:user``, as ``Conversation`` rows, in the page's order.
 
     Per room: one probe of the read mark, one of the latest message (the (room_id, seq) index
     from the top down; with ``lateral``, which PostgreSQL has and SQLite lacks, that probe
     returns the row itself instead of its seq for a second probe) and, when messages follow
     the mark, the unread count from the room's message count and the mark's ordinal less two
     short index ranges (``_UNREAD``): no part of it grows with the number of unread messages.
+    ``stamp_text`` turns a stamp column into the SQL of its ``Conversation`` text (None: the
+    backend converts the stored value itself, see ``conversations_from_rows``).
     """
     check_order(order)
-    order_by = "p.activity DESC, r.id DESC" if order == "activity" else "r.id"
+    order_by = "r.activity DESC, r.id DESC" if order == "activity" else "r.id"
     if lateral:
         latest = (
             f" LEFT JOIN LATERAL (SELECT {_LATEST_COLS} FROM messages l WHERE l.room_id = r.id"
@@ -394,32 +418,37 @@ def room_states_sql(page_ids: str, order: str, *, lateral: bool = False) -> str:
             " LEFT JOIN messages m ON m.room_id = r.id AND m.seq = (SELECT l.seq FROM messages l"
             "  WHERE l.room_id = r.id AND l.kind = 'message' ORDER BY l.seq DESC LIMIT 1)"
         )
-    cols = CONVERSATION_COLS.format(activity=_ACTIVITY, unread=_UNREAD)
+    cols = list(_CONVERSATION_COLS)
+    cols[cols.index("{unread}")] = _UNREAD
+    if stamp_text is not None:
+        for index in _CONVERSATION_STAMPS:
+            cols[index] = stamp_text(cols[index])
     return (
-        f"WITH page AS ({page_ids})"
-        f" SELECT {cols}"
-        " FROM rooms r JOIN page p ON p.id = r.id"
+        f"SELECT {', '.join(cols)}"
+        f" FROM ({page}) r"
         " LEFT JOIN room_reads rd ON rd.room_id = r.id AND rd.user_uuid = :user"
         f"{latest}"
         f" ORDER BY {order_by}"
     )
 
 
-def conversations_from_rows(rows: Sequence[Row], stamp: Stamp | None) -> list[Conversation]:
+def conversations_from_rows(
+    rows: Sequence[Row], stamp_text: Callable[[Any], str] | None
+) -> list[Conversation]:
     """The rows read by ``room_states_sql``, in its order, as ``Conversation`` tuples.
 
-    ``stamp`` None: the driver already decoded every column to its field's type (asyncpg),
-    so each row becomes its tuple as is. Otherwise (SQLite) the stored stamps and booleans
-    are converted first.
+    ``stamp_text`` None: the query already wrote each column as its field holds it
+    (PostgreSQL), so each row becomes its tuple as is. Otherwise (SQLite) the stored stamps
+    are made text with it and the stored booleans bools first.
     """
-    if stamp is None:
+    if stamp_text is None:
         return [Conversation._make(row) for row in rows]
     out = []
     for row in rows:
         values = list(row)
         for index in _CONVERSATION_STAMPS:
             if values[index] is not None:
-                values[index] = stamp(values[index])
+                values[index] = stamp_text(values[index])
         for index in _CONVERSATION_BOOLS:
             if values[index] is not None:
                 values[index] = bool(values[index])

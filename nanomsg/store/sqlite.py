@@ -70,6 +70,12 @@ def from_micros(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=value)
 
 
+def micros_text(value: int) -> str:
+    """Stored microseconds as a ``Conversation`` holds a stamp: UTC, ISO 8601 with
+    microseconds, no zone."""
+    return from_micros(value).isoformat(timespec="microseconds")[:26]
+
+
 def _placeholder(n: int) -> str:
     """SQLite's positional placeholder, the same for every parameter."""
     return "?"
@@ -762,7 +768,7 @@ class SqliteStore:
         params = {"user": user, "entity": entity, "level": level}
         async with self._read() as db:
             rows = await db.execute_fetchall(sql, {**params, "limit": limit, "offset": offset})
-        return common.conversations_from_rows(list(rows), from_micros)
+        return common.conversations_from_rows(list(rows), micros_text)
 
     async def room_states(
         self, user: str, entity: str, level: int, room_ids: Sequence[int]
@@ -771,14 +777,13 @@ class SqliteStore:
         if not room_ids:
             return {}
         page = (
-            "SELECT id, NULL AS activity FROM rooms"
-            " WHERE id IN (SELECT value FROM json_each(:ids))"
-            f" AND id IN ({_VISIBLE_IDS})"
+            f"{common.ROOM_PAGE} WHERE r.id IN (SELECT value FROM json_each(:ids))"
+            f" AND r.id IN ({_VISIBLE_IDS})"
         )
         params = {"user": user, "entity": entity, "level": level, "ids": json.dumps(list(room_ids))}
         async with self._read() as db:
             rows = await db.execute_fetchall(common.room_states_sql(page, "id"), params)
-        found = common.conversations_from_rows(list(rows), from_micros)
+        found = common.conversations_from_rows(list(rows), micros_text)
         return {c.id: c.state for c in found}
 
 

@@ -10,9 +10,16 @@ from typing import Any
 import orjson
 import pytest
 
-from nanomsg.models import Conversation
+from nanomsg.models import Conversation, instant
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, 891234, tzinfo=UTC)
+
+
+def text(at: datetime) -> str:
+    """A stamp as the conversation list's query writes it."""
+    return at.isoformat(timespec="microseconds")[:26]
+
+
 ROOM = (7, "6f0c1a52-8d0e-4c0b-9a43-2f1e5d6c7b8a", "team", 50, "group", "acme", 10, 12)
 NO_MESSAGE: tuple[Any, ...] = (None,) * 11
 
@@ -20,11 +27,11 @@ NO_MESSAGE: tuple[Any, ...] = (None,) * 11
 def entry(message: tuple[Any, ...], *, deleted_room: bool = False) -> Conversation:
     return Conversation(
         *ROOM,
-        T0,
-        T0 + timedelta(seconds=1),
-        T0 if deleted_room else None,
+        text(T0),
+        text(T0 + timedelta(seconds=1)),
+        text(T0) if deleted_room else None,
         False,
-        T0 + timedelta(minutes=5),
+        text(T0 + timedelta(minutes=5, microseconds=-234)),
         9,
         3,
         *message,
@@ -44,11 +51,11 @@ def message(
         "0d7c5a1e-0000-4000-8000-000000000001",
         "acme",
         "hello",
-        T0 + timedelta(minutes=4, microseconds=999),
+        text(T0 + timedelta(minutes=4, microseconds=999)),
         client_id,
         system,
-        T0 + timedelta(minutes=4, seconds=30) if edited else None,
-        T0 + timedelta(minutes=5) if deleted else None,
+        text(T0 + timedelta(minutes=4, seconds=30)) if edited else None,
+        text(T0 + timedelta(minutes=5)) if deleted else None,
         "0d7c5a1e-0000-4000-8000-000000000002" if deleted else None,
     )
 
@@ -72,6 +79,14 @@ def test_the_entry_written_from_the_row_is_byte_identical_to_the_records_entry(
     conversation = entry(latest)
     from_records = {**conversation.room.to_json(), **conversation.state.to_json()}
     assert orjson.dumps(conversation.to_json()) == orjson.dumps(from_records)
+
+
+def test_stamps_read_back_exactly_and_reach_the_wire_cut_to_milliseconds() -> None:
+    at = datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    assert instant(text(at)) == at
+    assert instant(text(at.replace(microsecond=0))) == at.replace(microsecond=0)
+    conversation = entry(NO_MESSAGE)._replace(created_at=text(at))
+    assert conversation.to_json()["createdAt"] == "2026-12-31T23:59:59.999Z"
 
 
 def test_the_records_made_from_the_row_carry_every_field() -> None:
