@@ -156,8 +156,8 @@ def _timestamptz(value: datetime) -> datetime:
 def _stamp_text(column: str) -> str:
     """The SQL writing a timestamptz column as a ``Conversation`` holds it: UTC, ISO 8601
     with microseconds, whatever the session's TimeZone and DateStyle. PostgreSQL writes it in
-    ~0.4 us; decoding a binary timestamptz into a datetime and formatting that for JSON took
-    ~1.4 us in the server (4 to 7 of them per room of the conversation list)."""
+    ~0.45 us (1.7 ms for the 4 000 stamps of 1 000 rooms); decoding a binary timestamptz into a
+    datetime and formatting that for JSON took ~1.4 us in the server."""
     return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US')"
 
 
