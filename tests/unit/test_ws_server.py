@@ -49,6 +49,7 @@ async def server(tmp_path: Path) -> AsyncIterator[WsServer]:
     yield ws
     for conn in list(ws.connections):
         conn.connection_lost(None)
+    await store.close()  # a test may open it; its thread would keep the process alive
 
 
 pytestmark = pytest.mark.asyncio
