@@ -4,9 +4,13 @@ Seeds a fresh database (dropped afterwards) with one user holding ``--rooms`` ro
 ``--messages`` messages each (from another user, read up to a random point, with an edit and
 a deletion in every tenth room), next to ``--noise`` rooms of other users, then (after
 VACUUM ANALYZE, unless ``--no-vacuum``) times ``PostgresStore.conversations`` (the one query
-behind ``GET /rooms/all``, its rows made records) from this process:
-the whole list (``limit`` = every room), the side-port's largest page (500) and its default
-page (100), each by id and by activity.
+behind ``GET /rooms/all``) from this process, alone (``part`` store) and with the side-port's
+JSON body written from its result (``part`` answer): the whole list (``limit`` = every room),
+the side-port's largest page (500) and its default page (100), each by id and by activity.
+With ``--http`` it then starts a server process on the seeded database and times the real
+route, ``GET /rooms/all`` (``part`` http): every room in pages of the route's largest size
+(one page of 1 000; two of 500 for code whose largest page is 500), one page of 500, one of
+100.
 Prints one JSON line per case with p50/p99/max in milliseconds.
 """
 
@@ -17,15 +21,28 @@ import asyncio
 import json
 import random
 import secrets
+import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
+import orjson
 
+from benchmarks.servers import ServerSet
 from benchmarks.stats import percentile
+from benchmarks.tokens import mint
+from nanomsg.openapi import PAGE_LIMIT_MAX
+
+try:  # GET /rooms/all's own largest page, where the code measured has one
+    from nanomsg.openapi import CONVERSATIONS_LIMIT_MAX as LIST_LIMIT_MAX
+except ImportError:  # pragma: no cover - older code: the other lists' largest page
+    LIST_LIMIT_MAX = PAGE_LIMIT_MAX
 from nanomsg.store.base import NewMessage, NewRoom
 from nanomsg.store.postgres import PostgresStore
 
@@ -77,6 +94,88 @@ async def timed(call: Callable[[], Awaitable[None]], runs: int) -> dict[str, flo
     }
 
 
+def answer_of(found: Sequence[Any]) -> bytes:
+    """The side-port's body for a page, as the code under test writes it: each entry from its
+    Conversation (``to_json``), or, for code without it, from the room and state records."""
+    if found and hasattr(found[0], "to_json"):
+        entries = [c.to_json() for c in found]
+    else:
+        entries = [{**c.room.to_json(), **c.state.to_json()} for c in found]
+    return orjson.dumps({"meta": {"code": 200, "message": "OK"}, "content": entries})
+
+
+async def store_cases(
+    store: PostgresStore, user: str, entity: str, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """``store.conversations`` alone (``part`` store), and with the side-port's JSON body
+    written from its result in the same process (``part`` answer)."""
+    results = []
+    for order in ("id", "activity"):
+        for limit in (args.rooms, 500, 100):  # all; the side-port's largest page; its default
+            found = await store.conversations(user, entity, 0, order, limit, 0)
+            assert len(found) == min(limit, args.rooms), len(found)
+
+            async def call(order: str = order, limit: int = limit) -> None:
+                await store.conversations(user, entity, 0, order, limit, 0)
+
+            async def answer(order: str = order, limit: int = limit) -> None:
+                answer_of(await store.conversations(user, entity, 0, order, limit, 0))
+
+            for part, timed_call in (("store", call), ("answer", answer)):
+                await timed(timed_call, 20)  # warm the plan and the cache
+                figures = await timed(timed_call, args.runs)
+                results.append({"part": part, "order": order, "limit": limit, **figures})
+    return results
+
+
+async def http_cases(
+    url: str, user: str, entity: str, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """``GET /rooms/all`` of a server process started on the seeded database (``part``
+    http), timed from the request to the last byte of the answer over a kept-alive loopback
+    connection: every room in pages of the largest size (``pages`` requests in a row), one
+    page of the largest size and one of the default size."""
+    secret = secrets.token_urlsafe(32)
+    with tempfile.TemporaryDirectory(prefix="nanomsg-conversations-") as workdir:
+        servers = ServerSet(db="postgres", secret=secret, workdir=Path(workdir))
+        [node] = await servers.start_on(url)
+        try:
+            token = mint(secret, user=user, entity=entity, level=0)
+            headers = {"Authorization": f"Bearer {token}"}
+            results = []
+            async with aiohttp.ClientSession(headers=headers) as session:
+                for order in ("id", "activity"):
+                    largest = min(LIST_LIMIT_MAX, args.rooms)
+                    pages = -(-args.rooms // largest)
+                    for limit, count in ((largest, pages), (500, 1), (100, 1)):
+
+                        async def call(
+                            order: str = order, limit: int = limit, n: int = count
+                        ) -> None:
+                            for page in range(n):
+                                async with session.get(
+                                    f"{node.http_url}/rooms/all",
+                                    params={"order": order, "limit": limit, "offset": page * limit},
+                                ) as response:
+                                    assert response.status == 200, response.status
+                                    await response.read()
+
+                        await timed(call, 20)
+                        figures = await timed(call, args.runs)
+                        results.append(
+                            {
+                                "part": "http",
+                                "order": order,
+                                "limit": limit,
+                                "pages": count,
+                                **figures,
+                            }
+                        )
+        finally:
+            await servers.stop()
+    return results
+
+
 async def amain(args: argparse.Namespace) -> None:
     name = f"nanomsg_conversations_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(args.pg_url)
@@ -92,41 +191,34 @@ async def amain(args: argparse.Namespace) -> None:
             try:
                 # A settled database, as autovacuum leaves it (PostgreSQL 13+ also vacuums
                 # insert-only tables): the visibility map marks the pages all-visible, so the
-                # unread count is an index-only scan. --no-vacuum measures right after bulk
-                # inserts, each counted message then visits its heap page.
+                # unread count's probes are index-only. --no-vacuum measures right after bulk
+                # inserts, each probed entry then visits its heap page.
                 await conn.execute("ANALYZE" if args.no_vacuum else "VACUUM ANALYZE")
             finally:
                 await conn.close()
-            for order in ("id", "activity"):
-                for limit in (args.rooms, 500, 100):  # all; the side-port's largest page; default
-                    found = await store.conversations(user, entity, 0, order, limit, 0)
-                    assert len(found) == min(limit, args.rooms), len(found)
-
-                    async def call(order: str = order, limit: int = limit) -> None:
-                        await store.conversations(user, entity, 0, order, limit, 0)
-
-                    await timed(call, 20)  # warm the plan and the cache
-                    figures = await timed(call, args.runs)
-                    print(
-                        json.dumps(
-                            {
-                                "scenario": "conversations",
-                                "rooms": args.rooms,
-                                "messages_per_room": args.messages,
-                                "noise_rooms": args.noise,
-                                "order": order,
-                                "limit": limit,
-                                "queries": 1,
-                                "vacuumed": not args.no_vacuum,
-                                **figures,
-                            }
-                        )
-                    )
+            results = await store_cases(store, user, entity, args)
+            if args.http:
+                results += await http_cases(url, user, entity, args)
         finally:
             await store.close()
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+    for result in results:
+        line = {
+            "scenario": "conversations",
+            "rooms": args.rooms,
+            "messages_per_room": args.messages,
+            "noise_rooms": args.noise,
+            # Statements per request: the list's one query; over HTTP the settle of the caller's
+            # waiting DMs before it.
+            "queries": 2 if result["part"] == "http" else 1,
+            "vacuumed": not args.no_vacuum,
+            **result,
+        }
+        if args.code:
+            line["code"] = args.code
+        print(json.dumps(line), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--no-vacuum", action="store_true", help="ANALYZE only, no VACUUM")
+    parser.add_argument(
+        "--http", action="store_true", help="also time GET /rooms/all on a server process"
+    )
+    parser.add_argument("--code", default="", help="a label for the code measured (results)")
     asyncio.run(amain(parser.parse_args(argv)))
     return 0
 

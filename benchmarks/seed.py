@@ -7,11 +7,13 @@ history reads. So the harness writes the rows directly, the way the server itsel
 1. ``python -m nanomsg migrate`` has created the schema (``ServerSet.migrate``; for a server
    you started yourself, run it first);
 2. the room is created through the HTTP side-port like any other;
-3. rows go into ``messages`` (room_id, seq, emitter, entity, content, created_at) with seqs
-   ``last_seq+1 .. last_seq+N``: PostgreSQL with ``COPY`` (``copy_records_to_table``), SQLite
+3. rows go into ``messages`` (room_id, seq, emitter, entity, content, created_at, ordinal)
+   with seqs ``last_seq+1 .. last_seq+N`` and message ordinals following the room's
+   ``message_count``: PostgreSQL with ``COPY`` (``copy_records_to_table``), SQLite
    with ``executemany`` in one ``BEGIN IMMEDIATE`` transaction; timestamps in each backend's
    own representation (``timestamptz``; integer microseconds since the epoch for SQLite);
-4. in the same transaction ``rooms.last_seq`` is set to the new head, so the server hands out
+4. in the same transaction ``rooms.last_seq`` is set to the new head (and
+   ``rooms.message_count`` to the new count), so the server hands out
    the following seq to the next sender and ``select_room`` with ``since`` sees the messages.
 
 The server keeps no cached copy of ``last_seq`` for a room nobody has selected, so this is safe
@@ -46,23 +48,37 @@ async def seed_postgres(url: str, room_id: int, count: int, nonce: int) -> int:
     conn = await asyncpg.connect(url, timeout=10)
     try:
         async with conn.transaction():
-            head = await conn.fetchval(
-                "SELECT last_seq FROM rooms WHERE id = $1 FOR UPDATE", room_id
+            found = await conn.fetchrow(
+                "SELECT last_seq, message_count FROM rooms WHERE id = $1 FOR UPDATE", room_id
             )
-            if head is None:
+            if found is None:
                 raise RuntimeError(f"room {room_id} not found in {url}")
+            head, counted = int(found[0]), int(found[1])
             base = datetime.now(UTC) - timedelta(milliseconds=count)
             records = (
-                (r, s, e, n, c, base + timedelta(milliseconds=i))
+                (r, s, e, n, c, base + timedelta(milliseconds=i), counted + i + 1)
                 for i, (r, s, e, n, c) in enumerate(_rows(room_id, head + 1, count, nonce))
             )
             await conn.copy_records_to_table(
                 "messages",
                 records=records,
-                columns=["room_id", "seq", "emitter", "entity", "content", "created_at"],
+                columns=[
+                    "room_id",
+                    "seq",
+                    "emitter",
+                    "entity",
+                    "content",
+                    "created_at",
+                    "ordinal",
+                ],
             )
-            new_head = int(head) + count
-            await conn.execute("UPDATE rooms SET last_seq = $2 WHERE id = $1", room_id, new_head)
+            new_head = head + count
+            await conn.execute(
+                "UPDATE rooms SET last_seq = $2, message_count = message_count + $3 WHERE id = $1",
+                room_id,
+                new_head,
+                count,
+            )
         await conn.execute("ANALYZE messages")
     finally:
         await conn.close()
@@ -76,25 +92,31 @@ def seed_sqlite(path: str, room_id: int, count: int, nonce: int, batch: int = 50
         db.execute("PRAGMA busy_timeout = 60000")
         db.execute("BEGIN IMMEDIATE")
         try:
-            row = db.execute("SELECT last_seq FROM rooms WHERE id = ?", (room_id,)).fetchone()
+            row = db.execute(
+                "SELECT last_seq, message_count FROM rooms WHERE id = ?", (room_id,)
+            ).fetchone()
             if row is None:
                 raise RuntimeError(f"room {room_id} not found in {path}")
-            head = int(row[0])
+            head, counted = int(row[0]), int(row[1])
             base_us = time.time_ns() // 1000 - count * 1000
             rows = _rows(room_id, head + 1, count, nonce)
             sql = (
-                "INSERT INTO messages (room_id, seq, emitter, entity, content, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)"
+                "INSERT INTO messages (room_id, seq, emitter, entity, content, created_at,"
+                " ordinal) VALUES (?, ?, ?, ?, ?, ?, ?)"
             )
             done = 0
             while done < count:
                 chunk = []
                 for _ in range(min(batch, count - done)):
                     r, s, e, n, c = next(rows)
-                    chunk.append((r, s, e, n, c, base_us + (s - head) * 1000))
+                    ordinal = counted + s - head
+                    chunk.append((r, s, e, n, c, base_us + (s - head) * 1000, ordinal))
                 db.executemany(sql, chunk)
                 done += len(chunk)
-            db.execute("UPDATE rooms SET last_seq = ? WHERE id = ?", (head + count, room_id))
+            db.execute(
+                "UPDATE rooms SET last_seq = ?, message_count = message_count + ? WHERE id = ?",
+                (head + count, count, room_id),
+            )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

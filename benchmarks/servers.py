@@ -99,6 +99,14 @@ class ServerSet:
             self.running.append(await self._spawn(index))
         return self.running
 
+    async def start_on(self, database_url: str) -> list[Node]:
+        """Start every node on an existing, already migrated database (kept afterwards)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.database_url = database_url
+        for index in range(self.nodes):
+            self.running.append(await self._spawn(index))
+        return self.running
+
     async def migrate(self) -> None:
         """``python -m nanomsg migrate`` on the run's database (bounded: 120 s)."""
         proc = await asyncio.create_subprocess_exec(

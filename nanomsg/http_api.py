@@ -33,6 +33,7 @@ from nanomsg.config import Config
 from nanomsg.http_guard import BODY_TIMEOUT, connection_middleware
 from nanomsg.models import ROOM_TYPES, RULE_KINDS, Principal, Room, Rule
 from nanomsg.openapi import (
+    CONVERSATIONS_LIMIT_MAX,
     HISTORY_LIMIT_DEFAULT,
     INSTANT_PATTERN,
     LEVEL_ADMIN_MAX,
@@ -474,9 +475,9 @@ class QueryArgs:
             )
         return moment
 
-    def page(self, default_limit: int) -> tuple[int, int]:
-        """``limit`` (1 to PAGE_LIMIT_MAX) and ``offset`` (0 or more)."""
-        limit = self.integer("limit", lo=1, hi=PAGE_LIMIT_MAX, default=default_limit)
+    def page(self, default_limit: int, most: int = PAGE_LIMIT_MAX) -> tuple[int, int]:
+        """``limit`` (1 to ``most``) and ``offset`` (0 or more)."""
+        limit = self.integer("limit", lo=1, hi=most, default=default_limit)
         offset = self.integer("offset", lo=0, hi=MAX_ID, default=0)
         assert limit is not None and offset is not None
         return limit, offset
@@ -771,12 +772,15 @@ class HttpApi:
         return envelope(200, content)
 
     async def list_rooms(self, request: web.Request, principal: Principal) -> web.StreamResponse:
-        """The conversation list: one query for the page, states included."""
+        """The conversation list: one query for the page, states included. Each entry is
+        written from its row (``Conversation.to_json``), without a record per room."""
         query = QueryArgs(request, ("limit", "offset", "order"))
         order = query.choice("order", CONVERSATION_ORDERS) or "id"
-        limit, offset = query.page(ROOMS_LIMIT_DEFAULT)
+        # Pages up to CONVERSATIONS_LIMIT_MAX, twice the other lists': a user's whole list of
+        # 1 000 rooms in one answer.
+        limit, offset = query.page(ROOMS_LIMIT_DEFAULT, CONVERSATIONS_LIMIT_MAX)
         found = await self.usecases.conversations(principal, order, limit, offset)
-        return envelope(200, [{**c.room.to_json(), **c.state.to_json()} for c in found])
+        return envelope(200, [c.to_json() for c in found])
 
     async def open_dm(self, request: web.Request, principal: Principal) -> web.StreamResponse:
         QueryArgs(request, ())

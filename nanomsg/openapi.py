@@ -20,6 +20,8 @@ MAX_ENTITY_RULES_MAX = 1000
 MAX_ENTITY_RULES_DEFAULT = 100
 RULE_LEVEL_MAX = 1_000_000
 PAGE_LIMIT_MAX = 500
+# GET /rooms/all answers a user's whole list of up to this many rooms in one page.
+CONVERSATIONS_LIMIT_MAX = 1000
 ROOMS_LIMIT_DEFAULT = 100
 MEMBERS_LIMIT_DEFAULT = 100
 ROOM_ENTITY_LEVEL_DEFAULT = 100  # the original's fixed level of a group room's entity rule
@@ -136,6 +138,16 @@ _ROOM_ID = {
 _LIMIT_ROOMS = _query(
     "limit",
     {"type": "integer", "minimum": 1, "maximum": PAGE_LIMIT_MAX, "default": ROOMS_LIMIT_DEFAULT},
+    "Page size.",
+)
+_LIMIT_CONVERSATIONS = _query(
+    "limit",
+    {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": CONVERSATIONS_LIMIT_MAX,
+        "default": ROOMS_LIMIT_DEFAULT,
+    },
     "Page size.",
 )
 _OFFSET = _query(
@@ -620,7 +632,7 @@ def _paths(room_create_level: int) -> dict[str, Any]:
                         {"enum": ["id", "activity"], "default": "id"},
                         "`id`: by room id; `activity`: the most recently active first.",
                     ),
-                    _LIMIT_ROOMS,
+                    _LIMIT_CONVERSATIONS,
                     _OFFSET,
                 ],
                 "responses": {

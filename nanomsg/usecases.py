@@ -27,13 +27,21 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from nanomsg.clock import Clock, utc_datetime
-from nanomsg.models import Message, Principal, ReadMark, Room, RoomAccess, RoomState, Rule
+from nanomsg.models import (
+    Conversation,
+    Message,
+    Principal,
+    ReadMark,
+    Room,
+    RoomAccess,
+    RoomState,
+    Rule,
+)
 from nanomsg.openapi import LEVEL_ADMIN_MAX
 from nanomsg.permissions import Access, evaluate
 from nanomsg.store.base import (
     Changed,
     ContentRefused,
-    Conversation,
     EventRefused,
     MessageChange,
     NewMessage,

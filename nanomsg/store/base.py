@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from nanomsg.models import Message, ReadMark, Room, RoomAccess, RoomState, Rule
+from nanomsg.models import (
+    Conversation,
+    Message,
+    ReadMark,
+    Room,
+    RoomAccess,
+    RoomState,
+    Rule,
+)
 
 
 class StoreUnavailable(Exception):
@@ -64,14 +72,6 @@ class NotAuthor(EventRefused):
 
 class AlreadyDeleted(EventRefused):
     """The message was deleted: it can be neither edited nor deleted again."""
-
-
-@dataclass(frozen=True, slots=True)
-class Conversation:
-    """A room of a user's conversation list, with its state for that user."""
-
-    room: Room
-    state: RoomState
 
 
 @dataclass(frozen=True, slots=True)

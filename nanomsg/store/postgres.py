@@ -20,13 +20,12 @@ from uuid import uuid4
 import asyncpg
 import orjson
 
-from nanomsg.models import Message, ReadMark, Room, RoomAccess, RoomState, Rule
+from nanomsg.models import Conversation, Message, ReadMark, Room, RoomAccess, RoomState, Rule
 from nanomsg.store import common
 from nanomsg.store.base import (
     AlreadyDeleted,
     Changed,
     ContentRefused,
-    Conversation,
     EventOutcome,
     HistoryQuery,
     MessageChange,
@@ -93,7 +92,8 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 # client_id; the other inputs are ``fresh`` and numbered per room in batch order. ``locked``
 # takes the row locks of their live rooms in id order, so concurrent batches from several
 # server processes queue instead of deadlocking, and the UPDATE (which can only touch rows
-# ``locked`` has already emitted) hands each room ``n`` consecutive seqs after ``base``. NO KEY
+# ``locked`` has already emitted) hands each room ``n`` consecutive seqs after ``base`` (and
+# ``n`` consecutive message ordinals after ``counted``, see schema.sql migration 5). NO KEY
 # UPDATE is the lock the UPDATE takes anyway; unlike FOR UPDATE it does not block foreign-key
 # checks. ``= ANY (ARRAY (...))`` keeps the lookup on the primary key whatever the estimates.
 # Rooms absent or deleted are missing from ``bumped``: their inputs get no row back.
@@ -118,18 +118,20 @@ WITH input AS (
     WHERE r.id = ANY (ARRAY (SELECT room_id FROM wanted)) AND r.deleted_at IS NULL
     ORDER BY r.id FOR NO KEY UPDATE
 ), bumped AS (
-    UPDATE rooms r SET last_seq = r.last_seq + w.n,
+    UPDATE rooms r SET last_seq = r.last_seq + w.n, message_count = r.message_count + w.n,
         last_activity_at = greatest(r.last_activity_at, w.at)
     FROM locked l JOIN wanted w ON w.room_id = l.id
     WHERE r.id = l.id AND r.deleted_at IS NULL
-    RETURNING r.id, r.last_seq - w.n AS base
+    RETURNING r.id, r.last_seq - w.n AS base, r.message_count - w.n AS counted
 ), planned AS (
     SELECT f.ord, f.room_id, b.base + f.n AS seq, f.emitter, f.entity, f.content,
-           f.client_id, f.created_at, f.system
+           f.client_id, f.created_at, f.system, b.counted + f.n AS ordinal
     FROM fresh f JOIN bumped b ON b.id = f.room_id
 ), inserted AS (
-    INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at, system)
-    SELECT room_id, seq, emitter, entity, content, client_id, created_at, system FROM planned
+    INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at, system,
+                          ordinal)
+    SELECT room_id, seq, emitter, entity, content, client_id, created_at, system, ordinal
+    FROM planned
     RETURNING id, room_id, seq
 )
 SELECT p.ord, ins.id, p.seq, p.entity, p.content, p.created_at, p.system, TRUE AS created
@@ -155,7 +157,9 @@ _NULL_MSG = ", ".join(["NULL"] * common.MSG_WIDTH)
 # that lock, so where the two agree the snapshot's rows of that room (the targets, the
 # client_ids) are current, and stay so under the lock. ``judged`` gives each input its
 # verdict (as ``common.check_target`` does for a change), ``numbered`` the accepted ones
-# their seqs in batch order. Unless every room agrees and no change is ``ahead``, nothing is
+# their seqs in batch order, and the new messages (not the edits and deletes) their ordinals
+# after the room's message_count, which ``bumped`` raises by as many (schema.sql migration 5).
+# Unless every room agrees and no change is ``ahead``, nothing is
 # written (``go``) and the caller takes the general path (_READ_EVENTS_SQL, then
 # _WRITE_EVENTS_SQL). The answer: part 0, whether it wrote (``go``); part 1, each input's
 # verdict and, accepted, its seq; part 2, the changed messages as they are now and those
@@ -170,7 +174,7 @@ WITH input AS (
            (r->>9)::bigint AS target_seq, (r->>10)::boolean AS admin
     FROM jsonb_array_elements($1::jsonb) AS r
 ), locked AS MATERIALIZED (
-    SELECT r.id, r.last_seq, r.deleted_at IS NULL AS live FROM rooms r
+    SELECT r.id, r.last_seq, r.message_count, r.deleted_at IS NULL AS live FROM rooms r
     WHERE r.id = ANY (ARRAY (SELECT DISTINCT room_id FROM input))
     ORDER BY r.id FOR NO KEY UPDATE
 ), seen AS MATERIALIZED (
@@ -191,7 +195,7 @@ WITH input AS (
     ) m
     WHERE i.kind <> 'message'
 ), judged AS MATERIALIZED (
-    SELECT i.*, t.entity AS target_entity, l.last_seq AS base, CASE
+    SELECT i.*, t.entity AS target_entity, l.last_seq AS base, l.message_count AS counted, CASE
         WHEN l.id IS NULL OR NOT l.live THEN 'gone'
         WHEN i.kind = 'message' THEN
             CASE WHEN i.ord IN (SELECT ord FROM existing) THEN 'stored' ELSE 'ok' END
@@ -206,12 +210,17 @@ WITH input AS (
         AND (SELECT array_agg(last_seq ORDER BY id) FROM locked) = (SELECT seqs FROM seen)
         AS ok
 ), numbered AS MATERIALIZED (
-    SELECT j.*, j.base + row_number() OVER (PARTITION BY j.room_id ORDER BY j.ord) AS seq
+    SELECT j.*, j.base + row_number() OVER (PARTITION BY j.room_id ORDER BY j.ord) AS seq,
+           CASE WHEN j.kind = 'message' THEN j.counted + count(*) FILTER (
+               WHERE j.kind = 'message') OVER (PARTITION BY j.room_id ORDER BY j.ord) END
+               AS ordinal
     FROM judged j WHERE j.verdict = 'ok' AND (SELECT ok FROM go)
 ), wanted AS (
-    SELECT room_id, count(*) AS n, max(created_at) AS at FROM numbered GROUP BY room_id
+    SELECT room_id, count(*) AS n, count(*) FILTER (WHERE kind = 'message') AS messages,
+           max(created_at) AS at
+    FROM numbered GROUP BY room_id
 ), bumped AS (
-    UPDATE rooms r SET last_seq = r.last_seq + w.n,
+    UPDATE rooms r SET last_seq = r.last_seq + w.n, message_count = r.message_count + w.messages,
         last_activity_at = greatest(r.last_activity_at, w.at)
     FROM wanted w WHERE r.id = w.room_id
 ), changed AS (
@@ -227,10 +236,10 @@ WITH input AS (
     RETURNING n.ord, {common.MSG_COLS}
 ), inserted AS (
     INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at,
-                          system, kind, target_seq)
+                          system, kind, target_seq, ordinal)
     SELECT room_id, seq, emitter,
            CASE WHEN kind = 'edit' THEN target_entity ELSE entity END, content, client_id,
-           created_at, system, kind, target_seq
+           created_at, system, kind, target_seq, ordinal
     FROM numbered
     RETURNING id, room_id, seq
 )
@@ -251,13 +260,15 @@ UNION ALL
 SELECT 3, NULL, NULL, seq, NULL, id, room_id, {_NULL_MSG.split(", ", 2)[2]} FROM inserted
 """
 
-# What a batch with edits or deletes depends on, in one read: the live rooms' last seqs
-# (part 0, padded to the message columns), the rows at the seqs its changes name (part 1) and
-# the messages already stored under its client_ids (part 2). Its inputs come as JSON arrays,
-# as _WRITE_EVENTS_SQL's do.
+# What a batch with edits or deletes depends on, in one read: the live rooms' last seqs and
+# message counts (part 0, padded to the message columns, the count in target_seq's), the
+# rows at the seqs its changes name (part 1) and the messages already stored under its
+# client_ids (part 2). Its inputs come as JSON arrays, as _WRITE_EVENTS_SQL's do. The counts
+# are read with the last seqs: every writer that bumps a message_count bumps the last_seq
+# with it, so _WRITE_EVENTS_SQL's last_seq check covers them too.
 _READ_EVENTS_SQL = f"""
 SELECT 0 AS part, r.id, r.id, r.last_seq, NULL::text, NULL::text, NULL::text,
-       NULL::timestamptz, NULL::text, NULL::text, NULL::bigint, NULL::boolean,
+       NULL::timestamptz, NULL::text, NULL::text, r.message_count, NULL::boolean,
        NULL::timestamptz, NULL::timestamptz, NULL::text
 FROM rooms r
 WHERE r.id = ANY (ARRAY (SELECT value::bigint FROM jsonb_array_elements_text($1::jsonb)))
@@ -277,10 +288,11 @@ SELECT 2, m.* FROM jsonb_array_elements($3::jsonb) AS k CROSS JOIN LATERAL (
 """
 
 # One statement, so one round trip and its commit, storing what ``common.plan_events``
-# decided: each room's new last_seq, the targets' new state, the new rows (messages, edits and
-# deletes, in their final state). The three lists come as JSON arrays of rows (one parameter
-# each: asyncpg checks every element of an array parameter in Python, which cost more than the
-# rest of the batch's Python work; orjson writes them in C). ``locked`` takes the rooms' row
+# decided: each room's new last_seq and message_count, the targets' new state, the new rows
+# (messages with their ordinals, edits and deletes without, in their final state). The three
+# lists come as JSON arrays of rows (one parameter each: asyncpg checks every element of an
+# array parameter in Python, which cost more than the rest of the batch's Python work; orjson
+# writes them in C). ``locked`` takes the rooms' row
 # locks in id order (as _APPEND_BATCH_SQL does) and, being FOR NO KEY UPDATE under READ
 # COMMITTED, reads each room's latest last_seq, committed or not when the statement began.
 # Every write is gated on ``valid``: all rooms live and still at the last_seq the plan was
@@ -290,7 +302,8 @@ SELECT 2, m.* FROM jsonb_array_elements($3::jsonb) AS k CROSS JOIN LATERAL (
 _WRITE_EVENTS_SQL = f"""
 WITH plan AS (
     SELECT (r->>0)::bigint AS room_id, (r->>1)::bigint AS expected,
-           (r->>2)::bigint AS last_seq, (r->>3)::timestamptz AS at
+           (r->>2)::bigint AS last_seq, (r->>3)::timestamptz AS at,
+           (r->>4)::bigint AS message_count
     FROM jsonb_array_elements($1::jsonb) AS r
 ), locked AS MATERIALIZED (
     SELECT r.id, r.last_seq FROM rooms r
@@ -300,7 +313,7 @@ WITH plan AS (
     SELECT count(*) = (SELECT count(*) FROM plan) AS ok
     FROM plan p JOIN locked l ON l.id = p.room_id AND l.last_seq = p.expected
 ), bumped AS (
-    UPDATE rooms r SET last_seq = p.last_seq,
+    UPDATE rooms r SET last_seq = p.last_seq, message_count = p.message_count,
         last_activity_at = greatest(r.last_activity_at, p.at)
     FROM plan p WHERE r.id = p.room_id AND (SELECT ok FROM valid)
 ), changed AS (
@@ -320,7 +333,7 @@ WITH plan AS (
     INSERT INTO messages ({common.INSERT_COLS})
     SELECT (r->>0)::bigint, (r->>1)::bigint, r->>2, r->>3, r->>4, r->>5,
            (r->>6)::timestamptz, (r->>7)::boolean, r->>8, (r->>9)::bigint, r->>10,
-           (r->>11)::timestamptz, (r->>12)::timestamptz, r->>13
+           (r->>11)::timestamptz, (r->>12)::timestamptz, r->>13, (r->>14)::bigint
     FROM jsonb_array_elements($3::jsonb) AS r
     WHERE (SELECT ok FROM valid)
     RETURNING room_id, seq, id
@@ -345,20 +358,20 @@ async def _plan(
     except orjson.JSONEncodeError as exc:  # a client_id no backend can encode
         raise ContentRefused("UnicodeEncodeError") from exc
     rows = await conn.fetch(_READ_EVENTS_SQL, *(param.decode() for param in params))
-    last_seqs: dict[int, int] = {}
+    heads: dict[int, tuple[int, int]] = {}
     targets: dict[tuple[int, int], Message] = {}
     stored: dict[tuple[int, str, str | None], Message] = {}
     for row in rows:
         values = tuple(row)
         if values[0] == 0:
-            last_seqs[int(values[1])] = int(values[3])
+            heads[int(values[1])] = (int(values[3]), int(values[10]))
             continue
         message = common.message_from_row(values[1:], _timestamptz)
         if values[0] == 1:
             targets[message.room_id, message.seq] = message
         else:
             stored[message.room_id, message.emitter, message.client_id] = message
-    return common.plan_events(batch, last_seqs, targets, stored)
+    return common.plan_events(batch, heads, targets, stored)
 
 
 def _event_row(position: int, event: RoomEvent) -> tuple[Any, ...]:
@@ -457,8 +470,8 @@ def _write_params(plan: common.EventPlan) -> tuple[str, str, str]:
         return (
             orjson.dumps(
                 [
-                    (room_id, before, after, latest)
-                    for room_id, (before, after, latest) in plan.rooms.items()
+                    (room_id, before, after, latest, count)
+                    for room_id, (before, after, latest, count) in plan.rooms.items()
                 ]
             ).decode(),
             orjson.dumps(
@@ -469,7 +482,9 @@ def _write_params(plan: common.EventPlan) -> tuple[str, str, str]:
             ).decode(),
             orjson.dumps(
                 [
-                    common.row_values(row, plan.first_contents.get(key), _timestamptz)
+                    common.row_values(
+                        row, plan.first_contents.get(key), plan.ordinals.get(key), _timestamptz
+                    )
                     for key, row in plan.rows.items()
                 ]
             ).decode(),
@@ -493,6 +508,14 @@ def redact(url: str) -> str:
 def _timestamptz(value: datetime) -> datetime:
     """A timestamptz as read: asyncpg already decodes it as an aware UTC datetime."""
     return value
+
+
+def _stamp_text(column: str) -> str:
+    """The SQL writing a timestamptz column as a ``Conversation`` holds it: UTC, ISO 8601
+    with microseconds, whatever the session's TimeZone and DateStyle. PostgreSQL writes it in
+    ~0.45 us (1.7 ms for the 4 000 stamps of 1 000 rooms); decoding a binary timestamptz into a
+    datetime and formatting that for JSON took ~1.4 us in the server."""
+    return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US')"
 
 
 def _placeholder(n: int) -> str:
@@ -1105,15 +1128,22 @@ class PostgresStore:
 
     # -- read marks --------------------------------------------------------------------------
     async def set_read_mark(self, room_id: int, user: str, seq: int, now: datetime) -> int:
-        """One upsert: max(held, least(seq, last_seq)) for a live room."""
+        """One upsert: max(held, least(seq, last_seq)) for a live room, with the ordinal of
+        the latest message at or before the mark (a backward probe of the (room_id, seq)
+        index), which the conversation list subtracts from the room's message count."""
         common.check_seq(seq)
         async with self._connection() as conn:
             held = await conn.fetchval(
-                "INSERT INTO room_reads (room_id, user_uuid, seq, updated_at)"
-                " SELECT id, $2, least($3::bigint, last_seq), $4 FROM rooms"
-                " WHERE id = $1 AND deleted_at IS NULL"
+                "INSERT INTO room_reads (room_id, user_uuid, seq, updated_at, ordinal)"
+                " SELECT r.id, $2, c.seq, $4, coalesce((SELECT m.ordinal FROM messages m"
+                "  WHERE m.room_id = r.id AND m.seq <= c.seq AND m.kind = 'message'"
+                "  ORDER BY m.seq DESC LIMIT 1), 0)"
+                " FROM rooms r CROSS JOIN LATERAL (SELECT least($3::bigint, r.last_seq) AS seq) c"
+                " WHERE r.id = $1 AND r.deleted_at IS NULL"
                 " ON CONFLICT (room_id, user_uuid) DO UPDATE"
                 " SET seq = greatest(room_reads.seq, excluded.seq),"
+                " ordinal = CASE WHEN excluded.seq > room_reads.seq"
+                "  THEN excluded.ordinal ELSE room_reads.ordinal END,"
                 " updated_at = CASE WHEN excluded.seq > room_reads.seq"
                 "  THEN excluded.updated_at ELSE room_reads.updated_at END"
                 " RETURNING seq",
@@ -1213,11 +1243,14 @@ class PostgresStore:
         common.check_page(limit, offset)
         sql, args = common.numbered(
             common.room_states_sql(
-                common.conversation_page_sql(_VISIBLE_IDS, order), order, lateral=True
+                common.conversation_page_sql(_VISIBLE_IDS, order),
+                order,
+                lateral=True,
+                stamp_text=_stamp_text,
             ),
             {"user": user, "entity": entity, "level": level, "limit": limit, "offset": offset},
         )
-        return common.conversations_from_rows(await self._fetch(sql, *args), _timestamptz)
+        return common.conversations_from_rows(await self._fetch(sql, *args), None)
 
     async def room_states(
         self, user: str, entity: str, level: int, room_ids: Sequence[int]
@@ -1225,13 +1258,10 @@ class PostgresStore:
         """One statement over the given ids the user may read."""
         if not room_ids:
             return {}
-        page = (
-            "SELECT id, NULL::timestamptz AS activity FROM rooms WHERE id = ANY(:ids::bigint[])"
-            f" AND id IN ({_VISIBLE_IDS})"
-        )
+        page = f"{common.ROOM_PAGE} WHERE r.id = ANY(:ids::bigint[]) AND r.id IN ({_VISIBLE_IDS})"
         sql, args = common.numbered(
-            common.room_states_sql(page, "id", lateral=True),
+            common.room_states_sql(page, "id", lateral=True, stamp_text=_stamp_text),
             {"user": user, "entity": entity, "level": level, "ids": list(room_ids)},
         )
-        found = common.conversations_from_rows(await self._fetch(sql, *args), _timestamptz)
-        return {c.room.id: c.state for c in found}
+        found = common.conversations_from_rows(await self._fetch(sql, *args), None)
+        return {c.id: c.state for c in found}

@@ -136,3 +136,30 @@ CREATE INDEX rooms_dm_pending_idx ON rooms (dm_pending) WHERE dm_pending IS NOT 
 -- (constant in this index, but SQLite covers a query only with every column it names).
 CREATE INDEX messages_unread_idx ON messages (room_id, seq, emitter, kind, deleted_at)
     WHERE kind = 'message' AND deleted_at IS NULL;
+
+-- migration: 5 message ordinals for the unread count
+-- Each message's ordinal among the room's messages, the room's message count and the ordinal
+-- at each read mark, so the unread count is a subtraction less two short index ranges
+-- (schema.sql explains it). As in migration 4, the partial indexes name kind and deleted_at
+-- as trailing key columns so that SQLite covers the counts with them.
+ALTER TABLE rooms ADD COLUMN message_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN ordinal INTEGER NULL;
+ALTER TABLE room_reads ADD COLUMN ordinal INTEGER NOT NULL DEFAULT 0;
+UPDATE messages SET ordinal = o.n
+FROM (
+    SELECT id, row_number() OVER (PARTITION BY room_id ORDER BY seq) AS n
+    FROM messages WHERE kind = 'message'
+) AS o
+WHERE messages.id = o.id;
+UPDATE rooms SET message_count = (
+    SELECT count(*) FROM messages m WHERE m.room_id = rooms.id AND m.kind = 'message'
+);
+UPDATE room_reads SET ordinal = (
+    SELECT count(*) FROM messages m
+    WHERE m.room_id = room_reads.room_id AND m.kind = 'message' AND m.seq <= room_reads.seq
+);
+DROP INDEX messages_unread_idx;
+CREATE INDEX messages_own_idx ON messages (room_id, emitter, seq, kind, deleted_at)
+    WHERE kind = 'message' AND deleted_at IS NULL;
+CREATE INDEX messages_deleted_idx ON messages (room_id, seq, kind, deleted_at)
+    WHERE kind = 'message' AND deleted_at IS NOT NULL;

@@ -21,10 +21,9 @@ from typing import Any, TypeVar, cast
 
 import aiosqlite
 
-from nanomsg.models import Message, ReadMark, Room, RoomAccess, RoomState, Rule
+from nanomsg.models import Conversation, Message, ReadMark, Room, RoomAccess, RoomState, Rule
 from nanomsg.store import common
 from nanomsg.store.base import (
-    Conversation,
     EventOutcome,
     HistoryQuery,
     MessageChange,
@@ -72,6 +71,12 @@ def to_micros(dt: datetime) -> int:
 def from_micros(value: int) -> datetime:
     """The aware UTC datetime for stored microseconds (exact inverse of ``to_micros``)."""
     return _EPOCH + timedelta(microseconds=value)
+
+
+def micros_text(value: int) -> str:
+    """Stored microseconds as a ``Conversation`` holds a stamp: UTC, ISO 8601 with
+    microseconds, no zone."""
+    return from_micros(value).isoformat(timespec="microseconds")[:26]
 
 
 def _placeholder(n: int) -> str:
@@ -499,17 +504,21 @@ class SqliteStore:
                 room_id = batch[index].room_id
                 latest[room_id] = max(latest.get(room_id, stamps[index]), stamps[index])
             counts = Counter(batch[index].room_id for index in fresh)
-            seqs = await _take_seqs(db, counts, latest)
-            planned: list[tuple[int, int]] = []  # (batch index, seq)
+            bases = await _take_seqs(db, counts, latest)
+            planned: list[tuple[int, int, int]] = []  # (batch index, seq, ordinal)
             for index in fresh:
                 room_id = batch[index].room_id
-                if room_id not in seqs:
+                if room_id not in bases:
                     outcomes[index] = RoomGone(room_id)
                     continue
-                seqs[room_id] += 1  # each live room's range is handed out in batch order
-                planned.append((index, seqs[room_id]))
-            ids = await _insert_messages(db, [(batch[i], seq, stamps[i]) for i, seq in planned])
-        for index, seq in planned:
+                # Each live room's ranges of seqs and ordinals are handed out in batch order.
+                seq, ordinal = bases[room_id]
+                bases[room_id] = (seq + 1, ordinal + 1)
+                planned.append((index, seq + 1, ordinal + 1))
+            ids = await _insert_messages(
+                db, [(batch[i], seq, stamps[i], ordinal) for i, seq, ordinal in planned]
+            )
+        for index, seq, _ in planned:
             new = batch[index]
             message = Message(
                 id=ids[new.room_id, seq],
@@ -555,9 +564,10 @@ class SqliteStore:
 
     async def append_events(self, batch: Sequence[RoomEvent]) -> list[EventOutcome]:
         """A batch of messages only is ``append_batch``; with changes, one BEGIN IMMEDIATE
-        transaction reads what the batch depends on (the rooms' last seqs, the targets, the
-        client_ids already stored), ``common.plan_events`` decides every input, and three
-        statements write it: the rooms, the new rows, the targets changed.
+        transaction reads what the batch depends on (the rooms' last seqs and message counts,
+        the targets, the client_ids already stored), ``common.plan_events`` decides every
+        input, and three statements write it: the rooms (last_seq and message_count), the new
+        rows (each new message with its ordinal), the targets changed.
 
         The write lock is held from the first read, so nothing changes in between."""
         if all(isinstance(event, NewMessage) for event in batch):
@@ -568,26 +578,28 @@ class SqliteStore:
         rooms = sorted({event.room_id for event in batch})
         news = [event for event in batch if isinstance(event, NewMessage)]
         async with self._write() as db:
-            last_seqs, targets = await _rooms_and_targets(db, rooms, wanted)
+            heads, targets = await _rooms_and_targets(db, rooms, wanted)
             stored = await _stored_client_ids(db, news)
-            plan = common.plan_events(batch, last_seqs, targets, stored)
+            plan = common.plan_events(batch, heads, targets, stored)
             if not plan.rooms:
                 return plan.finish({})
-            for rooms_chunk in _chunks(list(plan.rooms.items()), 3):
+            for rooms_chunk in _chunks(list(plan.rooms.items()), 4):
                 await db.execute(
-                    "UPDATE rooms SET last_seq = c.column2,"
+                    "UPDATE rooms SET last_seq = c.column2, message_count = c.column4,"
                     " last_activity_at = max(coalesce(last_activity_at, c.column3), c.column3)"
-                    f" FROM (VALUES {_values(len(rooms_chunk), 3)}) AS c"
+                    f" FROM (VALUES {_values(len(rooms_chunk), 4)}) AS c"
                     " WHERE rooms.id = c.column1",
                     [
                         value
-                        for room_id, (_, after, latest) in rooms_chunk
-                        for value in (room_id, after, to_micros(latest))
+                        for room_id, (_, after, latest, count) in rooms_chunk
+                        for value in (room_id, after, to_micros(latest), count)
                     ],
                 )
             ids: dict[tuple[int, int], int] = {}
             inserts = [
-                common.row_values(row, plan.first_contents.get(key), to_micros)
+                common.row_values(
+                    row, plan.first_contents.get(key), plan.ordinals.get(key), to_micros
+                )
                 for key, row in plan.rows.items()
             ]
             for rows_chunk in _chunks(inserts, common.INSERT_WIDTH):
@@ -625,21 +637,29 @@ class SqliteStore:
 
     # -- read marks --------------------------------------------------------------------------
     async def set_read_mark(self, room_id: int, user: str, seq: int, now: datetime) -> int:
-        """Upsert the mark to max(held, min(seq, last_seq)) in one write transaction."""
+        """Upsert the mark to max(held, min(seq, last_seq)) in one write transaction, with
+        the ordinal of the latest message at or before it (the conversation list subtracts it
+        from the room's message count)."""
         common.check_seq(seq)
         stamp = to_micros(now)
         async with self._write() as db:
             rows = list(
                 await db.execute_fetchall(
-                    "INSERT INTO room_reads (room_id, user_uuid, seq, updated_at)"
-                    " SELECT id, ?, min(?, last_seq), ? FROM rooms"
-                    " WHERE id = ? AND deleted_at IS NULL"
+                    "INSERT INTO room_reads (room_id, user_uuid, seq, updated_at, ordinal)"
+                    " SELECT c.id, :user, c.seq, :now, coalesce((SELECT m.ordinal FROM messages m"
+                    "  WHERE m.room_id = c.id AND m.seq <= c.seq AND m.kind = 'message'"
+                    "  ORDER BY m.seq DESC LIMIT 1), 0)"
+                    " FROM (SELECT id, min(:seq, last_seq) AS seq FROM rooms"
+                    "  WHERE id = :room AND deleted_at IS NULL) c"
+                    " WHERE true"  # without it SQLite would read ON CONFLICT as a join constraint
                     " ON CONFLICT (room_id, user_uuid) DO UPDATE"
                     " SET seq = max(room_reads.seq, excluded.seq),"
+                    " ordinal = CASE WHEN excluded.seq > room_reads.seq"
+                    "  THEN excluded.ordinal ELSE room_reads.ordinal END,"
                     " updated_at = CASE WHEN excluded.seq > room_reads.seq"
                     "  THEN excluded.updated_at ELSE room_reads.updated_at END"
                     " RETURNING seq",
-                    (user, seq, stamp, room_id),
+                    {"user": user, "seq": seq, "now": stamp, "room": room_id},
                 )
             )
         if not rows:
@@ -753,7 +773,7 @@ class SqliteStore:
         params = {"user": user, "entity": entity, "level": level}
         async with self._read() as db:
             rows = await db.execute_fetchall(sql, {**params, "limit": limit, "offset": offset})
-        return common.conversations_from_rows(list(rows), from_micros)
+        return common.conversations_from_rows(list(rows), micros_text)
 
     async def room_states(
         self, user: str, entity: str, level: int, room_ids: Sequence[int]
@@ -762,28 +782,28 @@ class SqliteStore:
         if not room_ids:
             return {}
         page = (
-            "SELECT id, NULL AS activity FROM rooms"
-            " WHERE id IN (SELECT value FROM json_each(:ids))"
-            f" AND id IN ({_VISIBLE_IDS})"
+            f"{common.ROOM_PAGE} WHERE r.id IN (SELECT value FROM json_each(:ids))"
+            f" AND r.id IN ({_VISIBLE_IDS})"
         )
         params = {"user": user, "entity": entity, "level": level, "ids": json.dumps(list(room_ids))}
         async with self._read() as db:
             rows = await db.execute_fetchall(common.room_states_sql(page, "id"), params)
-        found = common.conversations_from_rows(list(rows), from_micros)
-        return {c.room.id: c.state for c in found}
+        found = common.conversations_from_rows(list(rows), micros_text)
+        return {c.id: c.state for c in found}
 
 
 async def _rooms_and_targets(
     db: aiosqlite.Connection, rooms: Sequence[int], wanted: Sequence[tuple[int, int]]
-) -> tuple[dict[int, int], dict[tuple[int, int], Message]]:
-    """The last seq of each live room of ``rooms``, and the rows at the (room, seq) pairs of
-    ``wanted``: one statement when its parameters fit in one (every call hops to aiosqlite's
-    thread), else one per chunk of each."""
-    last_seqs: dict[int, int] = {}
+) -> tuple[dict[int, tuple[int, int]], dict[tuple[int, int], Message]]:
+    """The last seq and message count of each live room of ``rooms``, and the rows at the
+    (room, seq) pairs of ``wanted``: one statement when its parameters fit in one (every call
+    hops to aiosqlite's thread), else one per chunk of each."""
+    heads: dict[int, tuple[int, int]] = {}
     targets: dict[tuple[int, int], Message] = {}
-    pad = ", ".join(["NULL"] * (common.MSG_WIDTH - 2))
+    pad = ", ".join(["NULL"] * (common.MSG_WIDTH - 3))
     rooms_sql = (
-        "SELECT 0, id, last_seq, {pad} FROM rooms WHERE id IN ({ids}) AND deleted_at IS NULL"
+        "SELECT 0, id, last_seq, message_count, {pad} FROM rooms"
+        " WHERE id IN ({ids}) AND deleted_at IS NULL"
     )
     targets_sql = (
         "SELECT 1, {cols} FROM t JOIN messages m ON m.room_id = t.room_id AND m.seq = t.seq"
@@ -805,11 +825,11 @@ async def _rooms_and_targets(
         )
         for row in rows:
             if row[0] == 0:
-                last_seqs[int(row[1])] = int(row[2])
+                heads[int(row[1])] = (int(row[2]), int(row[3]))
             else:
                 message = common.message_from_row(tuple(row)[1:], from_micros)
                 targets[message.room_id, message.seq] = message
-    return last_seqs, targets
+    return heads, targets
 
 
 def _chunks(items: Sequence[_T], width: int) -> list[Sequence[_T]]:
@@ -850,41 +870,47 @@ async def _stored_client_ids(
 
 async def _take_seqs(
     db: aiosqlite.Connection, wanted: Mapping[int, int], latest: Mapping[int, int]
-) -> dict[int, int]:
-    """Reserve ``wanted[room]`` seqs in each live room, stamping its last activity with
-    ``latest[room]`` (micros) unless it is already later; its last seq before them, by room.
+) -> dict[int, tuple[int, int]]:
+    """Reserve ``wanted[room]`` seqs and message ordinals in each live room, stamping its
+    last activity with ``latest[room]`` (micros) unless it is already later; its last seq and
+    message count before them, by room.
 
     Rooms absent or deleted are left out (and keep their last_seq).
     """
-    bases: dict[int, int] = {}
+    bases: dict[int, tuple[int, int]] = {}
     triples = [(room_id, n, latest[room_id]) for room_id, n in wanted.items()]
     for chunk in _chunks(triples, 3):
         rows = await db.execute_fetchall(
             "UPDATE rooms SET last_seq = last_seq + c.column2,"
+            " message_count = message_count + c.column2,"
             " last_activity_at = max(coalesce(last_activity_at, c.column3), c.column3)"
             f" FROM (VALUES {_values(len(chunk), 3)}) AS c"
-            " WHERE rooms.id = c.column1 AND rooms.deleted_at IS NULL RETURNING id, last_seq",
+            " WHERE rooms.id = c.column1 AND rooms.deleted_at IS NULL"
+            " RETURNING id, last_seq, message_count",
             [value for triple in chunk for value in triple],
         )
-        bases.update((int(row[0]), int(row[1]) - wanted[int(row[0])]) for row in rows)
+        for row in rows:
+            n = wanted[int(row[0])]
+            bases[int(row[0])] = (int(row[1]) - n, int(row[2]) - n)
     return bases
 
 
 async def _insert_messages(
-    db: aiosqlite.Connection, rows: Sequence[tuple[NewMessage, int, int]]
+    db: aiosqlite.Connection, rows: Sequence[tuple[NewMessage, int, int, int]]
 ) -> dict[tuple[int, int], int]:
-    """Insert (message, seq, created_at micros) rows; the new ids by (room_id, seq).
+    """Insert (message, seq, created_at micros, ordinal) rows; the new ids by (room_id, seq).
 
     RETURNING rows come in no promised order, hence the (room_id, seq) key.
     """
     ids: dict[tuple[int, int], int] = {}
-    for chunk in _chunks(rows, 8):
+    for chunk in _chunks(rows, 9):
         returned = await db.execute_fetchall(
             "INSERT INTO messages (room_id, seq, emitter, entity, content, client_id,"
-            f" created_at, system) VALUES {_values(len(chunk), 8)} RETURNING room_id, seq, id",
+            f" created_at, system, ordinal) VALUES {_values(len(chunk), 9)}"
+            " RETURNING room_id, seq, id",
             [
                 value
-                for new, seq, stamp in chunk
+                for new, seq, stamp, ordinal in chunk
                 for value in (
                     new.room_id,
                     seq,
@@ -894,6 +920,7 @@ async def _insert_messages(
                     new.client_id,
                     stamp,
                     int(new.system),
+                    ordinal,
                 )
             ],
         )

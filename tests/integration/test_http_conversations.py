@@ -183,6 +183,55 @@ async def test_rooms_all_carries_state_and_orders_by_activity_with_paging(api: A
     assert (bad.status, bad.reason) == (400, "query parameter 'order' must be one of: id, activity")
 
 
+async def test_rooms_all_answers_a_page_of_up_to_1000_rooms_and_refuses_more(
+    api: Api,
+) -> None:
+    """A user's whole list of 1 000 rooms comes in one answer; the other lists stay at 500."""
+    me = api.caller()
+    room_id = await api.room(me)
+    whole = await api.call("GET", "/rooms/all?limit=1000", me)
+    assert whole.status == 200 and [r["id"] for r in whole.content] == [room_id]
+    more = await api.call("GET", "/rooms/all?limit=1001", me)
+    assert more.status == 400 and "limit" in more.reason
+    rules = await api.call("GET", "/rooms?limit=501", me)
+    assert rules.status == 400
+
+
+async def test_rooms_all_entries_carry_exactly_the_fields_of_the_room_and_its_state(
+    api: Api,
+) -> None:
+    """Every field of an entry, with a tombstone as latest message: the entry written from the
+    row has the records' fields, in their order, stamps cut to milliseconds."""
+    me = api.caller()
+    other = api.caller(entity=me.entity)
+    room_id = await api.room(me)
+    seq = await send(api, room_id, other, "gone")
+    await api.store.delete_message(room_id, seq, other.user, False, datetime.now(UTC))
+    reply = await api.call("GET", "/rooms/all", me)
+    [entry] = [r for r in reply.content if r["id"] == room_id]
+    assert list(entry) == [
+        "id",
+        "uuid",
+        "name",
+        "level_admin",
+        "type",
+        "entity_owner",
+        "max_entity_rules",
+        "last_seq",
+        "createdAt",
+        "updatedAt",
+        "last_message",
+        "last_activity_at",
+        "read_seq",
+        "unread",
+    ]
+    last = entry["last_message"]
+    assert (last["content"], last["deleted"], last["deleted_by"]) == ("", True, other.user)
+    assert (entry["last_seq"], entry["unread"]) == (2, 0)
+    for stamp in (entry["createdAt"], entry["last_activity_at"], last["deleted_at"]):
+        assert len(stamp) == 24 and stamp.endswith("Z"), stamp
+
+
 async def test_get_rooms_items_carry_the_state_of_readable_rooms(api: Api) -> None:
     me = api.caller()
     room_id = await api.room(me)
