@@ -69,7 +69,12 @@ DM_MAX_RULES = 2
 
 
 def utc(dt: datetime) -> datetime:
-    """The same instant in UTC; naive datetimes are a caller bug (their zone is unknown)."""
+    """The same instant in UTC; naive datetimes are a caller bug (their zone is unknown).
+
+    A datetime already in UTC (what the server's clock gives) is returned as is, without the
+    offset checks: it runs for every stamp of every batch."""
+    if dt.tzinfo is UTC:
+        return dt
     if dt.tzinfo is None or dt.utcoffset() is None:
         raise ValueError(f"timestamps must be timezone-aware, got {dt!r}")
     return dt.astimezone(UTC)

@@ -54,7 +54,6 @@ _VISIBLE_IDS = (
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 
 # Bound parameters per statement: SQLite's default SQLITE_MAX_VARIABLE_NUMBER since 3.32
 # (RETURNING, used throughout, already needs 3.35). Batches are split to stay within it.
@@ -64,13 +63,45 @@ _T = TypeVar("_T")
 
 
 def to_micros(dt: datetime) -> int:
-    """Microseconds since the epoch for an aware datetime."""
-    return (common.utc(dt) - _EPOCH) // _MICROSECOND
+    """Microseconds since the epoch for an aware datetime.
+
+    Integer arithmetic on the difference, not ``//`` by a timedelta: a third cheaper, and it
+    runs for several stamps of every stored event."""
+    if dt.tzinfo is not UTC:
+        dt = common.utc(dt)  # rejects naive datetimes
+    delta = dt - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def from_micros(value: int) -> datetime:
     """The aware UTC datetime for stored microseconds (exact inverse of ``to_micros``)."""
     return _EPOCH + timedelta(microseconds=value)
+
+
+def message_from_row(row: Sequence[Any], start: int = 0) -> Message:
+    """The Message in a row whose columns from ``start`` are ``common.MSG_COLS``.
+
+    ``common.message_from_row`` for SQLite, whose INTEGER and TEXT columns already come back
+    as the fields hold them: only the stamps and ``system`` are converted (measured: 2.5 us a
+    row against 3.3, for every target of an edit or delete).
+    """
+    created, edited, deleted = row[start + 6], row[start + 11], row[start + 12]
+    return Message(
+        row[start],
+        row[start + 1],
+        row[start + 2],
+        row[start + 3],
+        row[start + 4],
+        row[start + 5],
+        from_micros(created),
+        row[start + 7],
+        row[start + 8],
+        row[start + 9],
+        bool(row[start + 10]),
+        None if edited is None else from_micros(edited),
+        None if deleted is None else from_micros(deleted),
+        row[start + 13],
+    )
 
 
 def micros_text(value: int) -> str:
@@ -566,14 +597,14 @@ class SqliteStore:
         """A batch of messages only is ``append_batch``; with changes, one BEGIN IMMEDIATE
         transaction reads what the batch depends on (the rooms' last seqs and message counts,
         the targets, the client_ids already stored), ``common.plan_events`` decides every
-        input, and three statements write it: the rooms (last_seq and message_count), the new
-        rows (each new message with its ordinal), the targets changed.
+        input, and few statements write it: the rooms (last_seq and message_count), the new
+        rows (each new message with its ordinal), the targets edited, the targets deleted.
 
         The write lock is held from the first read, so nothing changes in between."""
         if all(isinstance(event, NewMessage) for event in batch):
             return list(await self.append_batch(cast(Sequence[NewMessage], batch)))
         for event in batch:
-            to_micros(event.now)  # rejects naive timestamps up front
+            common.utc(event.now)  # rejects naive timestamps up front
         wanted = common.change_targets(batch)
         rooms = sorted({event.room_id for event in batch})
         news = [event for event in batch if isinstance(event, NewMessage)]
@@ -610,7 +641,25 @@ class SqliteStore:
                     [value for values in rows_chunk for value in values],
                 )
                 ids.update(((int(r[0]), int(r[1])), int(r[2])) for r in returned)
-            updates = [
+            # Edits alone set only the columns an edit changes: naming deleted_at in the SET
+            # makes SQLite rewrite the entries of the partial indexes over it
+            # (messages_own_idx, messages_deleted_idx) for every edited row (measured on the
+            # 64-item micro benchmark: that UPDATE from 11-14 to 4.4-4.9 us per edit, and the
+            # COMMIT writing the pages from 21-25 to 13-14 us).
+            edits = [
+                (m.room_id, m.seq, m.content, _micros_or_none(m.edited_at))
+                for m, _ in plan.updates.values()
+                if m.deleted_at is None
+            ]
+            for edits_chunk in _chunks(edits, 4):
+                await db.execute(
+                    "UPDATE messages SET first_content = coalesce(first_content, content),"
+                    " content = c.column3, edited_at = c.column4"
+                    f" FROM (VALUES {_values(len(edits_chunk), 4)}) AS c"
+                    " WHERE messages.room_id = c.column1 AND messages.seq = c.column2",
+                    [value for values in edits_chunk for value in values],
+                )
+            deletes = [
                 (
                     m.room_id,
                     m.seq,
@@ -621,17 +670,18 @@ class SqliteStore:
                     int(edited),
                 )
                 for m, edited in plan.updates.values()
+                if m.deleted_at is not None
             ]
-            for updates_chunk in _chunks(updates, 7):
+            for deletes_chunk in _chunks(deletes, 7):
                 await db.execute(
                     "UPDATE messages SET"
                     " first_content = CASE WHEN c.column7 THEN coalesce(first_content, content)"
                     "  ELSE first_content END,"
                     " content = c.column3, edited_at = c.column4, deleted_at = c.column5,"
                     " deleted_by = c.column6"
-                    f" FROM (VALUES {_values(len(updates_chunk), 7)}) AS c"
+                    f" FROM (VALUES {_values(len(deletes_chunk), 7)}) AS c"
                     " WHERE messages.room_id = c.column1 AND messages.seq = c.column2",
-                    [value for values in updates_chunk for value in values],
+                    [value for values in deletes_chunk for value in values],
                 )
         return plan.finish(ids)
 
@@ -827,7 +877,7 @@ async def _rooms_and_targets(
             if row[0] == 0:
                 heads[int(row[1])] = (int(row[2]), int(row[3]))
             else:
-                message = common.message_from_row(tuple(row)[1:], from_micros)
+                message = message_from_row(row, 1)
                 targets[message.room_id, message.seq] = message
     return heads, targets
 
@@ -863,7 +913,7 @@ async def _stored_client_ids(
             [value for key in chunk for value in key],
         )
         for row in rows:
-            message = common.message_from_row(row, from_micros)
+            message = message_from_row(row)
             stored[message.room_id, message.emitter, message.client_id] = message
     return stored
 

@@ -1,0 +1,71 @@
+"""SQLite writes a batch's edits and its deletes in separate UPDATEs (an edit leaves the
+columns of the deletion indexes alone): the stored rows end as one UPDATE left them."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from nanomsg.store.base import MessageChange, NewMessage
+from nanomsg.store.sqlite import SqliteStore, to_micros
+from tests.integration.test_store import T0, make_room, new_id
+
+pytestmark = pytest.mark.asyncio
+
+STORED = "SELECT content, first_content, edited_at, deleted_at, deleted_by FROM messages"
+
+
+async def test_a_batch_of_edits_and_deletes_keeps_first_content_and_earlier_edits(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "store.db")
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        room = await make_room(store)
+        user = new_id()
+        sent = await store.append_batch(
+            [NewMessage(room.id, user, "e", f"m{i}", None, T0) for i in range(3)]
+        )
+        a, b, c = (outcome[0].seq for outcome in sent if isinstance(outcome, tuple))
+        first, second, third = (T0 + timedelta(seconds=s) for s in (1, 2, 3))
+        # Batch 1: edit A and B. Batch 2: edit A again, delete B (edited before), delete C.
+        await store.append_events(
+            [
+                MessageChange(room.id, a, user, first, "a1"),
+                MessageChange(room.id, b, user, first, "b1"),
+            ]
+        )
+        await store.append_events(
+            [
+                MessageChange(room.id, a, user, second, "a2"),
+                MessageChange(room.id, b, user, third, None),
+                MessageChange(room.id, c, user, third, None),
+            ]
+        )
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        rows = {
+            seq: db.execute(f"{STORED} WHERE room_id = ? AND seq = ?", (room.id, seq)).fetchone()
+            for seq in (a, b, c)
+        }
+        unread = db.execute(
+            "SELECT seq FROM messages INDEXED BY messages_own_idx"
+            " WHERE room_id = ? AND emitter = ? AND kind = 'message' AND deleted_at IS NULL",
+            (room.id, user),
+        ).fetchall()
+        deleted = db.execute(
+            "SELECT seq FROM messages INDEXED BY messages_deleted_idx"
+            " WHERE room_id = ? AND kind = 'message' AND deleted_at IS NOT NULL ORDER BY seq",
+            (room.id,),
+        ).fetchall()
+    assert rows[a] == ("a2", "m0", to_micros(second), None, None)
+    assert rows[b] == ("b1", "m1", to_micros(first), to_micros(third), user)
+    assert rows[c] == ("m2", None, None, to_micros(third), user)
+    # The partial indexes over deleted_at hold exactly the live and the deleted messages.
+    assert unread == [(a,)]
+    assert deleted == [(b,), (c,)]
