@@ -48,10 +48,11 @@ import pytest_asyncio
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from nanomsg.app import App
 from nanomsg.auth import mint
 from nanomsg.clock import SystemClock
-from tests.conftest import REQUIRE, SECRET
-from tests.integration.conftest import Client, User
+from tests.conftest import REQUIRE, SECRET, TokenFactory
+from tests.integration.conftest import Client, Server, User, make_config
 
 ROOT = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"listening: ws://\S+?:(\d+)/chat, http://\S+?:(\d+)")
@@ -108,6 +109,40 @@ async def eventually(
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
     return time.monotonic() - start
+
+
+@contextlib.asynccontextmanager
+async def server_on(
+    database_url: str, make_token: TokenFactory, tmp_path: Path
+) -> AsyncIterator[Server]:
+    """An in-process server on ``database_url`` (a private PostgreSQL a test stops and
+    starts), with the fixtures' ``Server`` helpers; its clients and the app stopped after."""
+    app = App(make_config("embedded", tmp_path, None, None, database_url=database_url))
+    await app.start()
+    session = aiohttp.ClientSession()
+    server = Server(app=app, make_token=make_token, http=session, clients=[])
+    try:
+        yield server
+    finally:
+        for client in server.clients:
+            await client.close()
+        await app.stop()
+        await session.close()
+
+
+async def once_served(
+    server: Server, method: str, path: str, user: User, body: Any = None, *, timeout: float = 10.0
+) -> tuple[int, dict[str, Any]]:
+    """``server.call`` again until it is not a 503: storage back, the pool reconnected."""
+    answer: tuple[int, dict[str, Any]] = (0, {})
+
+    async def served() -> bool:
+        nonlocal answer
+        answer = await server.call(method, path, user, body)
+        return answer[0] != 503
+
+    await eventually(served, timeout=timeout)
+    return answer
 
 
 def _skip_or_fail(message: str) -> NoReturn:

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import aiohttp
 import pytest
 
-from nanomsg.app import App
 from tests.conftest import TokenFactory
-from tests.integration.conftest import Server, make_config
 from tests.integration.processes import (
     Nodes,
     PrivatePostgres,
@@ -21,8 +18,10 @@ from tests.integration.processes import (
     http,
     make_user,
     nodes,  # noqa: F401  (fixture)
+    once_served,
     private_pg,  # noqa: F401  (fixture)
     private_pg_url,  # noqa: F401  (fixture)
+    server_on,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -63,11 +62,7 @@ async def test_postgres_down_is_503_then_posting_works_again(
     make_token: TokenFactory,
     tmp_path: Path,
 ) -> None:
-    app = App(make_config("embedded", tmp_path, None, None, database_url=private_pg_url))
-    await app.start()
-    session = aiohttp.ClientSession()
-    server = Server(app=app, make_token=make_token, http=session, clients=[])
-    try:
+    async with server_on(private_pg_url, make_token, tmp_path) as server:
         owner = server.user()
         room = await server.create_room(owner)
         watcher = await server.join(owner, room)
@@ -80,16 +75,7 @@ async def test_postgres_down_is_503_then_posting_works_again(
             await private_pg.start()
         assert await watcher.silent(0.3)
         # Back without a restart: the pool reconnects; the failed post took no seq.
-        status, data = await server.call("POST", path, owner, {"content": "kept"})
-        for _ in range(50):  # the pool may need a few tries to reconnect
-            if status != 503:
-                break
-            status, data = await server.call("POST", path, owner, {"content": "kept"})
+        status, data = await once_served(server, "POST", path, owner, {"content": "kept"})
         assert status == 200, data
         assert data["content"]["seq"] == 1
         assert (await watcher.recv())["data"] == data["content"]
-    finally:
-        for client in server.clients:
-            await client.close()
-        await app.stop()
-        await session.close()
