@@ -1,6 +1,8 @@
 """The unread count of the conversation list from message ordinals (schema migration 5), on
 SQLite and real PostgreSQL: every case of "after the mark, not the reader's, not deleted"
 against a count of the room's events, and the migration's backfill of a database at version 4.
+The list's latest message too, against the room's events, after every kind of write path and
+after the upgrade.
 """
 
 from __future__ import annotations
@@ -139,6 +141,20 @@ async def test_a_mark_moved_backwards_keeps_its_ordinal(store: Store) -> None:
     assert (await listed(store, me, entity, room.id)).unread == 1
 
 
+def pick(rng: random.Random, live: list[tuple[int, str]]) -> int:
+    """A random index of the live messages, the latest one half of the time (so that edits
+    and deletes often change the message the conversation list shows)."""
+    return len(live) - 1 if rng.random() < 0.5 else rng.randrange(len(live))
+
+
+async def latest_json(store: Store, room_id: int) -> dict[str, Any] | None:
+    """The room's latest message (kind 'message', as it is now: edited, or a tombstone) as
+    the conversation list writes it, from the room's whole event stream."""
+    events = await store.events(HistoryQuery(room_id=room_id, limit=1000, newest=False))
+    messages = [e for e in events if e.kind == "message"]
+    return messages[-1].to_json() if messages else None
+
+
 async def test_unread_matches_the_event_stream_after_random_sends_batches_edits_deletes_marks(
     store: Store,
 ) -> None:
@@ -169,13 +185,17 @@ async def test_unread_matches_the_event_stream_after_random_sends_batches_edits_
         elif action < 0.7:
             room_id = rng.choice(rooms)
             if live[room_id]:
-                seq, author = live[room_id].pop(rng.randrange(len(live[room_id])))
+                seq, author = live[room_id].pop(pick(rng, live[room_id]))
                 await store.delete_message(room_id, seq, users[0], True, later(at))
+                entry = await listed(store, users[0], entity, room_id)
+                assert entry.to_json()["last_message"] == await latest_json(store, room_id)
         elif action < 0.8:
             room_id = rng.choice(rooms)
             if live[room_id]:
-                seq, author = rng.choice(live[room_id])
-                await store.edit_message(room_id, seq, author, "edited", later(at))
+                seq, author = live[room_id][pick(rng, live[room_id])]
+                await store.edit_message(room_id, seq, author, f"edited at {at}", later(at))
+                entry = await listed(store, users[0], entity, room_id)
+                assert entry.to_json()["last_message"] == await latest_json(store, room_id)
         else:
             room_id, user = rng.choice(rooms), rng.choice(users)
             mark = await store.set_read_mark(room_id, user, rng.randint(0, 80), later(at))
@@ -186,6 +206,9 @@ async def test_unread_matches_the_event_stream_after_random_sends_batches_edits_
             expected = await counted(store, room_id, user, marks[room_id, user])
             assert entries[room_id].read_seq == marks[room_id, user]
             assert entries[room_id].unread == expected, (room_id, user)
+            assert entries[room_id].to_json()["last_message"] == await latest_json(
+                store, room_id
+            ), room_id
 
 
 async def stored_positions(
@@ -244,7 +267,7 @@ async def test_unread_matches_the_event_stream_after_mixed_batches_through_the_w
                 room_id = rng.choice(rooms)
                 if not live[room_id]:
                     continue
-                seq, author = rng.choice(live[room_id])
+                seq, author = live[room_id][pick(rng, live[room_id])]
                 if (room_id, seq) in touched:
                     continue
                 touched.add((room_id, seq))
@@ -282,6 +305,9 @@ async def test_unread_matches_the_event_stream_after_mixed_batches_through_the_w
                         live[message.room_id].append((message.seq, message.emitter))
                 elif isinstance(outcome, Changed) and event.content is None:
                     live[event.room_id].remove((event.seq, outcome.message.emitter))
+            for room_id in rooms:  # the list shows each room's latest message as it is now
+                entry = await listed(store, users[0], entity, room_id)
+                assert entry.to_json()["last_message"] == await latest_json(store, room_id)
             for _ in range(rng.randint(0, 2)):
                 room_id, user = rng.choice(rooms), rng.choice(users)
                 mark = await store.set_read_mark(room_id, user, rng.randint(0, 120), later(at))
@@ -301,6 +327,9 @@ async def test_unread_matches_the_event_stream_after_mixed_batches_through_the_w
             expected = await counted(store, room_id, user, marks[room_id, user])
             assert entries[room_id].read_seq == marks[room_id, user]
             assert entries[room_id].unread == expected, (room_id, user)
+            assert entries[room_id].to_json()["last_message"] == await latest_json(
+                store, room_id
+            ), room_id
 
 
 # -- migration 5 from a database at version 4 ---------------------------------------------------
@@ -466,6 +495,10 @@ async def test_migration_5_backfills_ordinals_counts_and_marks_so_unread_is_unch
         # After seq 4: the writer's messages 5 and 8 (7 is the reader's own).
         assert (entries[1].unread, entries[2].unread) == (2, 0)
         assert entries[1].unread == await counted(store, 1, READER, 4)
+        # The latest message as stored before the upgrade; none in the empty room.
+        assert entries[1].to_json()["last_message"] == await latest_json(store, 1)
+        assert entries[1].last_message is not None and entries[1].last_message.seq == 8
+        assert entries[2].last_message is None
         writer = {c.id: c for c in await store.conversations(WRITER, OWNER, 100, "id", 10, 0)}
         assert writer[1].unread == 0
         # The writer goes on from the backfilled count: the next message is the seventh.
@@ -474,5 +507,6 @@ async def test_migration_5_backfills_ordinals_counts_and_marks_so_unread_is_unch
         assert (sent.seq, ordinals[-1], counts[0]) == (9, (9, 7), (1, 7))
         entries = {c.id: c for c in await store.conversations(READER, OWNER, 100, "id", 10, 0)}
         assert entries[1].unread == 3
+        assert entries[1].last_message is not None and entries[1].last_message.content == "new"
     finally:
         await store.close()
