@@ -450,13 +450,27 @@ class UseCases:
         self, principal: Principal, order: str, limit: int, offset: int
     ) -> list[Conversation]:
         """The rooms the caller may read, each with its state for them, by id or by latest
-        activity; one store query."""
+        activity; one store query.
+
+        The settle of the caller's waiting DMs runs side by side with the list rather than
+        before it (its round trip was ~0.6 ms of a list request's latency): it almost never
+        changes what the caller may read, and when it does (a DM became readable) the list is
+        read again after it, so the answer always includes the DMs it settled."""
         if order not in CONVERSATION_ORDERS:
             raise BadArgs(f"order must be one of: {', '.join(CONVERSATION_ORDERS)}")
-        await self.settle(principal)
-        return await self.store.conversations(
-            principal.user, principal.entity, principal.level, order, limit, offset
-        )
+        user, entity, level = principal.user, principal.entity, principal.level
+        # Owned here: awaited below, or cancelled and awaited when the list read fails, so
+        # that its own failure (StoreUnavailable) reaches the caller as it is.
+        settling = asyncio.create_task(self.settle(principal))
+        try:
+            found = await self.store.conversations(user, entity, level, order, limit, offset)
+        except BaseException:
+            settling.cancel()
+            await asyncio.gather(settling, return_exceptions=True)
+            raise
+        if (await settling).added:
+            found = await self.store.conversations(user, entity, level, order, limit, offset)
+        return found
 
     async def room_states(self, principal: Principal, room_ids: list[int]) -> dict[int, RoomState]:
         """The state of each given room the caller may read (others are left out)."""

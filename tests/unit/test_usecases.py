@@ -5,6 +5,8 @@ read marks (clamped, never backwards, only in readable rooms) and the conversati
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -390,6 +392,57 @@ async def test_conversations_count_unread_messages_of_others_and_order_by_activi
     assert [(c.room.id, c.state.unread) for c in listed] == [(fresh.id, 1), (old.id, 1)]
     with pytest.raises(BadArgs, match="order"):
         await cases.conversations(me, "name", 10, 0)
+
+
+class SettlesAfterTheList(SqliteStore):
+    """A real SQLite store whose settle of waiting DMs holds back until a conversation list
+    has been read (or a second has passed), as it may when both run side by side."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.listed = asyncio.Event()
+        self.lists = 0
+
+    async def conversations(self, *args: Any) -> Any:
+        try:
+            return await super().conversations(*args)
+        finally:
+            self.lists += 1
+            self.listed.set()
+
+    async def settle_dms(self, user: str, entity: str, now: datetime) -> Any:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.listed.wait(), 1)
+        return await super().settle_dms(user, entity, now)
+
+
+async def test_a_dm_settled_by_a_list_request_is_in_that_list_even_when_read_before_it(
+    tmp_path: Path,
+) -> None:
+    store = SettlesAfterTheList(str(tmp_path / "settle.db"))
+    await store.open()
+    try:
+        cases = UseCases(store, FakeClock())
+        alice, bob = person(), person()
+        opened = await cases.open_dm(alice, bob.user)  # bob's entity is not known yet
+        listed = await cases.conversations(bob, "id", 10, 0)
+        assert [c.id for c in listed] == [opened.room.id]
+        assert store.lists == 2  # read once beside the settle, again once it added the DM
+        assert [c.id for c in await cases.conversations(bob, "id", 10, 0)] == [opened.room.id]
+        assert store.lists == 3  # nothing left to settle: one read
+    finally:
+        await store.close()
+
+
+async def test_a_list_request_reports_storage_down_even_while_its_settle_runs(
+    tmp_path: Path,
+) -> None:
+    store = SettlesAfterTheList(str(tmp_path / "down.db"))
+    await store.open()
+    cases = UseCases(store, FakeClock())
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await cases.conversations(person(), "id", 10, 0)
 
 
 class ReceiptLog:
