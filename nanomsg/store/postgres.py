@@ -1269,11 +1269,15 @@ class PostgresStore:
         connections, so that PostgreSQL works on the parts side by side (measured:
         BENCHMARKS.md, "The conversation list"). A room deleted between the two steps is left
         out; one whose rules changed between them is listed as the first step saw it, as it
-        would have been by a request a moment earlier."""
+        would have been by a request a moment earlier. Parts are read side by side only while
+        the pool has a spare connection for each (idle, or not opened yet): on a busy pool
+        the page is the one statement, which costs PostgreSQL less in all, and other work
+        (the writer's batches) is not kept waiting for connections."""
         common.check_page(limit, offset)
         params = {"user": user, "entity": entity, "level": level, "limit": limit, "offset": offset}
         page = common.conversation_page_sql(_VISIBLE_IDS, order)
-        if limit <= self._list_part:
+        parts = -(-limit // self._list_part)
+        if parts == 1 or self._spare_connections() < parts:
             sql, args = common.numbered(
                 common.room_states_sql(page, order, lateral=True, stamp_text=_stamp_text),
                 params,
@@ -1282,11 +1286,19 @@ class PostgresStore:
         sql, args = common.numbered(f"SELECT r.id FROM ({page}) r", params)
         ids = [int(row[0]) for row in await self._fetch(sql, *args)]
         size = -(-len(ids) // -(-len(ids) // self._list_part)) if ids else 1  # even parts
-        parts = await asyncio.gather(
+        read = await asyncio.gather(
             *(self._states_part(user, ids[i : i + size]) for i in range(0, len(ids), size))
         )
-        by_id = {c.id: c for part in parts for c in part}
+        by_id = {c.id: c for part in read for c in part}
         return [by_id[i] for i in ids if i in by_id]
+
+    def _spare_connections(self) -> int:
+        """Connections the pool could hand out now without waiting: idle ones, and those it
+        has not opened yet."""
+        pool = self._pool
+        if pool is None:
+            return 0
+        return int(pool.get_idle_size() + pool.get_max_size() - pool.get_size())
 
     async def _states_part(self, user: str, ids: list[int]) -> list[Conversation]:
         """One part of a large conversation list page: its live rooms' states, by id. The rows

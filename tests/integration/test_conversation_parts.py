@@ -104,6 +104,27 @@ async def test_a_page_in_parts_costs_its_ids_then_one_read_per_part_run_side_by_
     assert parts.reads == 1
 
 
+async def test_a_page_is_one_statement_while_the_pool_has_no_spare_connection_per_part(
+    stores: tuple[CountingStore, PostgresStore],
+) -> None:
+    parts, whole = stores
+    me, entity = await seeded_user(whole)
+    expected = await whole.conversations(me, entity, 0, "activity", 7, 0)
+    pool = parts._pool
+    assert pool is not None
+    held = [await pool.acquire() for _ in range(2)]  # 2 of 4 busy: 4 parts would wait
+    try:
+        parts.reads = 0
+        assert await parts.conversations(me, entity, 0, "activity", 7, 0) == expected
+        assert parts.reads == 1
+        parts.reads = 0
+        assert await parts.conversations(me, entity, 0, "activity", 4, 0) == expected[:4]
+        assert parts.reads == 1 + 2  # two parts of 2: the two spare connections
+    finally:
+        for conn in held:
+            await pool.release(conn)
+
+
 async def test_a_room_deleted_after_the_ids_were_read_is_left_out(
     stores: tuple[CountingStore, PostgresStore],
 ) -> None:
