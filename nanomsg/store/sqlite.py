@@ -21,6 +21,7 @@ from typing import Any, TypeVar, cast
 
 import aiosqlite
 
+from nanomsg.clock import iso_utc
 from nanomsg.models import Conversation, Message, ReadMark, Room, RoomAccess, RoomState, Rule
 from nanomsg.store import common
 from nanomsg.store.base import (
@@ -105,9 +106,9 @@ def message_from_row(row: Sequence[Any], start: int = 0) -> Message:
 
 
 def micros_text(value: int) -> str:
-    """Stored microseconds as a ``Conversation`` holds a stamp: UTC, ISO 8601 with
-    microseconds, no zone."""
-    return from_micros(value).isoformat(timespec="microseconds")[:26]
+    """Stored microseconds as a ``Conversation`` holds a stamp: as the wire writes it
+    (``iso_utc``)."""
+    return iso_utc(from_micros(value))
 
 
 def _placeholder(n: int) -> str:

@@ -48,6 +48,11 @@ async def send(store: Store, room_id: int, emitter: str, text: str, at: float = 
     return message.seq
 
 
+def to_the_millisecond(at: datetime) -> datetime:
+    """A stamp as the conversation list holds it: the wire's, cut to the millisecond."""
+    return at.replace(microsecond=at.microsecond // 1000 * 1000)
+
+
 def everything(room_id: int) -> HistoryQuery:
     return HistoryQuery(room_id=room_id, limit=100, newest=False)
 
@@ -244,10 +249,14 @@ async def test_conversations_carry_last_message_activity_read_mark_and_unread_in
     assert [c.room.id for c in listed] == [busy.id, quiet.id]
     state = listed[0].state
     assert (state.last_seq, state.read_seq, state.unread) == (6, 1, 2)
-    assert state.last_activity_at == later(30)
+    assert state.last_activity_at == to_the_millisecond(later(30))
     assert state.last_message is not None and state.last_message.seq == 5
     empty = listed[1].state
-    assert (empty.last_message, empty.last_activity_at, empty.unread) == (None, T0, 0)
+    assert (empty.last_message, empty.last_activity_at, empty.unread) == (
+        None,
+        to_the_millisecond(T0),
+        0,
+    )
     by_id = await store.conversations(me, entity, 0, "id", 1, 1)
     assert [c.room.id for c in by_id] == [busy.id]
     states = await store.room_states(me, entity, 0, [quiet.id, busy.id, 10**12])
@@ -265,6 +274,21 @@ async def test_conversation_last_message_is_a_tombstone_when_the_latest_message_
     assert listed.state.last_message is not None
     assert listed.state.last_message.to_json()["content"] == ""
     assert listed.state.last_message.to_json()["deleted"] is True
+
+
+async def test_conversation_stamps_are_written_as_the_wire_writes_them_cut_not_rounded(
+    store: Store,
+) -> None:
+    me, entity = new_id(), new_id()
+    room = await make_room(store, creator=me, owner=entity)
+    at = datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=T0.tzinfo)
+    message, _ = await store.append_message(NewMessage(room.id, me, "e", "late", None, at))
+    [listed] = await store.conversations(me, entity, 0, "id", 10, 0)
+    entry = listed.to_json()
+    assert entry["last_message"] == message.to_json()
+    assert entry["last_message"]["created_at"] == "2026-12-31T23:59:59.999Z"
+    assert entry["last_activity_at"] == "2026-12-31T23:59:59.999Z"
+    assert entry["createdAt"] == room.to_json()["createdAt"]
 
 
 async def test_room_states_leave_out_rooms_the_user_may_not_read(store: Store) -> None:
@@ -348,7 +372,8 @@ async def test_migration_3_keeps_existing_messages_as_plain_messages_and_continu
     await store.open()
     try:
         [listed] = await store.conversations(emitter, owner, 100, "activity", 10, 0)
-        assert listed.state.last_activity_at == later(2)  # backfilled from the last message
+        # backfilled from the last message (the list's stamps are the wire's milliseconds)
+        assert listed.state.last_activity_at == to_the_millisecond(later(2))
         old = await store.history(everything(1))
         assert [(m.seq, m.kind, m.content, m.system, m.deleted) for m in old] == [
             (1, "message", "m1", False, False),

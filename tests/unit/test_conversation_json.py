@@ -10,14 +10,15 @@ from typing import Any
 import orjson
 import pytest
 
+from nanomsg.clock import iso_utc
 from nanomsg.models import Conversation, instant
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, 891234, tzinfo=UTC)
 
 
 def text(at: datetime) -> str:
-    """A stamp as the conversation list's query writes it."""
-    return at.isoformat(timespec="microseconds")[:26]
+    """A stamp as the conversation list's query writes it: as the wire does."""
+    return iso_utc(at)
 
 
 ROOM = (7, "6f0c1a52-8d0e-4c0b-9a43-2f1e5d6c7b8a", "team", 50, "group", "acme", 10, 12)
@@ -81,9 +82,9 @@ def test_the_entry_written_from_the_row_is_byte_identical_to_the_records_entry(
     assert orjson.dumps(conversation.to_json()) == orjson.dumps(from_records)
 
 
-def test_stamps_read_back_exactly_and_reach_the_wire_cut_to_milliseconds() -> None:
+def test_stamps_read_back_to_the_millisecond_and_reach_the_wire_cut_not_rounded() -> None:
     at = datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
-    assert instant(text(at)) == at
+    assert instant(text(at)) == at.replace(microsecond=999000)
     assert instant(text(at.replace(microsecond=0))) == at.replace(microsecond=0)
     conversation = entry(NO_MESSAGE)._replace(created_at=text(at))
     assert conversation.to_json()["createdAt"] == "2026-12-31T23:59:59.999Z"
@@ -92,11 +93,12 @@ def test_stamps_read_back_exactly_and_reach_the_wire_cut_to_milliseconds() -> No
 def test_the_records_made_from_the_row_carry_every_field() -> None:
     conversation = entry(message(deleted=True), deleted_room=True)
     room, state = conversation.room, conversation.state
+    at = T0.replace(microsecond=891000)  # the list's stamps are the wire's milliseconds
     assert (room.id, room.name, room.created_at, room.deleted_at, room.dm) == (
         7,
         "team",
-        T0,
-        T0,
+        at,
+        at,
         False,
     )
     assert (state.room_id, state.last_seq, state.read_seq, state.unread) == (7, 12, 9, 3)
