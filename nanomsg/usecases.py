@@ -55,6 +55,7 @@ from nanomsg.store.base import (
 )
 from nanomsg.store.common import CONVERSATION_ORDERS
 from nanomsg.store.writer import Done, Stored
+from nanomsg.together import both
 
 log = logging.getLogger(__name__)
 
@@ -459,17 +460,12 @@ class UseCases:
         if order not in CONVERSATION_ORDERS:
             raise BadArgs(f"order must be one of: {', '.join(CONVERSATION_ORDERS)}")
         user, entity, level = principal.user, principal.entity, principal.level
-        # Owned here: awaited below, or cancelled and awaited when the list read fails, so
-        # that its own failure (StoreUnavailable) reaches the caller as it is.
-        settling = asyncio.create_task(self.settle(principal))
-        try:
-            found = await self.store.conversations(user, entity, level, order, limit, offset)
-        except BaseException:
-            settling.cancel()
-            await asyncio.gather(settling, return_exceptions=True)
-            raise
-        if (await settling).added:
-            found = await self.store.conversations(user, entity, level, order, limit, offset)
+        settled, found = await both(
+            self.settle(principal),
+            self.store.conversations(user, entity, level, order, limit, offset),
+        )
+        if settled.added:
+            return await self.store.conversations(user, entity, level, order, limit, offset)
         return found
 
     async def room_states(self, principal: Principal, room_ids: list[int]) -> dict[int, RoomState]:

@@ -41,6 +41,7 @@ from nanomsg.store.base import (
     UnknownSeq,
 )
 from nanomsg.store.migrate import load_migrations, postgres_schema_path
+from nanomsg.together import together
 
 # The ids of the live rooms a caller may read (``rooms_visible_to`` explains the two
 # branches), with named parameters :user, :entity, :level (see ``common.numbered``).
@@ -1287,7 +1288,7 @@ class PostgresStore:
         sql, args = common.numbered(f"SELECT r.id FROM ({page}) r", params)
         ids = [int(row[0]) for row in await self._fetch(sql, *args)]
         size = -(-len(ids) // -(-len(ids) // self._list_part)) if ids else 1  # even parts
-        read = await asyncio.gather(
+        read = await together(
             *(self._states_part(user, ids[i : i + size]) for i in range(0, len(ids), size))
         )
         by_id = {c.id: c for part in read for c in part}
