@@ -239,20 +239,32 @@ class App:
             await self._runner.cleanup()
 
 
-def freeze_startup_heap() -> None:
+# Allocations (less deallocations) of container objects between two young collections of a
+# server process; CPython's default is 700. A 1 000-room conversation list keeps ~4 000
+# containers alive while it is written: at 700 it ran ~4 young collections and a third of an
+# older one per answer, each walking the rows still alive (0.7-0.9 ms of ~7 ms of CPU per
+# answer); at 10 000 none. Garbage without cycles is freed by reference counting whatever
+# the threshold; only cyclic garbage waits longer (at most this many objects).
+YOUNG_COLLECTION_THRESHOLD = 10_000
+
+
+def tune_collector() -> None:
     """Set what startup made (modules, the app's parts, which live as long as the process)
     aside from the garbage collector, once the server has started, so that a full collection
-    walks only the objects made since. For a server process (``nanomsg serve``) only: the
-    setting is process-wide."""
+    walks only the objects made since; and collect the young generation less often
+    (``YOUNG_COLLECTION_THRESHOLD``). For a server process (``nanomsg serve``) only: both
+    settings are process-wide."""
     gc.collect()
     gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, old)
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set, then shut down cleanly."""
     app = App(config)
     await app.start()
-    freeze_startup_heap()
+    tune_collector()
     try:
         await stop.wait()
     finally:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
-from nanomsg.app import App, build_verifier, freeze_startup_heap, url_host
+from nanomsg.app import App, build_verifier, tune_collector, url_host
 from nanomsg.auth import is_uuid, mint
 from nanomsg.clock import SystemClock, utc_datetime
 from nanomsg.config import OPTIONS, Config, ConfigError, add_options, duration, from_namespace
@@ -175,7 +175,7 @@ async def _serve(config: Config, secret_source: str = "") -> int:
         # Release what did start (an open store keeps a worker thread alive).
         await app.stop()
         raise
-    freeze_startup_heap()
+    tune_collector()
     try:
         if config.dev:
             await _dev_banner(app, config, secret_source)

@@ -7,23 +7,37 @@ from collections.abc import Iterator
 
 import pytest
 
-from nanomsg.app import freeze_startup_heap
+from nanomsg.app import YOUNG_COLLECTION_THRESHOLD, tune_collector
 
 
 @pytest.fixture
 def unfrozen() -> Iterator[None]:
     gc.unfreeze()
+    thresholds = gc.get_threshold()
     yield
-    gc.unfreeze()  # the setting is process-wide: give the other tests a normal collector
+    # The settings are process-wide: give the other tests a normal collector.
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
 
 
 def test_freezing_the_startup_heap_sets_every_object_made_so_far_aside(unfrozen: None) -> None:
     made_at_startup = [[] for _ in range(1000)]  # containers: tracked by the collector
     assert gc.get_freeze_count() == 0
-    freeze_startup_heap()
+    tune_collector()
     # Full collections walk none of them from now on (the tail they cost a large answer).
     assert gc.get_freeze_count() >= len(made_at_startup)
     walked = {id(item) for generation in range(3) for item in gc.get_objects(generation)}
     assert not any(id(item) in walked for item in made_at_startup)
     made_later: list[int] = []
     assert any(item is made_later for item in gc.get_objects(0))
+
+
+def test_a_server_collects_its_young_objects_less_often(unfrozen: None) -> None:
+    _, middle, old = gc.get_threshold()
+    tune_collector()
+    assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, middle, old)
+    # A large answer's rows (a few thousand containers alive at once) start no collection.
+    before = gc.get_stats()[0]["collections"]
+    rows = [(n, [n], {"n": n}) for n in range(2000)]
+    assert gc.get_stats()[0]["collections"] == before
+    assert len(rows) == 2000
