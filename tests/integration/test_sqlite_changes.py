@@ -1,5 +1,6 @@
 """SQLite writes a batch's edits and its deletes in separate UPDATEs (an edit leaves the
-columns of the deletion indexes alone): the stored rows end as one UPDATE left them."""
+columns of the deletion indexes alone): the stored rows end as one UPDATE left them, and a
+delete adds its message to the deleted messages' index while leaving it in the own one."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.asyncio
 STORED = "SELECT content, first_content, edited_at, deleted_at, deleted_by FROM messages"
 
 
-async def test_a_batch_of_edits_and_deletes_keeps_first_content_and_earlier_edits(
+async def test_a_batch_of_edits_and_deletes_keeps_first_content_earlier_edits_and_own_entries(
     tmp_path: Path,
 ) -> None:
     path = str(tmp_path / "store.db")
@@ -63,9 +64,30 @@ async def test_a_batch_of_edits_and_deletes_keeps_first_content_and_earlier_edit
             " WHERE room_id = ? AND kind = 'message' AND deleted_at IS NOT NULL ORDER BY seq",
             (room.id,),
         ).fetchall()
+        own = db.execute(
+            "SELECT seq FROM messages INDEXED BY messages_own_idx"
+            " WHERE room_id = ? AND emitter = ? AND kind = 'message' ORDER BY seq",
+            (room.id, user),
+        ).fetchall()
+        # What the unread count reads of them is in the indexes themselves (no row visited).
+        plans = [
+            str(row[-1])
+            for sql in (
+                "SELECT count(*) FROM messages WHERE room_id = ? AND emitter = ? AND seq > 0"
+                " AND kind = 'message'",
+                "SELECT count(*) FROM messages WHERE room_id = ? AND seq > 0"
+                " AND kind = 'message' AND deleted_at IS NOT NULL AND emitter <> ?",
+            )
+            for row in db.execute("EXPLAIN QUERY PLAN " + sql, (room.id, user)).fetchall()
+        ]
     assert rows[a] == ("a2", "m0", to_micros(second), None, None)
     assert rows[b] == ("b1", "m1", to_micros(first), to_micros(third), user)
     assert rows[c] == ("m2", None, None, to_micros(third), user)
     # The partial indexes over deleted_at hold exactly the live and the deleted messages.
     assert unread == [(a,)]
     assert deleted == [(b,), (c,)]
+    # Since migration 6 a delete leaves its message's entry in the own index (one index
+    # write per delete): that index holds every message of the emitter, deleted or not.
+    assert own == [(a,), (b,), (c,)]
+    assert any("COVERING INDEX messages_own_idx" in plan for plan in plans), plans
+    assert any("COVERING INDEX messages_deleted_idx" in plan for plan in plans), plans
