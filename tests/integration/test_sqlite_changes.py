@@ -91,3 +91,78 @@ async def test_a_batch_of_edits_and_deletes_keeps_first_content_earlier_edits_an
     assert own == [(a,), (b,), (c,)]
     assert any("COVERING INDEX messages_own_idx" in plan for plan in plans), plans
     assert any("COVERING INDEX messages_deleted_idx" in plan for plan in plans), plans
+
+
+async def test_a_batch_of_sends_edits_and_deletes_writes_its_messages_in_one_statement(
+    tmp_path: Path,
+) -> None:
+    """The new rows and the targets' new state go in one INSERT (its DO UPDATE changing the
+    targets): no UPDATE of messages, whatever the mix of the batch."""
+    store = SqliteStore(str(tmp_path / "store.db"))
+    await store.open()
+    try:
+        room = await make_room(store)
+        user = new_id()
+        sent = await store.append_batch(
+            [NewMessage(room.id, user, "e", f"m{i}", f"c{i}", T0) for i in range(2)]
+        )
+        a, b = (outcome[0].seq for outcome in sent if isinstance(outcome, tuple))
+        statements: list[str] = []
+        db = store._require()
+        await db.set_trace_callback(statements.append)
+        at = T0 + timedelta(seconds=1)
+        outcomes = await store.append_events(
+            [
+                NewMessage(room.id, user, "e", "new", None, at),
+                MessageChange(room.id, a, user, at, "a1"),
+                MessageChange(room.id, b, user, at, None),
+            ]
+        )
+        await db.set_trace_callback(None)
+    finally:
+        await store.close()
+    assert all(not isinstance(outcome, Exception) for outcome in outcomes), outcomes
+    writes = [s.split()[0:3] for s in statements if s.split()[0] in ("INSERT", "UPDATE")]
+    assert writes == [["UPDATE", "rooms", "SET"], ["INSERT", "INTO", "messages"]], statements
+
+
+async def test_changed_messages_keep_their_client_id_first_content_and_ordinal(
+    tmp_path: Path,
+) -> None:
+    """A target is offered to the batch's one INSERT without its client_id, first_content or
+    ordinal: none of them changes, and a resend of its client_id still finds it, edited or
+    deleted; a message edited twice keeps the text as sent."""
+    path = str(tmp_path / "store.db")
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        room = await make_room(store)
+        user = new_id()
+        sent = await store.append_batch(
+            [NewMessage(room.id, user, "e", f"m{i}", f"c{i}", T0) for i in range(2)]
+        )
+        a, b = (outcome[0].seq for outcome in sent if isinstance(outcome, tuple))
+        first, second = T0 + timedelta(seconds=1), T0 + timedelta(seconds=2)
+        await store.append_events([MessageChange(room.id, a, user, first, "a1")])
+        await store.append_events(
+            [
+                MessageChange(room.id, a, user, second, "a2"),
+                MessageChange(room.id, b, user, second, None),
+            ]
+        )
+        again = await store.append_events(
+            [NewMessage(room.id, user, "e", "resent", f"c{i}", second) for i in range(2)]
+        )
+    finally:
+        await store.close()
+    assert [(o[0].seq, o[1]) for o in again if isinstance(o, tuple)] == [(a, False), (b, False)]
+    with sqlite3.connect(path) as db:
+        rows = db.execute(
+            "SELECT seq, client_id, content, first_content, ordinal, edited_at, deleted_at"
+            " FROM messages WHERE room_id = ? AND kind = 'message' ORDER BY seq",
+            (room.id,),
+        ).fetchall()
+    assert rows == [
+        (a, "c0", "a2", "m0", 1, to_micros(second), None),
+        (b, "c1", "m1", None, 2, None, to_micros(second)),
+    ]
