@@ -1,6 +1,7 @@
-"""SQLite writes a batch's edits and its deletes in separate UPDATEs (an edit leaves the
-columns of the deletion indexes alone): the stored rows end as one UPDATE left them, and a
-delete adds its message to the deleted messages' index while leaving it in the own one."""
+"""SQLite writes a batch's new rows and its targets' new state in one INSERT, whose DO UPDATE
+changes the targets: the stored rows end as the changes left them (first_content, client_id
+and ordinal kept), and a delete adds its message to the deleted messages' index while
+leaving it in the own one. And the store's micro benchmark in rounds."""
 
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ from nanomsg.store.base import MessageChange, NewMessage
 from nanomsg.store.sqlite import SqliteStore, to_micros
 from tests.integration.test_store import T0, make_room, new_id
 
-pytestmark = pytest.mark.asyncio
-
 STORED = "SELECT content, first_content, edited_at, deleted_at, deleted_by FROM messages"
 
 
+@pytest.mark.asyncio
 async def test_a_batch_of_edits_and_deletes_keeps_first_content_earlier_edits_and_own_entries(
     tmp_path: Path,
 ) -> None:
@@ -93,6 +93,7 @@ async def test_a_batch_of_edits_and_deletes_keeps_first_content_earlier_edits_an
     assert any("COVERING INDEX messages_deleted_idx" in plan for plan in plans), plans
 
 
+@pytest.mark.asyncio
 async def test_a_batch_of_sends_edits_and_deletes_writes_its_messages_in_one_statement(
     tmp_path: Path,
 ) -> None:
@@ -126,6 +127,7 @@ async def test_a_batch_of_sends_edits_and_deletes_writes_its_messages_in_one_sta
     assert writes == [["UPDATE", "rooms", "SET"], ["INSERT", "INTO", "messages"]], statements
 
 
+@pytest.mark.asyncio
 async def test_changed_messages_keep_their_client_id_first_content_and_ordinal(
     tmp_path: Path,
 ) -> None:
@@ -166,3 +168,15 @@ async def test_changed_messages_keep_their_client_id_first_content_and_ordinal(
         (a, "c0", "a2", "m0", 1, to_micros(second), None),
         (b, "c1", "m1", None, 2, None, to_micros(second)),
     ]
+
+
+def test_the_micro_benchmark_in_rounds_edits_and_deletes_every_message_it_sent(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``benchmarks.sqlite_changes --rounds``: each round edits and deletes the messages it
+    sent (a change refused would fail the run), and each kind gets one figure."""
+    from benchmarks import sqlite_changes
+
+    sqlite_changes.main(["--rooms", "2", "--batches", "6", "--rounds", "3", "--runs", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["send", "edit", "delete"], lines
