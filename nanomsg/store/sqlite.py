@@ -597,8 +597,8 @@ class SqliteStore:
         """A batch of messages only is ``append_batch``; with changes, one BEGIN IMMEDIATE
         transaction reads what the batch depends on (the rooms' last seqs and message counts,
         the targets, the client_ids already stored), ``common.plan_events`` decides every
-        input, and two statements write it: the rooms (last_seq and message_count), then the
-        new rows (each new message with its ordinal) with the targets' new state.
+        input, and few statements write it: the rooms (last_seq and message_count), the new
+        rows (each new message with its ordinal), the targets edited, the targets deleted.
 
         The write lock is held from the first read, so nothing changes in between."""
         if all(isinstance(event, NewMessage) for event in batch):
@@ -626,31 +626,68 @@ class SqliteStore:
                         for value in (room_id, after, to_micros(latest), count)
                     ],
                 )
-            # The new rows and the targets' new state in ONE statement (each statement is a
-            # hop to aiosqlite's thread and back, which a batch of a few changes feels): every
-            # target is offered as its whole row in its state after the batch, so it meets
-            # the unique (room_id, seq) and takes the DO UPDATE, which sets what a change
-            # changes (``_CHANGED_TARGETS``). Its client_id is offered as NULL, so that it can
-            # meet no other unique index. A delete then enters messages_deleted_idx and no
-            # other index (schema migration 6); an edit, no index at all.
-            rows = [
+            ids: dict[tuple[int, int], int] = {}
+            inserts = [
                 common.row_values(
                     row, plan.first_contents.get(key), plan.ordinals.get(key), to_micros
                 )
                 for key, row in plan.rows.items()
             ]
-            deletes = any(target.deleted_at is not None for target, _ in plan.updates.values())
-            rows += [_target_values(target) for target, _ in plan.updates.values()]
-            upsert = _CHANGED_TARGETS if deletes else _EDITED_TARGETS
-            ids: dict[tuple[int, int], int] = {}
-            for rows_chunk in _chunks(rows, common.INSERT_WIDTH):
+            for rows_chunk in _chunks(inserts, common.INSERT_WIDTH):
                 returned = await db.execute_fetchall(
                     f"INSERT INTO messages ({common.INSERT_COLS})"
                     f" VALUES {_values(len(rows_chunk), common.INSERT_WIDTH)}"
-                    f" {upsert} RETURNING room_id, seq, id",
+                    " RETURNING room_id, seq, id",
                     [value for values in rows_chunk for value in values],
                 )
                 ids.update(((int(r[0]), int(r[1])), int(r[2])) for r in returned)
+            # Edits alone set only the columns an edit changes: naming deleted_at in the SET
+            # makes SQLite rewrite the entries of the partial indexes over it for every edited
+            # row (measured on the 64-item micro benchmark when messages_own_idx still had
+            # deleted_at in its predicate: that UPDATE from 11-14 to 4.4-4.9 us per edit, and
+            # the COMMIT writing the pages from 21-25 to 13-14 us). Since schema migration 6
+            # only messages_deleted_idx does, which a delete enters and nothing else touches.
+            # Merging these UPDATEs into the INSERT (ON CONFLICT (room_id, seq) DO UPDATE,
+            # one hop to aiosqlite's thread less) was measured and left out: the upsert cost
+            # SQLite 6-7 us more per change than the separate statements, more than the hop
+            # saves a batch of 8 or more.
+            edits = [
+                (m.room_id, m.seq, m.content, _micros_or_none(m.edited_at))
+                for m, _ in plan.updates.values()
+                if m.deleted_at is None
+            ]
+            for edits_chunk in _chunks(edits, 4):
+                await db.execute(
+                    "UPDATE messages SET first_content = coalesce(first_content, content),"
+                    " content = c.column3, edited_at = c.column4"
+                    f" FROM (VALUES {_values(len(edits_chunk), 4)}) AS c"
+                    " WHERE messages.room_id = c.column1 AND messages.seq = c.column2",
+                    [value for values in edits_chunk for value in values],
+                )
+            deletes = [
+                (
+                    m.room_id,
+                    m.seq,
+                    m.content,
+                    _micros_or_none(m.edited_at),
+                    _micros_or_none(m.deleted_at),
+                    m.deleted_by,
+                    int(edited),
+                )
+                for m, edited in plan.updates.values()
+                if m.deleted_at is not None
+            ]
+            for deletes_chunk in _chunks(deletes, 7):
+                await db.execute(
+                    "UPDATE messages SET"
+                    " first_content = CASE WHEN c.column7 THEN coalesce(first_content, content)"
+                    "  ELSE first_content END,"
+                    " content = c.column3, edited_at = c.column4, deleted_at = c.column5,"
+                    " deleted_by = c.column6"
+                    f" FROM (VALUES {_values(len(deletes_chunk), 7)}) AS c"
+                    " WHERE messages.room_id = c.column1 AND messages.seq = c.column2",
+                    [value for values in deletes_chunk for value in values],
+                )
         return plan.finish(ids)
 
     # -- read marks --------------------------------------------------------------------------
@@ -810,48 +847,6 @@ class SqliteStore:
         return {c.id: c.state for c in found}
 
 
-# The DO UPDATE of the statement that inserts a batch's rows (``append_events``): a row
-# offered at a stored (room_id, seq) is a target of the batch in its state after it.
-# first_content keeps the text as sent: set, from the content before the statement, when the
-# batch gives the message a new edited_at (a message never edited has neither). SQLite
-# rewrites the entries of every index over a column the SET names, even to the same value
-# (messages_deleted_idx names deleted_at in its predicate), so a statement without deletes
-# leaves the deletion columns out (``_EDITED_TARGETS``).
-_EDITED_TARGETS = (
-    "ON CONFLICT (room_id, seq) DO UPDATE SET"
-    " first_content = CASE WHEN excluded.edited_at IS messages.edited_at"
-    "  THEN messages.first_content ELSE coalesce(messages.first_content, messages.content) END,"
-    " content = excluded.content, edited_at = excluded.edited_at"
-)
-_CHANGED_TARGETS = (
-    f"{_EDITED_TARGETS}, deleted_at = excluded.deleted_at, deleted_by = excluded.deleted_by"
-)
-
-
-def _target_values(target: Message) -> tuple[Any, ...]:
-    """A target's row as offered to ``_CHANGED_TARGETS`` (``common.INSERT_COLS``): its state
-    after the batch, without its client_id (so that it meets no other unique index) and
-    without first_content and ordinal, which the DO UPDATE does not read."""
-    edited, deleted = target.edited_at, target.deleted_at
-    return (
-        target.room_id,
-        target.seq,
-        target.emitter,
-        target.entity,
-        target.content,
-        None,
-        to_micros(target.created_at),
-        target.system,
-        "message",
-        None,
-        None,
-        None if edited is None else to_micros(edited),
-        None if deleted is None else to_micros(deleted),
-        target.deleted_by,
-        None,
-    )
-
-
 async def _rooms_and_targets(
     db: aiosqlite.Connection, rooms: Sequence[int], wanted: Sequence[tuple[int, int]]
 ) -> tuple[dict[int, tuple[int, int]], dict[tuple[int, int], Message]]:
@@ -986,6 +981,10 @@ async def _insert_messages(
         )
         ids.update(((int(row[0]), int(row[1])), int(row[2])) for row in returned)
     return ids
+
+
+def _micros_or_none(value: datetime | None) -> int | None:
+    return None if value is None else to_micros(value)
 
 
 async def _worker_finished(db: aiosqlite.Connection) -> None:
