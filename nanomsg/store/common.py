@@ -577,10 +577,22 @@ class EventPlan:
         out: list[EventOutcome] = []
         for outcome in self.outcomes:
             if isinstance(outcome, Changed):
-                # The event row is always new; the message is new only when sent in this
-                # batch (id 0), else stored with its id.
-                event, message = outcome.event, outcome.message
-                event = _message(event, id=ids[event.room_id, event.seq])
+                # The event row is always new (and has no client_id, system flag, edit or
+                # deletion of its own); the message is new only when sent in this batch (id
+                # 0), else stored with its id.
+                e, message = outcome.event, outcome.message
+                event = Message(
+                    ids[e.room_id, e.seq],
+                    e.room_id,
+                    e.seq,
+                    e.emitter,
+                    e.entity,
+                    e.content,
+                    e.created_at,
+                    None,
+                    e.kind,
+                    e.target_seq,
+                )
                 if message.id == 0:
                     message = _message(message, id=ids[message.room_id, message.seq])
                 out.append(Changed(event, message))
@@ -684,13 +696,44 @@ def plan_events(
         if room_id not in latest or stamp > latest[room_id]:
             latest[room_id] = stamp
         content = event.content
+        t = target
         if content is not None:
-            after = _message(target, content=content, edited_at=stamp)
+            after = Message(
+                t.id,
+                room_id,
+                t.seq,
+                t.emitter,
+                t.entity,
+                content,
+                t.created_at,
+                t.client_id,
+                "message",
+                None,
+                t.system,
+                stamp,
+                None,
+                None,
+            )
             change = Message(
-                0, room_id, seq, event.actor, target.entity, content, stamp, None, "edit", event.seq
+                0, room_id, seq, event.actor, t.entity, content, stamp, None, "edit", event.seq
             )
         else:
-            after = _message(target, deleted_at=stamp, deleted_by=event.actor)
+            after = Message(
+                t.id,
+                room_id,
+                t.seq,
+                t.emitter,
+                t.entity,
+                t.content,
+                t.created_at,
+                t.client_id,
+                "message",
+                None,
+                t.system,
+                t.edited_at,
+                stamp,
+                event.actor,
+            )
             change = Message(
                 0, room_id, seq, event.actor, event.entity, "", stamp, None, "delete", event.seq
             )
