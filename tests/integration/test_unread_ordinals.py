@@ -501,12 +501,12 @@ async def version_five(kind: str, target: str) -> None:
 
 
 async def unread_index_definitions(kind: str, target: str) -> dict[str, str]:
-    """The SQL of ``messages_own_idx`` and ``messages_deleted_idx``, by name."""
-    names = ("messages_own_idx", "messages_deleted_idx")
+    """The SQL of the indexes migration 6 rebuilds, by name."""
+    names = ("messages_own_idx", "messages_deleted_idx", "messages_room_created_idx")
     if kind == "sqlite":
         with sqlite3.connect(target) as db:
             rows = db.execute(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND name IN (?, ?)",
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND name IN (?, ?, ?)",
                 names,
             ).fetchall()
         return {str(name): str(sql) for name, sql in rows}
@@ -521,12 +521,13 @@ async def unread_index_definitions(kind: str, target: str) -> dict[str, str]:
     return {str(r[0]): str(r[1]) for r in rows}
 
 
-async def test_migration_6_lets_a_delete_keep_the_own_index_entry_and_unread_is_unchanged(
+async def test_migration_6_rebuilds_the_indexes_for_fewer_entries_and_unread_is_unchanged(
     version_four: tuple[str, str],
 ) -> None:
-    """Upgraded from version 5, the own messages' index holds deleted messages too and the
-    deleted messages' index carries the emitter; the unread counts stay those of the event
-    stream, before and after new sends and deletions (own and others') after the marks."""
+    """Upgraded from version 5, the own messages' index holds deleted messages too, the
+    deleted messages' index carries the emitter and the date index holds messages only; the
+    unread counts stay those of the event stream, before and after new sends and deletions
+    (own and others') after the marks."""
     kind, target = version_four
     await version_five(kind, target)
     store: Store = SqliteStore(target) if kind == "sqlite" else PostgresStore(target)
@@ -535,6 +536,7 @@ async def test_migration_6_lets_a_delete_keep_the_own_index_entry_and_unread_is_
         indexes = await unread_index_definitions(kind, target)
         assert "deleted_at" not in indexes["messages_own_idx"], indexes
         assert "emitter" in indexes["messages_deleted_idx"], indexes
+        assert "WHERE" in indexes["messages_room_created_idx"], indexes  # messages only
 
         async def unread(user: str, mark: int) -> int:
             entries = {c.id: c for c in await store.conversations(user, OWNER, 100, "id", 10, 0)}
