@@ -99,7 +99,9 @@ async def test_changed_messages_keep_their_client_id_first_content_and_ordinal(
 ) -> None:
     """A change rewrites none of its target's client_id, first_content once set, or ordinal:
     a resend of its client_id still finds it, edited or deleted; a message edited twice
-    keeps the text as sent."""
+    keeps the text as sent; a delete of a message edited before keeps that edit, and one
+    edited and deleted in one batch keeps both (a delete alone sets the deletion columns
+    alone, one after an edit of the same batch the edit's columns too)."""
     path = str(tmp_path / "store.db")
     store = SqliteStore(path)
     await store.open()
@@ -107,32 +109,48 @@ async def test_changed_messages_keep_their_client_id_first_content_and_ordinal(
         room = await make_room(store)
         user = new_id()
         sent = await store.append_batch(
-            [NewMessage(room.id, user, "e", f"m{i}", f"c{i}", T0) for i in range(2)]
+            [NewMessage(room.id, user, "e", f"m{i}", f"c{i}", T0) for i in range(4)]
         )
-        a, b = (outcome[0].seq for outcome in sent if isinstance(outcome, tuple))
+        a, b, c, d = (outcome[0].seq for outcome in sent if isinstance(outcome, tuple))
         first, second = T0 + timedelta(seconds=1), T0 + timedelta(seconds=2)
-        await store.append_events([MessageChange(room.id, a, user, first, "a1")])
+        await store.append_events(
+            [
+                MessageChange(room.id, a, user, first, "a1"),
+                MessageChange(room.id, d, user, first, "d1"),
+            ]
+        )
         await store.append_events(
             [
                 MessageChange(room.id, a, user, second, "a2"),
                 MessageChange(room.id, b, user, second, None),
+                MessageChange(room.id, c, user, second, "c1"),
+                MessageChange(room.id, c, user, second, None),
+                MessageChange(room.id, d, user, second, None),
             ]
         )
         again = await store.append_events(
-            [NewMessage(room.id, user, "e", "resent", f"c{i}", second) for i in range(2)]
+            [NewMessage(room.id, user, "e", "resent", f"c{i}", second) for i in range(4)]
         )
     finally:
         await store.close()
-    assert [(o[0].seq, o[1]) for o in again if isinstance(o, tuple)] == [(a, False), (b, False)]
+    assert [(o[0].seq, o[1]) for o in again if isinstance(o, tuple)] == [
+        (a, False),
+        (b, False),
+        (c, False),
+        (d, False),
+    ]
     with sqlite3.connect(path) as db:
         rows = db.execute(
-            "SELECT seq, client_id, content, first_content, ordinal, edited_at, deleted_at"
-            " FROM messages WHERE room_id = ? AND kind = 'message' ORDER BY seq",
+            "SELECT seq, client_id, content, first_content, ordinal, edited_at, deleted_at,"
+            " deleted_by FROM messages WHERE room_id = ? AND kind = 'message' ORDER BY seq",
             (room.id,),
         ).fetchall()
+    s1, s2 = to_micros(first), to_micros(second)
     assert rows == [
-        (a, "c0", "a2", "m0", 1, to_micros(second), None),
-        (b, "c1", "m1", None, 2, None, to_micros(second)),
+        (a, "c0", "a2", "m0", 1, s2, None, None),
+        (b, "c1", "m1", None, 2, None, s2, user),
+        (c, "c2", "c1", "m2", 3, s2, s2, user),
+        (d, "c3", "d1", "m3", 4, s1, s2, user),
     ]
 
 
