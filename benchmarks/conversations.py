@@ -11,6 +11,10 @@ With ``--http`` it then starts a server process on the seeded database and times
 route, ``GET /rooms/all`` (``part`` http): every room in pages of the route's largest size
 (one page of 1 000; two of 500 for code whose largest page is 500), one page of 500, one of
 100.
+With ``--explain N`` it also runs the whole list's query N times under
+``EXPLAIN (ANALYZE, TIMING OFF)`` (``part`` explain), by id and by activity: PostgreSQL's own
+execution time, which another process's load on the machine disturbs less than the
+wall-clock figures.
 Prints one JSON line per case with p50/p99/max in milliseconds.
 """
 
@@ -176,6 +180,50 @@ async def http_cases(
     return results
 
 
+async def explain_cases(
+    url: str, user: str, entity: str, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """PostgreSQL's execution time of the whole list's one query (``--explain`` runs of
+    ``EXPLAIN (ANALYZE, TIMING OFF)`` each by id and by activity, after 10 to warm up), as the
+    store sends it (a prepared statement)."""
+    from nanomsg.store import common
+    from nanomsg.store.postgres import _VISIBLE_IDS, _stamp_text
+
+    results = []
+    conn = await asyncpg.connect(url)
+    try:
+        for order in ("id", "activity"):
+            sql, params = common.numbered(
+                common.room_states_sql(
+                    common.conversation_page_sql(_VISIBLE_IDS, order),
+                    order,
+                    lateral=True,
+                    stamp_text=_stamp_text,
+                ),
+                {"user": user, "entity": entity, "level": 0, "limit": args.rooms, "offset": 0},
+            )
+            statement = await conn.prepare("EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) " + sql)
+            samples = []
+            for index in range(args.explain + 10):
+                plan = json.loads(await statement.fetchval(*params))
+                if index >= 10:
+                    samples.append(plan[0]["Execution Time"])
+            samples.sort()
+            results.append(
+                {
+                    "part": "explain",
+                    "order": order,
+                    "limit": args.rooms,
+                    "p50_ms": round(percentile(samples, 50), 3),
+                    "p99_ms": round(percentile(samples, 99), 3),
+                    "max_ms": round(samples[-1], 3),
+                }
+            )
+    finally:
+        await conn.close()
+    return results
+
+
 async def amain(args: argparse.Namespace) -> None:
     name = f"nanomsg_conversations_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(args.pg_url)
@@ -197,6 +245,8 @@ async def amain(args: argparse.Namespace) -> None:
             finally:
                 await conn.close()
             results = await store_cases(store, user, entity, args)
+            if args.explain:
+                results += await explain_cases(url, user, entity, args)
             if args.http:
                 results += await http_cases(url, user, entity, args)
         finally:
@@ -233,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         "--http", action="store_true", help="also time GET /rooms/all on a server process"
     )
     parser.add_argument("--code", default="", help="a label for the code measured (results)")
+    parser.add_argument(
+        "--explain",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the whole list's query N times under EXPLAIN (ANALYZE, TIMING OFF)",
+    )
     asyncio.run(amain(parser.parse_args(argv)))
     return 0
 

@@ -19,6 +19,7 @@ from nanomsg.store import common
 from nanomsg.store.base import (
     AlreadyDeleted,
     HistoryQuery,
+    MessageChange,
     NewMessage,
     NotAuthor,
     RoomGone,
@@ -452,3 +453,52 @@ async def test_unread_count_probes_the_own_and_deleted_indexes_instead_of_the_un
         assert "messages_unread_idx" not in plan, plan
     [listed] = await store.conversations(me, entity, 0, "id", 10, 0)
     assert listed.state.unread == 200
+
+
+async def test_a_history_page_with_a_date_window_reads_the_date_index_of_messages_only(
+    store: Store, store_target: tuple[str, str]
+) -> None:
+    """Migration 6: ``messages_room_created_idx`` holds messages only (edits and deletes no
+    longer write an entry to it); a history page with a date window, its one reader, reads
+    messages only and still takes it, and finds what the window holds."""
+    kind, target = store_target
+    me = new_id()
+    room = await make_room(store, creator=me)
+    sent = await store.append_batch(
+        [NewMessage(room.id, me, "e", f"m{n}", None, later(n)) for n in range(200)]
+    )
+    seqs = [outcome[0].seq for outcome in sent if isinstance(outcome, tuple)]
+    await store.append_events(
+        [MessageChange(room.id, seq, me, later(300 + n), "e") for n, seq in enumerate(seqs[:50])]
+    )
+    query = HistoryQuery(
+        room_id=room.id, limit=10, date_from=later(100), date_to=later(104), newest=False
+    )
+    found = await store.history(query)
+    assert [m.seq for m in found] == seqs[100:105]
+    if kind == "postgres":
+        sql, args = common.history_sql(query, lambda dt: dt, lambda n: f"${n}")
+        conn = await asyncpg.connect(target)
+        try:
+            await conn.execute("ANALYZE messages")
+            await conn.execute("SET enable_seqscan = off")
+            await conn.execute("SET enable_bitmapscan = off")
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
+            definition = await conn.fetchval(
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'messages_room_created_idx'"
+            )
+        finally:
+            await conn.close()
+        assert "messages_room_created_idx" in plan, plan
+    else:
+        sql, args = common.history_sql(query, to_micros, lambda n: "?")
+        with sqlite3.connect(target) as db:
+            db.execute("ANALYZE")
+            plan = "\n".join(
+                str(row[-1]) for row in db.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall()
+            )
+            definition = db.execute(
+                "SELECT sql FROM sqlite_master WHERE name = 'messages_room_created_idx'"
+            ).fetchone()[0]
+        assert "USING INDEX messages_room_created_idx" in plan, plan
+    assert "kind = 'message'" in definition.replace("::text", ""), definition

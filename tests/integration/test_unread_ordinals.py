@@ -510,3 +510,86 @@ async def test_migration_5_backfills_ordinals_counts_and_marks_so_unread_is_unch
         assert entries[1].last_message is not None and entries[1].last_message.content == "new"
     finally:
         await store.close()
+
+
+# -- migration 6 from a database at version 5 ---------------------------------------------------
+
+
+async def version_five(kind: str, target: str) -> None:
+    """The version-4 database above, then migration 5 applied as a version-5 server did."""
+    await build_version_four(kind, target)
+    if kind == "sqlite":
+        [migration] = [m for m in load_migrations(sqlite_schema_path()) if m.version == 5]
+        with sqlite3.connect(target) as db:
+            for statement in split_statements(migration.sql):
+                db.execute(statement)
+            db.execute("INSERT INTO schema_migrations VALUES (5, ?, 0)", (migration.name,))
+        return
+    [migration] = [m for m in load_migrations(postgres_schema_path()) if m.version == 5]
+    conn = await asyncpg.connect(target)
+    try:
+        await conn.execute(migration.sql)
+        await conn.execute("INSERT INTO schema_migrations VALUES (5, $1, now())", migration.name)
+    finally:
+        await conn.close()
+
+
+async def unread_index_definitions(kind: str, target: str) -> dict[str, str]:
+    """The SQL of the indexes migration 6 rebuilds, by name."""
+    names = ("messages_own_idx", "messages_deleted_idx", "messages_room_created_idx")
+    if kind == "sqlite":
+        with sqlite3.connect(target) as db:
+            rows = db.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND name IN (?, ?, ?)",
+                names,
+            ).fetchall()
+        return {str(name): str(sql) for name, sql in rows}
+    conn = await asyncpg.connect(target)
+    try:
+        rows = await conn.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE indexname = ANY($1::text[])",
+            list(names),
+        )
+    finally:
+        await conn.close()
+    return {str(r[0]): str(r[1]) for r in rows}
+
+
+async def test_migration_6_rebuilds_the_indexes_for_fewer_entries_and_unread_is_unchanged(
+    version_four: tuple[str, str],
+) -> None:
+    """Upgraded from version 5, the own messages' index holds deleted messages too, the
+    deleted messages' index carries the emitter and the date index holds messages only; the
+    unread counts stay those of the event stream, before and after new sends and deletions
+    (own and others') after the marks."""
+    kind, target = version_four
+    await version_five(kind, target)
+    store: Store = SqliteStore(target) if kind == "sqlite" else PostgresStore(target)
+    await store.open()
+    try:
+        indexes = await unread_index_definitions(kind, target)
+        assert "deleted_at" not in indexes["messages_own_idx"], indexes
+        assert "emitter" in indexes["messages_deleted_idx"], indexes
+        assert "WHERE" in indexes["messages_room_created_idx"], indexes  # messages only
+
+        async def unread(user: str, mark: int) -> int:
+            entries = {c.id: c for c in await store.conversations(user, OWNER, 100, "id", 10, 0)}
+            assert entries[1].unread == await counted(store, 1, user, mark)
+            return entries[1].unread
+
+        # As migrated: after the reader's mark at seq 4, the writer's 5 and 8.
+        assert (await unread(READER, 4), await unread(WRITER, 8)) == (2, 0)
+        # The reader sends and deletes a message of their own after their mark (seqs 9, 10),
+        # the writer deletes their message 5 (seq 11) and sends one (seq 12).
+        mine = await send(store, 1, READER, 9)
+        await store.delete_message(1, mine, READER, False, later(10))
+        await store.delete_message(1, 5, WRITER, False, later(11))
+        last = await send(store, 1, WRITER, 12)
+        assert (mine, last) == (9, 12)
+        # Reader: 8 and 12 (5 deleted, 7 and 9 their own). Writer after 8: nothing of theirs
+        # counts, the reader's 9 is deleted.
+        assert (await unread(READER, 4), await unread(WRITER, 8)) == (2, 0)
+        await store.set_read_mark(1, WRITER, 0, later(13))  # never backwards: still 8
+        assert await unread(WRITER, 8) == 0
+    finally:
+        await store.close()
