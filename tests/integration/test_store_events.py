@@ -9,6 +9,7 @@ import sqlite3
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -47,6 +48,20 @@ async def send(store: Store, room_id: int, emitter: str, text: str, at: float = 
         NewMessage(room_id, emitter, "e", text, None, later(at))
     )
     return message.seq
+
+
+async def pg_index_plan(target: str, sql: str, args: list[Any]) -> str:
+    """PostgreSQL's plan for ``sql`` once the messages' statistics are fresh, with sequential
+    and bitmap scans ruled out: test tables are tiny, where those would win, and the test
+    wants to see which index a query takes."""
+    conn = await asyncpg.connect(target)
+    try:
+        await conn.execute("ANALYZE messages")
+        await conn.execute("SET enable_seqscan = off")
+        await conn.execute("SET enable_bitmapscan = off")
+        return "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
+    finally:
+        await conn.close()
 
 
 def to_the_millisecond(at: datetime) -> datetime:
@@ -428,17 +443,9 @@ async def test_unread_count_probes_the_own_and_deleted_indexes_instead_of_the_un
             ),
             params,
         )
-        conn = await asyncpg.connect(target)
-        try:
-            # Test tables are tiny, where a sequential or bitmap scan would win: rule them out
-            # to see which index the count takes. (Whether the scan is index-only also
-            # depends on how much of the shared test table autovacuum has marked visible.)
-            await conn.execute("ANALYZE messages")
-            await conn.execute("SET enable_seqscan = off")
-            await conn.execute("SET enable_bitmapscan = off")
-            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
-        finally:
-            await conn.close()
+        # (Whether the scan is index-only also depends on how much of the shared test table
+        # autovacuum has marked visible.)
+        plan = await pg_index_plan(target, sql, args)
         counting = plan[plan.index("SubPlan") :]
         assert "Scan using messages_own_idx" in counting, plan
         assert "Scan using messages_deleted_idx" in counting, plan
@@ -478,12 +485,9 @@ async def test_a_history_page_with_a_date_window_reads_the_date_index_of_message
     assert [m.seq for m in found] == seqs[100:105]
     if kind == "postgres":
         sql, args = common.history_sql(query, lambda dt: dt, lambda n: f"${n}")
+        plan = await pg_index_plan(target, sql, args)
         conn = await asyncpg.connect(target)
         try:
-            await conn.execute("ANALYZE messages")
-            await conn.execute("SET enable_seqscan = off")
-            await conn.execute("SET enable_bitmapscan = off")
-            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
             definition = await conn.fetchval(
                 "SELECT indexdef FROM pg_indexes WHERE indexname = 'messages_room_created_idx'"
             )
