@@ -24,7 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from nanomsg.clock import Clock, utc_datetime
 from nanomsg.models import (
@@ -58,6 +58,7 @@ from nanomsg.store.writer import Done, Stored
 from nanomsg.together import both
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A DM's level_admin: the highest a room may have. It grants nothing there (a DM is private to
 # its two users whatever anyone's rank: permissions.evaluate), but the column needs a value.
@@ -326,25 +327,7 @@ class UseCases:
         """
         granted = await self.readable(principal, room_id)
         new = self.new_message(principal, room_id, granted.rights, content, client_id, system)
-        if self.writer is None:
-            raise RuntimeError("UseCases.post needs a writer and a publisher")
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Posted] = loop.create_future()
-
-        def done(outcome: Stored | Exception) -> None:
-            # Runs in the writer's task when the batch commits: the publish happens there,
-            # in commit order, even if the caller has stopped waiting (an HTTP client gone).
-            try:
-                posted = self.stored(outcome)
-            except Exception as exc:
-                if not answer.done():
-                    answer.set_exception(exc)
-                return
-            if not answer.done():
-                answer.set_result(posted)
-
-        self.writer.enqueue(new, done)
-        return await answer
+        return await self._through_writer(new, self.stored)
 
     def new_message(
         self,
@@ -529,23 +512,30 @@ class UseCases:
 
     async def _store_change(self, change: MessageChange) -> Changed:
         """Hand ``change`` to the writer and wait for ``changed``'s answer."""
+        return await self._through_writer(change, self.changed)
+
+    async def _through_writer(
+        self, event: RoomEvent, settle: Callable[[Stored | Exception], T]
+    ) -> T:
+        """Hand ``event`` to the batching writer and answer what ``settle`` (``stored`` for a
+        message, ``changed`` for an edit or delete) makes of its outcome. ``settle`` runs in
+        the writer's task when the batch commits, so the publish happens there, in commit
+        order, even if the caller has stopped waiting (an HTTP client gone)."""
         if self.writer is None:
-            raise RuntimeError("UseCases.edit and delete need a writer and a publisher")
-        answer: asyncio.Future[Changed] = asyncio.get_running_loop().create_future()
+            raise RuntimeError("posting, editing and deleting need a writer and a publisher")
+        answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
 
         def done(outcome: Stored | Exception) -> None:
-            # Runs in the writer's task when the batch commits: the publish happens there,
-            # in commit order, even if the caller has stopped waiting.
             try:
-                changed = self.changed(outcome)
+                settled = settle(outcome)
             except Exception as exc:
                 if not answer.done():
                     answer.set_exception(exc)
                 return
             if not answer.done():
-                answer.set_result(changed)
+                answer.set_result(settled)
 
-        self.writer.enqueue(change, done)
+        self.writer.enqueue(event, done)
         return await answer
 
     def changed(self, outcome: Stored | Exception) -> Changed:

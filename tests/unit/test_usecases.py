@@ -207,7 +207,7 @@ async def test_writer_outcomes_map_to_the_driver_neutral_errors(posting: UseCase
 async def test_post_without_a_writer_is_a_wiring_error(cases: UseCases) -> None:
     admin = person()
     room = await group(cases, admin)
-    with pytest.raises(RuntimeError, match="needs a writer"):
+    with pytest.raises(RuntimeError, match="need a writer"):
         await cases.post(admin, room.id, "hi")
 
 
