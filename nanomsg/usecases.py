@@ -467,12 +467,14 @@ class UseCases:
         message or a deleted one; BadArgs for a seq that names no message (unknown, or an edit
         or delete event); NoSuchRoom unless readable; StoreUnavailable when storage is down.
         """
-        return await self._store_change(await self.new_change(principal, room_id, seq, content))
+        change = await self.new_change(principal, room_id, seq, content)
+        return await self._through_writer(change, self.changed)
 
     async def delete(self, principal: Principal, room_id: int, seq: int) -> Changed:
         """Soft-delete message ``seq``: the caller's own in a room they may write, or anyone's
         for a room admin (``a``, or an owner-entity admin). Stored and published as ``edit``."""
-        return await self._store_change(await self.new_change(principal, room_id, seq, None))
+        change = await self.new_change(principal, room_id, seq, None)
+        return await self._through_writer(change, self.changed)
 
     async def new_change(
         self, principal: Principal, room_id: int, seq: int, content: str | None
@@ -509,10 +511,6 @@ class UseCases:
         """``change_to_store`` with rights the driver already holds (a WebSocket
         subscription's), stamped with this instance's clock."""
         return change_to_store(principal, room_id, rights, seq, content, self.now())
-
-    async def _store_change(self, change: MessageChange) -> Changed:
-        """Hand ``change`` to the writer and wait for ``changed``'s answer."""
-        return await self._through_writer(change, self.changed)
 
     async def _through_writer(
         self, event: RoomEvent, settle: Callable[[Stored | Exception], T]
