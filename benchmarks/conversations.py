@@ -11,6 +11,14 @@ With ``--http`` it then starts a server process on the seeded database and times
 route, ``GET /rooms/all`` (``part`` http): every room in pages of the route's largest size
 (one page of 1 000; two of 500 for code whose largest page is 500), one page of 500, one of
 100.
+``--churn K[,K...]`` repeats the HTTP series for each K, sending a message (untimed, from
+this process, as the user's correspondents on other processes would) to K random rooms of the
+user before every request: 0 asks for an unchanged list again and again, the number of rooms
+for a list changed throughout. ``--server-arg`` passes an argument to the server (such as
+``--list-cache-mb=0`` to measure without its conversation-list cache). The ``queries`` of an
+HTTP line count the statements without that cache; with it, a page whose rooms are all cached
+is its one statement of versions and the settle, and the rooms it cannot answer add one
+statement (or one per part of ``LIST_PART`` rooms, side by side).
 With ``--explain N`` it also runs the whole list's query N times under
 ``EXPLAIN (ANALYZE, TIMING OFF)`` (``part`` explain), by id and by activity: PostgreSQL's own
 execution time, which another process's load on the machine disturbs less than the
@@ -58,8 +66,9 @@ except ImportError:  # pragma: no cover - older code: every page is one statemen
 
 async def seed(
     store: PostgresStore, user: str, entity: str, rooms: int, messages: int, noise: int
-) -> None:
-    """The user's rooms (a user rule each, as a DM or an invitation gives) and the others'."""
+) -> tuple[list[int], str]:
+    """The user's rooms (a user rule each, as a DM or an invitation gives) and the others';
+    returns the user's rooms and the other user who writes in them."""
     rng = random.Random(7)
     start = datetime(2026, 1, 1, tzinfo=UTC)
     other = str(uuid.uuid4())
@@ -86,12 +95,20 @@ async def seed(
         if index % 10 == 0 and messages >= 2:
             await store.edit_message(room_id, 1, other, "edited", now)
             await store.delete_message(room_id, 2, other, False, now)
+    return mine, other
 
 
-async def timed(call: Callable[[], Awaitable[None]], runs: int) -> dict[str, float]:
-    """p50, p99 and max of ``runs`` sequential calls, in milliseconds."""
+async def timed(
+    call: Callable[[], Awaitable[None]],
+    runs: int,
+    before: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, float]:
+    """p50, p99 and max of ``runs`` sequential calls, in milliseconds; ``before`` runs ahead of
+    each call, untimed."""
     samples = []
     for _ in range(runs):
+        if before is not None:
+            await before()
         began = time.perf_counter_ns()
         await call()
         samples.append(time.perf_counter_ns() - began)
@@ -138,22 +155,30 @@ async def store_cases(
 
 
 async def http_cases(
-    url: str, user: str, entity: str, args: argparse.Namespace
+    url: str,
+    user: str,
+    entity: str,
+    args: argparse.Namespace,
+    churn: Callable[[int], Awaitable[None]],
 ) -> list[dict[str, Any]]:
     """``GET /rooms/all`` of a server process started on the seeded database (``part``
     http), timed from the request to the last byte of the answer over a kept-alive loopback
     connection: every room in pages of the largest size (``pages`` requests in a row), one
-    page of the largest size and one of the default size."""
+    page of the largest size and one of the default size. For each ``--churn`` K, before
+    every request (untimed) ``churn`` sends a message to K of the user's rooms from another
+    process, as the other members of a busy list would."""
     secret = secrets.token_urlsafe(32)
     with tempfile.TemporaryDirectory(prefix="nanomsg-conversations-") as workdir:
-        servers = ServerSet(db="postgres", secret=secret, workdir=Path(workdir))
+        servers = ServerSet(
+            db="postgres", secret=secret, workdir=Path(workdir), extra_args=args.server_arg
+        )
         [node] = await servers.start_on(url)
         try:
             token = mint(secret, user=user, entity=entity, level=0)
             headers = {"Authorization": f"Bearer {token}"}
             results = []
             async with aiohttp.ClientSession(headers=headers) as session:
-                for order in ("id", "activity"):
+                for changed, order in [(k, o) for k in args.churn for o in ("id", "activity")]:
                     largest = min(LIST_LIMIT_MAX, args.rooms)
                     pages = -(-args.rooms // largest)
                     for limit, count in ((largest, pages), (500, 1), (100, 1)):
@@ -169,14 +194,18 @@ async def http_cases(
                                     assert response.status == 200, response.status
                                     await response.read()
 
-                        await timed(call, 20)
-                        figures = await timed(call, args.runs)
+                        async def before(changed: int = changed) -> None:
+                            await churn(changed)
+
+                        await timed(call, 20, before)
+                        figures = await timed(call, args.runs, before)
                         results.append(
                             {
                                 "part": "http",
                                 "order": order,
                                 "limit": limit,
                                 "pages": count,
+                                "churn": changed,
                                 **figures,
                             }
                         )
@@ -239,7 +268,17 @@ async def amain(args: argparse.Namespace) -> None:
         await store.open()
         try:
             user, entity = str(uuid.uuid4()), str(uuid.uuid4())
-            await seed(store, user, entity, args.rooms, args.messages, args.noise)
+            mine, other = await seed(store, user, entity, args.rooms, args.messages, args.noise)
+            rng = random.Random(11)
+
+            async def churn(changed: int) -> None:
+                """A message from the other user to ``changed`` of the user's rooms."""
+                now = datetime.now(UTC)
+                rooms = rng.sample(mine, min(changed, len(mine)))
+                await store.append_batch(
+                    [NewMessage(room, other, entity, "churn", None, now) for room in rooms]
+                )
+
             conn = await asyncpg.connect(url)
             try:
                 # A settled database, as autovacuum leaves it (PostgreSQL 13+ also vacuums
@@ -253,7 +292,7 @@ async def amain(args: argparse.Namespace) -> None:
             if args.explain:
                 results += await explain_cases(url, user, entity, args)
             if args.http:
-                results += await http_cases(url, user, entity, args)
+                results += await http_cases(url, user, entity, args, churn)
         finally:
             await store.close()
     finally:
@@ -297,6 +336,20 @@ def main(argv: list[str] | None = None) -> int:
         "--http", action="store_true", help="also time GET /rooms/all on a server process"
     )
     parser.add_argument("--code", default="", help="a label for the code measured (results)")
+    parser.add_argument(
+        "--churn",
+        type=lambda text: [int(k) for k in text.split(",")],
+        default=[0],
+        metavar="K[,K...]",
+        help="with --http: rooms sent a message (untimed) before each request, per series",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="with --http: one more server argument, such as --server-arg=--list-cache-mb=0",
+    )
     parser.add_argument(
         "--explain",
         type=int,

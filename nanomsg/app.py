@@ -95,7 +95,11 @@ class App:
         self.config = config
         self.clock = clock or SystemClock()
         self.verifier = build_verifier(config, self.clock)
-        self.store: Store = store_from_url(config.database_url, pg_pool_size=config.pg_pool_size)
+        self.store: Store = store_from_url(
+            config.database_url,
+            pg_pool_size=config.pg_pool_size,
+            list_cache_bytes=config.list_cache_mb << 20,
+        )
         self.writer = BatchWriter(
             self.store, shards=config.write_shards, max_batch=config.write_batch
         )

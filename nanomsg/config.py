@@ -119,6 +119,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("pg_pool_size", int, 10, "PostgreSQL connections per process"),
     Option(
+        "list_cache_mb",
+        int,
+        16,
+        "MiB of conversation-list entries kept per process on PostgreSQL (0: none)",
+    ),
+    Option(
         "write_shards",
         int,
         2,
@@ -179,6 +185,7 @@ class Config:
     ping_interval: float = 20.0
     compression: bool = False
     pg_pool_size: int = 10
+    list_cache_mb: int = 16
     write_shards: int = 2
     write_batch: int = 500
     resume_cap: int = 1000
@@ -249,6 +256,8 @@ class Config:
                 raise ConfigError(f"NANOMSG_{name.upper()} must be at least 1")
         if self.pg_pool_size < 1:
             raise ConfigError("NANOMSG_PG_POOL_SIZE must be at least 1")
+        if not 0 <= self.list_cache_mb <= 1 << 20:
+            raise ConfigError("NANOMSG_LIST_CACHE_MB must be between 0 and 1048576")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("NANOMSG_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
         return self

@@ -331,14 +331,36 @@ def check_order(order: str) -> None:
 ROOM_PAGE = "SELECT r.*, coalesce(r.last_activity_at, r.created_at) AS activity FROM rooms r"
 
 
-def conversation_page_sql(visible_ids: str, order: str) -> str:
+def room_page(version: str | None = None) -> str:
+    """``ROOM_PAGE``, with ``version`` (the backend's SQL for the room row's version, such as
+    PostgreSQL's ``r.xmin``; see ``list_cache``) selected as ``version`` when given."""
+    if version is None:
+        return ROOM_PAGE
+    return ROOM_PAGE.replace("SELECT r.*,", f"SELECT r.*, {version} AS version,", 1)
+
+
+def conversation_page_sql(visible_ids: str, order: str, *, version: str | None = None) -> str:
     """One page of the rooms ``visible_ids`` (a SELECT of room ids, named parameters) lists,
-    by id or latest activity first, as ``ROOM_PAGE`` rows; ``:limit`` and ``:offset`` page it."""
+    by id or latest activity first, as ``room_page(version)`` rows; ``:limit`` and ``:offset``
+    page it."""
     check_order(order)
     order_by = "activity DESC, r.id DESC" if order == "activity" else "r.id"
     return (
-        f"{ROOM_PAGE} WHERE r.deleted_at IS NULL AND r.id IN ({visible_ids})"
+        f"{room_page(version)} WHERE r.deleted_at IS NULL AND r.id IN ({visible_ids})"
         f" ORDER BY {order_by} LIMIT :limit OFFSET :offset"
+    )
+
+
+def page_versions_sql(page: str, order: str) -> str:
+    """The rooms of ``page`` (a SELECT of ``room_page(version)`` rows) in its order, each as
+    (id, version, the ``:user``'s read mark): all a cached entry needs to be checked, with one
+    probe of the read mark per room and none of the messages (``list_cache``)."""
+    check_order(order)
+    order_by = "r.activity DESC, r.id DESC" if order == "activity" else "r.id"
+    return (
+        f"SELECT r.id, r.version, coalesce(rd.seq, 0) FROM ({page}) r"
+        " LEFT JOIN room_reads rd ON rd.room_id = r.id AND rd.user_uuid = :user"
+        f" ORDER BY {order_by}"
     )
 
 

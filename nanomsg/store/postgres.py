@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
+from functools import partial
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
@@ -40,6 +41,7 @@ from nanomsg.store.base import (
     TooManyRules,
     UnknownSeq,
 )
+from nanomsg.store.list_cache import ListCache
 from nanomsg.store.migrate import load_migrations, postgres_schema_path
 from nanomsg.together import together
 
@@ -537,6 +539,11 @@ _STATES_OF_IDS, _STATES_OF_IDS_ARGS = common.numbered(
     {"user": "user", "ids": "ids"},
 )
 assert _STATES_OF_IDS_ARGS == ["user", "ids"], _STATES_OF_IDS_ARGS
+# The room row's version for ``list_cache``: the transaction that wrote the row's current
+# version. Every write of a room row (each batch of room events bumps ``last_seq``, a settings
+# change or deletion sets its columns) makes a new row version with its writer's id, and no
+# two committed versions of one row share it.
+_ROOM_VERSION = "r.xmin"
 
 
 def _placeholder(n: int) -> str:
@@ -561,11 +568,13 @@ class PostgresStore:
         connect_timeout: float = 5.0,
         migration_lock_timeout: float = 60.0,
         list_part: int = LIST_PART,
+        list_cache: ListCache | None = None,
     ) -> None:
         if list_part < 1:
             raise ValueError("list_part must be at least 1")
         self._url = url
         self._list_part = list_part
+        self._list_cache = list_cache
         self._pool_size = pool_size
         self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
@@ -1264,19 +1273,23 @@ class PostgresStore:
     async def conversations(
         self, user: str, entity: str, level: int, order: str, limit: int, offset: int
     ) -> list[Conversation]:
-        """The page of visible rooms with their states. A page of up to ``list_part`` rooms
-        is one statement. A larger one is two steps: one statement reads the page's room ids
-        (one snapshot decides which rooms, in which order), then the states of at most
-        ``list_part`` rooms each, read by concurrent statements on as many pooled
-        connections, so that PostgreSQL works on the parts side by side (measured:
-        BENCHMARKS.md, "The conversation list"). A room deleted between the two steps is left
-        out; one whose rules changed between them is listed as the first step saw it, as it
-        would have been by a request a moment earlier. Parts are read side by side only while
-        the pool has a spare connection for each (idle, or not opened yet): on a busy pool
-        the page is the one statement, which costs PostgreSQL less in all, and other work
-        (the writer's batches) is not kept waiting for connections."""
+        """The page of visible rooms with their states.
+
+        With a ``list_cache``, one statement reads the page's rooms with each room's version
+        and the user's read mark; the rooms the cache holds at that version for that mark are
+        answered from it, and only the others' states are read (``_states``) and kept. Without
+        one, a page of up to ``list_part`` rooms is one statement; a larger one is two steps:
+        one statement reads the page's room ids, then ``_states`` reads theirs.
+
+        Either way one snapshot decides which rooms the page holds and in which order, and each
+        room's entry is read in one snapshot (its state, read mark and unread count agree). A
+        room deleted between the two steps is left out; one whose rules changed between them
+        is listed as the first step saw it, as it would have been by a request a moment
+        earlier (measured: BENCHMARKS.md, "The conversation list")."""
         common.check_page(limit, offset)
         params = {"user": user, "entity": entity, "level": level, "limit": limit, "offset": offset}
+        if self._list_cache is not None:
+            return await self._cached_conversations(self._list_cache, user, order, params)
         page = common.conversation_page_sql(_VISIBLE_IDS, order)
         parts = -(-limit // self._list_part)
         if parts == 1 or self._spare_connections() < parts:
@@ -1287,12 +1300,50 @@ class PostgresStore:
             return common.conversations_from_rows(await self._fetch(sql, *args), None)
         sql, args = common.numbered(f"SELECT r.id FROM ({page}) r", params)
         ids = [int(row[0]) for row in await self._fetch(sql, *args)]
-        size = -(-len(ids) // -(-len(ids) // self._list_part)) if ids else 1  # even parts
-        read = await together(
-            *(self._states_part(user, ids[i : i + size]) for i in range(0, len(ids), size))
-        )
-        by_id = {c.id: c for part in read for c in part}
+        by_id = {c.id: c for c in await self._states(ids, partial(self._states_part, user))}
         return [by_id[i] for i in ids if i in by_id]
+
+    async def _cached_conversations(
+        self, cache: ListCache, user: str, order: str, params: dict[str, Any]
+    ) -> list[Conversation]:
+        """``conversations`` through ``cache``: the page's (id, version, read mark), then the
+        states of the rooms the cache cannot answer, which it then keeps under the version
+        the page read. A room changed between the two steps is answered as the second step
+        read it and kept under the older version, which no later page reads again: an entry
+        is never served for a version it does not hold, only re-read once more."""
+        page = common.conversation_page_sql(_VISIBLE_IDS, order, version=_ROOM_VERSION)
+        sql, args = common.numbered(common.page_versions_sql(page, order), params)
+        rows = await self._fetch(sql, *args)
+        found: dict[int, Conversation] = {}
+        missing: dict[int, int] = {}  # room id: version
+        for room_id, version, read_seq in rows:
+            hit = cache.get(room_id, version, user, read_seq)
+            if hit is None:
+                missing[room_id] = version
+            else:
+                found[room_id] = hit
+        if missing:
+            for conversation in await self._states(list(missing), partial(self._states_part, user)):
+                cache.put(missing[conversation.id], conversation, user)
+                found[conversation.id] = conversation
+        return [found[row[0]] for row in rows if row[0] in found]
+
+    async def _states(
+        self, ids: list[int], read: Callable[[list[int]], Coroutine[Any, Any, list[Conversation]]]
+    ) -> list[Conversation]:
+        """The states of the rooms ``ids`` by ``read`` (a statement over some of them), in
+        parts of at most ``list_part`` rooms read by concurrent statements on as many pooled
+        connections, so that PostgreSQL works on the parts side by side; each part's rows
+        become ``Conversation`` while the others may still be running. Parts are read side by
+        side only while the pool has a spare connection for each (idle, or not opened yet): on
+        a busy pool the rooms are one statement, which costs PostgreSQL less in all, and other
+        work (the writer's batches) is not kept waiting for connections."""
+        parts = -(-len(ids) // self._list_part)
+        if parts <= 1 or self._spare_connections() < parts:
+            return await read(ids)
+        size = -(-len(ids) // parts)  # even parts
+        found = await together(*(read(ids[i : i + size]) for i in range(0, len(ids), size)))
+        return [conversation for part in found for conversation in part]
 
     def _spare_connections(self) -> int:
         """Connections the pool could hand out now without waiting: idle ones, and those it
@@ -1303,8 +1354,7 @@ class PostgresStore:
         return int(pool.get_idle_size() + pool.get_max_size() - pool.get_size())
 
     async def _states_part(self, user: str, ids: list[int]) -> list[Conversation]:
-        """One part of a large conversation list page: its live rooms' states, by id. The rows
-        become ``Conversation`` here, while the other parts may still be running."""
+        """One part of a large conversation list page: its live rooms' states, by id."""
         return common.conversations_from_rows(await self._fetch(_STATES_OF_IDS, user, ids), None)
 
     async def room_states(

@@ -1118,6 +1118,14 @@ def test_store_from_url_maps_schemes_to_backends(url: str, kind: type, target: s
         assert (store._url, store._pool_size) == (target, 3)
 
 
+def test_store_from_url_gives_postgresql_a_list_cache_of_the_bytes_asked_and_none_for_0() -> None:
+    store = store_from_url("postgresql://u@db/chat", list_cache_bytes=5 << 20)
+    assert isinstance(store, PostgresStore) and store._list_cache is not None
+    assert store._list_cache._max_bytes == 5 << 20
+    bare = store_from_url("postgresql://u@db/chat", list_cache_bytes=0)
+    assert isinstance(bare, PostgresStore) and bare._list_cache is None
+
+
 @pytest.mark.parametrize("url", ["mysql://x/y", "sqlite://relative.db", "sqlite:///"])
 def test_store_from_url_rejects_unsupported_urls(url: str) -> None:
     with pytest.raises(ValueError):

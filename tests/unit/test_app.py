@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from collections.abc import Iterator
 
 import pytest
 
-from nanomsg.app import YOUNG_COLLECTION_THRESHOLD, tune_collector
+from nanomsg.app import YOUNG_COLLECTION_THRESHOLD, App, tune_collector
+from nanomsg.config import Config
+from nanomsg.store.postgres import PostgresStore
 
 
 @pytest.fixture
@@ -41,3 +44,12 @@ def test_a_server_collects_its_young_objects_less_often(unfrozen: None) -> None:
     rows = [(n, [n], {"n": n}) for n in range(2000)]
     assert gc.get_stats()[0]["collections"] == before
     assert len(rows) == 2000
+
+
+def test_the_app_gives_its_postgresql_store_the_list_cache_the_config_names() -> None:
+    config = Config(jwt_secret="s" * 32, database_url="postgresql://u@db/chat", list_cache_mb=3)
+    store = App(config).store
+    assert isinstance(store, PostgresStore) and store._list_cache is not None
+    assert store._list_cache._max_bytes == 3 << 20
+    off = App(dataclasses.replace(config, list_cache_mb=0)).store
+    assert isinstance(off, PostgresStore) and off._list_cache is None

@@ -217,6 +217,8 @@ def test_validate_refuses_bad_redis_url_naming_variable(url: str) -> None:
         ("auth_timeout", 0.0, "NANOMSG_AUTH_TIMEOUT"),
         ("max_frame", 0, "NANOMSG_MAX_FRAME"),
         ("pg_pool_size", 0, "NANOMSG_PG_POOL_SIZE"),
+        ("list_cache_mb", -1, "NANOMSG_LIST_CACHE_MB"),
+        ("list_cache_mb", 1 << 21, "NANOMSG_LIST_CACHE_MB"),
         ("http_max_connections", 0, "NANOMSG_HTTP_MAX_CONNECTIONS"),
         ("log_level", "VERBOSE", "NANOMSG_LOG_LEVEL"),
     ],
