@@ -773,14 +773,15 @@ class HttpApi:
 
     async def list_rooms(self, request: web.Request, principal: Principal) -> web.StreamResponse:
         """The conversation list: one query for the page, states included. Each entry is
-        written from its row (``Conversation.to_json``), without a record per room."""
+        written from its row (``Conversation.to_json``), without a record per room, or is
+        the JSON the store's list cache kept for it."""
         query = QueryArgs(request, ("limit", "offset", "order"))
         order = query.choice("order", CONVERSATION_ORDERS) or "id"
         # Pages up to CONVERSATIONS_LIMIT_MAX, twice the other lists': a user's whole list of
         # 1 000 rooms in one answer.
         limit, offset = query.page(ROOMS_LIMIT_DEFAULT, CONVERSATIONS_LIMIT_MAX)
-        found = await self.usecases.conversations(principal, order, limit, offset)
-        return envelope(200, [c.to_json() for c in found])
+        entries = await self.usecases.conversation_entries(principal, order, limit, offset)
+        return envelope(200, entries)
 
     async def open_dm(self, request: web.Request, principal: Principal) -> web.StreamResponse:
         QueryArgs(request, ())

@@ -451,6 +451,14 @@ class UseCases:
             return await self.store.conversations(user, entity, level, order, limit, offset)
         return found
 
+    async def conversation_entries(
+        self, principal: Principal, order: str, limit: int, offset: int
+    ) -> list[Any]:
+        """``conversations`` as the list's entries, ready for ``orjson.dumps`` (see
+        ``Store.entries_json``)."""
+        found = await self.conversations(principal, order, limit, offset)
+        return await self.store.entries_json(principal.user, found)
+
     async def room_states(self, principal: Principal, room_ids: list[int]) -> dict[int, RoomState]:
         """The state of each given room the caller may read (others are left out)."""
         return await self.store.room_states(

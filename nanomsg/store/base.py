@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from nanomsg.models import (
     Conversation,
@@ -364,6 +364,12 @@ class Store(Protocol):
     ) -> list[Conversation]:
         """The rooms ``rooms_visible_to`` lists, each with its state for ``user``, in ONE
         query; ``order`` is ``id`` or ``activity`` (latest activity first)."""
+
+    async def entries_json(self, user: str, conversations: Sequence[Conversation]) -> list[Any]:
+        """The list entries of ``conversations`` (as ``conversations`` answered them to
+        ``user``) ready for ``orjson.dumps``: each ``Conversation.to_json``, or the JSON the
+        store kept for it (``ListCache.entry_json``), byte for byte the same once written.
+        Reads nothing (a coroutine as every store call is)."""
 
     async def room_states(
         self, user: str, entity: str, level: int, room_ids: Sequence[int]

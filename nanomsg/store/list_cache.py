@@ -20,6 +20,8 @@ import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import orjson
+
 from nanomsg.models import Conversation
 
 # Where the user's part (read_seq, unread) sits among a Conversation's fields.
@@ -33,6 +35,8 @@ assert _UNREAD == _READ_SEQ + 1
 # entry with its first user (estimated 1 713) and 256 per further user.
 ENTRY_OVERHEAD = 1000
 USER_OVERHEAD = 300
+# Beyond the written bytes of a user's entry: the Fragment holding them and its dict slot.
+WRITTEN_OVERHEAD = 150
 
 
 @dataclass(slots=True)
@@ -44,6 +48,8 @@ class _Entry:
     first: Conversation
     size: int
     users: dict[str, Conversation] = field(default_factory=dict)
+    # Each user's entry as written JSON, when first asked for (``ListCache.entry_json``).
+    written: dict[str, tuple[orjson.Fragment, int]] = field(default_factory=dict)
 
 
 class ListCache:
@@ -76,9 +82,32 @@ class ListCache:
         self._rooms.move_to_end(room_id)
         return found
 
-    def put(self, version: int, conversation: Conversation, user: str) -> None:
-        """Keep ``conversation``, read for ``user`` at ``version`` of its room; an entry of
-        another version is replaced (with its users' parts)."""
+    def entry_json(self, user: str, conversation: Conversation) -> orjson.Fragment | None:
+        """The list entry of ``conversation`` as written JSON (``orjson.dumps`` of its
+        ``to_json``, put in an answer as it is) if it is the one this cache holds for ``user``
+        (as ``get`` or ``put`` returned it), None otherwise. Written on the first call and
+        kept with the user's part: a user's entry is fixed at one version and read mark, and
+        handing the kept bytes on costs ~0.2 us an entry against ~1.5 us for writing it
+        (measured: BENCHMARKS.md, "The conversation list")."""
+        entry = self._rooms.get(conversation.id)
+        if entry is None or entry.users.get(user) is not conversation:
+            return None
+        written = entry.written.get(user)
+        if written is not None:
+            return written[0]
+        text = orjson.dumps(conversation.to_json())
+        grown = sys.getsizeof(text) + WRITTEN_OVERHEAD
+        fragment = orjson.Fragment(text)
+        entry.written[user] = (fragment, grown)
+        entry.size += grown
+        self._bytes += grown
+        self._trim()
+        return fragment
+
+    def put(self, version: int, conversation: Conversation, user: str) -> Conversation:
+        """Keep ``conversation``, read for ``user`` at ``version`` of its room, and return it as
+        kept (equal to it; ``entry_json`` knows only that one); an entry of another version is
+        replaced (with its users' parts)."""
         room_id = conversation.id
         entry = self._rooms.get(room_id)
         if entry is None or entry.version != version:
@@ -102,7 +131,16 @@ class ListCache:
         if user not in entry.users:
             entry.size += USER_OVERHEAD
             self._bytes += USER_OVERHEAD
+        elif user in entry.written:  # the user's part changed (a new read mark): rewrite it
+            _, freed = entry.written.pop(user)
+            entry.size -= freed
+            self._bytes -= freed
         entry.users[user] = conversation
+        self._trim()
+        return conversation
+
+    def _trim(self) -> None:
+        """Drop the rooms listed least recently until the bytes held are within the bound."""
         while self._bytes > self._max_bytes and self._rooms:
             self._drop(next(iter(self._rooms)))
 

@@ -1324,8 +1324,7 @@ class PostgresStore:
                 found[room_id] = hit
         if missing:
             for conversation in await self._states(list(missing), partial(self._states_part, user)):
-                cache.put(missing[conversation.id], conversation, user)
-                found[conversation.id] = conversation
+                found[conversation.id] = cache.put(missing[conversation.id], conversation, user)
         return [found[row[0]] for row in rows if row[0] in found]
 
     async def _states(
@@ -1344,6 +1343,14 @@ class PostgresStore:
         size = -(-len(ids) // parts)  # even parts
         found = await together(*(read(ids[i : i + size]) for i in range(0, len(ids), size)))
         return [conversation for part in found for conversation in part]
+
+    async def entries_json(self, user: str, conversations: Sequence[Conversation]) -> list[Any]:
+        """The JSON the list cache keeps for each entry it answered, ``to_json`` for the
+        others (all of them without a cache)."""
+        cache = self._list_cache
+        if cache is None:
+            return [conversation.to_json() for conversation in conversations]
+        return [cache.entry_json(user, c) or c.to_json() for c in conversations]
 
     def _spare_connections(self) -> int:
         """Connections the pool could hand out now without waiting: idle ones, and those it

@@ -844,6 +844,10 @@ class SqliteStore:
             rows = await db.execute_fetchall(sql, {**params, "limit": limit, "offset": offset})
         return common.conversations_from_rows(list(rows), micros_text)
 
+    async def entries_json(self, user: str, conversations: Sequence[Conversation]) -> list[Any]:
+        """Each entry's ``to_json``: SQLite keeps no list cache."""
+        return [conversation.to_json() for conversation in conversations]
+
     async def room_states(
         self, user: str, entity: str, level: int, room_ids: Sequence[int]
     ) -> dict[int, RoomState]:

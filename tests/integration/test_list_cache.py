@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 import pytest_asyncio
 
@@ -156,3 +157,19 @@ async def test_a_room_changed_between_the_two_steps_is_answered_as_read_then_rer
     cached.reads = 0
     assert await cached.conversations(me, entity, 0, "id", 100, 0) == listed
     assert cached.reads == 1
+
+
+async def test_the_entries_json_of_a_cached_list_is_byte_identical_to_the_uncached_entries(
+    stores: tuple[CountingStore, PostgresStore, ListCache],
+) -> None:
+    cached, other, _ = stores
+    me, entity = await seeded_user(other)
+    for _ in range(2):  # read, then answered from the cache
+        for order in ("id", "activity"):
+            listed = await cached.conversations(me, entity, 0, order, 100, 0)
+            expected = await other.conversations(me, entity, 0, order, 100, 0)
+            written = orjson.dumps(await cached.entries_json(me, listed))
+            assert written == orjson.dumps(await other.entries_json(me, expected))
+            assert written == orjson.dumps([c.to_json() for c in expected])
+    kept = await cached.entries_json(me, listed)
+    assert all(isinstance(entry, orjson.Fragment) for entry in kept)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 
+import orjson
 import pytest
 
 from nanomsg.models import Conversation
@@ -91,3 +92,35 @@ def test_a_long_message_counts_for_its_size_and_an_entry_over_the_bound_is_not_k
 def test_a_cache_of_no_bytes_is_refused() -> None:
     with pytest.raises(ValueError, match="max_bytes"):
         ListCache(0)
+
+
+def test_an_entrys_json_is_written_once_for_the_cached_tuple_and_counted() -> None:
+    cache = ListCache(1 << 20)
+    kept = cache.put(7, conversation(1, read_seq=2, unread=1, content='say "hi" \u20ac'), "alice")
+    bobs = cache.put(7, conversation(1, read_seq=0, unread=3), "bob")
+    assert bobs is not kept and bobs == conversation(1, read_seq=0, unread=3, content=bobs[19])
+    before = cache.size
+    alice_json = cache.entry_json("alice", kept)
+    assert alice_json is not None
+    assert orjson.dumps([alice_json]) == orjson.dumps([kept.to_json()])
+    assert cache.size - before >= len(orjson.dumps(kept.to_json()))  # counts against the bound
+    assert cache.entry_json("alice", kept) is alice_json  # written once
+    bob_json = cache.entry_json("bob", bobs)
+    assert orjson.dumps([bob_json]) == orjson.dumps([bobs.to_json()])
+    assert cache.entry_json("alice", conversation(1, read_seq=2, unread=1)) is None  # a copy
+    assert cache.entry_json("bob", kept) is None  # another user's tuple
+    moved = cache.put(7, conversation(1, read_seq=3, unread=0), "alice")  # a new read mark
+    assert cache.entry_json("alice", kept) is None
+    assert orjson.loads(orjson.dumps([cache.entry_json("alice", moved)]))[0]["unread"] == 0
+    cache.put(8, conversation(1, read_seq=3, unread=4), "alice")  # the room changed
+    assert cache.entry_json("alice", moved) is None
+
+
+def test_the_bytes_counted_return_to_the_entries_alone_once_their_json_is_dropped() -> None:
+    cache = ListCache(1 << 20)
+    kept = cache.put(7, conversation(1), "alice")
+    alone = cache.size
+    cache.entry_json("alice", kept)
+    assert cache.size > alone
+    cache.put(7, conversation(1, read_seq=1), "alice")  # rewritten when next asked
+    assert cache.size == alone

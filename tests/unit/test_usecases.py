@@ -394,6 +394,19 @@ async def test_conversations_count_unread_messages_of_others_and_order_by_activi
         await cases.conversations(me, "name", 10, 0)
 
 
+async def test_the_conversation_entries_are_the_lists_json_in_its_order(cases: UseCases) -> None:
+    me, other = person(), person()
+    rooms = [await group(cases, me) for _ in range(3)]
+    await post(cases, rooms[1], other)
+    entries = await cases.conversation_entries(me, "id", 10, 1)
+    listed = await cases.conversations(me, "id", 10, 1)
+    assert entries == [c.to_json() for c in listed]
+    assert [e["id"] for e in entries] == [r.id for r in rooms[1:]]
+    assert entries[0]["unread"] == 1
+    with pytest.raises(BadArgs, match="order"):
+        await cases.conversation_entries(me, "name", 10, 0)
+
+
 class SettlesAfterTheList(SqliteStore):
     """A real SQLite store whose settle of waiting DMs holds back until a conversation list
     has been read (or a second has passed), as it may when both run side by side."""
