@@ -434,9 +434,11 @@ def room_states_sql(
     *,
     lateral: bool = False,
     stamp_text: Callable[[str], str] | None = None,
+    versioned: bool = False,
 ) -> str:
     """ONE SELECT of the rooms ``page`` (a SELECT of ``ROOM_PAGE`` rows) holds with their state
-    for ``:user``, as ``Conversation`` rows, in the page's order.
+    for ``:user``, as ``Conversation`` rows, in the page's order; ``versioned``: each row ends
+    with the room's version too (the page is then a SELECT of ``room_page(version)`` rows).
 
     Per room: one probe of the read mark, one of the latest message (the (room_id, seq) index
     from the top down; with ``lateral``, which PostgreSQL has and SQLite lacks, that probe
@@ -463,6 +465,8 @@ def room_states_sql(
     if stamp_text is not None:
         for index in _CONVERSATION_STAMPS:
             cols[index] = stamp_text(cols[index])
+    if versioned:
+        cols.append("r.version")
     return (
         f"SELECT {', '.join(cols)}"
         f" FROM ({page}) r"

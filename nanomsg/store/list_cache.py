@@ -12,6 +12,12 @@ the page reads, since the count depends on it.
 
 Bounded by an estimate of the bytes it holds: past ``max_bytes`` the rooms listed least
 recently are dropped, with their users' parts. Dropping costs only a later re-read.
+
+Checking costs a statement of its own (the page's versions and read marks), which a list
+the cache cannot answer pays on top of reading every room. So the cache also remembers, for
+the users who listed recently (``NOTED_USERS``), whether their last list could have been
+answered mostly from it (``note``); a list is checked against the cache first only then
+(``checks_first``), and otherwise read as without a cache and its entries kept.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ ENTRY_OVERHEAD = 1000
 USER_OVERHEAD = 300
 # Beyond the written bytes of a user's entry: the Fragment holding them and its dict slot.
 WRITTEN_OVERHEAD = 150
+# Users whose last list the cache remembers (``note``), the least recent forgotten first:
+# ~120 bytes each, ~0.5 MiB in all.
+NOTED_USERS = 4096
 
 
 @dataclass(slots=True)
@@ -61,6 +70,7 @@ class ListCache:
         self._max_bytes = max_bytes
         self._bytes = 0
         self._rooms: OrderedDict[int, _Entry] = OrderedDict()
+        self._checks_first: OrderedDict[str, bool] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -69,6 +79,24 @@ class ListCache:
     def size(self) -> int:
         """The estimated bytes held."""
         return self._bytes
+
+    def checks_first(self, user: str) -> bool:
+        """Whether ``user``'s next list should be checked against the cache before anything
+        else is read (see ``note``); not for a user it does not remember."""
+        return self._checks_first.get(user, False)
+
+    def note(self, user: str, hits: int, rooms: int) -> None:
+        """``user`` listed ``rooms`` rooms, of which the cache held ``hits`` as they were read
+        (whichever way they were read). Their next list is checked first if that was at least
+        half of them, or if this was the first list the cache remembers of theirs (it now
+        holds that list's entries); a list of no room changes nothing."""
+        if rooms == 0:
+            return
+        first = user not in self._checks_first
+        self._checks_first[user] = first or 2 * hits >= rooms
+        self._checks_first.move_to_end(user)
+        if len(self._checks_first) > NOTED_USERS:
+            self._checks_first.popitem(last=False)
 
     def get(self, room_id: int, version: int, user: str, read_seq: int) -> Conversation | None:
         """The entry of ``room_id`` for ``user`` if this process read it at ``version`` for that

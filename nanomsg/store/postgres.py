@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any, cast
@@ -544,6 +545,20 @@ assert _STATES_OF_IDS_ARGS == ["user", "ids"], _STATES_OF_IDS_ARGS
 # change or deletion sets its columns) makes a new row version with its writer's id, and no
 # two committed versions of one row share it.
 _ROOM_VERSION = "r.xmin"
+# ``_STATES_OF_IDS`` with each row's room version last: the entries ``list_cache`` keeps from
+# a list read without checking it first.
+_VERSIONED_STATES_OF_IDS, _VERSIONED_ARGS = common.numbered(
+    common.room_states_sql(
+        f"{common.room_page(_ROOM_VERSION)} WHERE r.id = ANY(:ids::bigint[])"
+        " AND r.deleted_at IS NULL",
+        "id",
+        lateral=True,
+        stamp_text=_stamp_text,
+        versioned=True,
+    ),
+    {"user": "user", "ids": "ids"},
+)
+assert _VERSIONED_ARGS == ["user", "ids"], _VERSIONED_ARGS
 
 
 def _placeholder(n: int) -> str:
@@ -554,6 +569,45 @@ def _placeholder(n: int) -> str:
 def _affected(status: Any) -> int:
     """Rows touched according to a command status such as ``UPDATE 1``."""
     return int(str(status).rsplit(" ", 1)[-1])
+
+
+@dataclass(slots=True)
+class _Keeper:
+    """The entries of a list read without checking the list cache first, kept in it as they
+    are read, counting those it held already; ``done`` tells the cache (``ListCache.note``)."""
+
+    cache: ListCache
+    user: str
+    hits: int = 0
+    rooms: int = 0
+
+    def keep(self, rows: Sequence[Any]) -> list[Conversation]:
+        """Rows of ``room_states_sql(versioned=True)`` as the ``Conversation`` tuples kept."""
+        cache, user = self.cache, self.user
+        kept = []
+        for row in rows:
+            conversation = Conversation._make(row[:-1])
+            version = row[-1]
+            if cache.get(conversation.id, version, user, conversation.read_seq) is not None:
+                self.hits += 1
+            kept.append(cache.put(version, conversation, user))
+        self.rooms += len(kept)
+        return kept
+
+    def reader(
+        self, fetch: Callable[..., Coroutine[Any, Any, list[Any]]]
+    ) -> Callable[[list[int]], Coroutine[Any, Any, list[Conversation]]]:
+        """A part's read for ``PostgresStore._states``: the rooms' versioned states, kept."""
+
+        async def read(ids: list[int]) -> list[Conversation]:
+            return self.keep(await fetch(_VERSIONED_STATES_OF_IDS, self.user, ids))
+
+        return read
+
+    def done(self, found: list[Conversation]) -> list[Conversation]:
+        """``found``, once the cache is told how much of the list it held."""
+        self.cache.note(self.user, self.hits, self.rooms)
+        return found
 
 
 class PostgresStore:
@@ -1275,11 +1329,11 @@ class PostgresStore:
     ) -> list[Conversation]:
         """The page of visible rooms with their states.
 
-        With a ``list_cache``, one statement reads the page's rooms with each room's version
-        and the user's read mark; the rooms the cache holds at that version for that mark are
-        answered from it, and only the others' states are read (``_states``) and kept. Without
-        one, a page of up to ``list_part`` rooms is one statement; a larger one is two steps:
-        one statement reads the page's room ids, then ``_states`` reads theirs.
+        A page of up to ``list_part`` rooms is one statement; a larger one is two steps: one
+        statement reads the page's room ids, then ``_states`` reads theirs. With a
+        ``list_cache``, the rows carry their room's version and every entry read is kept; and
+        when the cache expects to answer most of the user's page (``ListCache.checks_first``)
+        the page is read through it instead (``_cached_conversations``).
 
         Either way one snapshot decides which rooms the page holds and in which order, and each
         room's entry is read in one snapshot (its state, read mark and unread count agree). A
@@ -1288,20 +1342,30 @@ class PostgresStore:
         earlier (measured: BENCHMARKS.md, "The conversation list")."""
         common.check_page(limit, offset)
         params = {"user": user, "entity": entity, "level": level, "limit": limit, "offset": offset}
-        if self._list_cache is not None:
-            return await self._cached_conversations(self._list_cache, user, order, params)
-        page = common.conversation_page_sql(_VISIBLE_IDS, order)
+        cache = self._list_cache
+        if cache is not None and cache.checks_first(user):
+            return await self._cached_conversations(cache, user, order, params)
+        keeper = None if cache is None else _Keeper(cache, user)
+        page = common.conversation_page_sql(
+            _VISIBLE_IDS, order, version=None if keeper is None else _ROOM_VERSION
+        )
         parts = -(-limit // self._list_part)
         if parts == 1 or self._spare_connections() < parts:
-            sql, args = common.numbered(
-                common.room_states_sql(page, order, lateral=True, stamp_text=_stamp_text),
-                params,
+            states = common.room_states_sql(
+                page, order, lateral=True, stamp_text=_stamp_text, versioned=keeper is not None
             )
-            return common.conversations_from_rows(await self._fetch(sql, *args), None)
+            sql, args = common.numbered(states, params)
+            rows = await self._fetch(sql, *args)
+            if keeper is None:
+                return common.conversations_from_rows(rows, None)
+            return keeper.done(keeper.keep(rows))
         sql, args = common.numbered(f"SELECT r.id FROM ({page}) r", params)
         ids = [int(row[0]) for row in await self._fetch(sql, *args)]
-        by_id = {c.id: c for c in await self._states(ids, partial(self._states_part, user))}
-        return [by_id[i] for i in ids if i in by_id]
+        read: Callable[[list[int]], Coroutine[Any, Any, list[Conversation]]]
+        read = partial(self._states_part, user) if keeper is None else keeper.reader(self._fetch)
+        by_id = {c.id: c for c in await self._states(ids, read)}
+        found = [by_id[i] for i in ids if i in by_id]
+        return found if keeper is None else keeper.done(found)
 
     async def _cached_conversations(
         self, cache: ListCache, user: str, order: str, params: dict[str, Any]
@@ -1322,6 +1386,7 @@ class PostgresStore:
                 missing[room_id] = version
             else:
                 found[room_id] = hit
+        cache.note(user, len(found), len(rows))
         if missing:
             for conversation in await self._states(list(missing), partial(self._states_part, user)):
                 found[conversation.id] = cache.put(missing[conversation.id], conversation, user)

@@ -22,13 +22,32 @@ from tests.integration.test_store_events import later, send
 pytestmark = pytest.mark.asyncio
 
 
+class RecordingStore(CountingStore):
+    """A counting store that also keeps the statements it ran."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
+        self.statements: list[str] = []
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        self.statements.append(sql)
+        return await super()._fetch(sql, *args)
+
+    def reads_messages(self) -> list[bool]:
+        """For each statement since the last call, whether it read rooms' latest messages
+        (states) rather than only the page's versions and read marks; then forgets them."""
+        read = ["FROM messages l" in sql for sql in self.statements]
+        self.statements.clear()
+        return read
+
+
 @pytest_asyncio.fixture
-async def stores(pg_url: str) -> AsyncIterator[tuple[CountingStore, PostgresStore, ListCache]]:
+async def stores(pg_url: str) -> AsyncIterator[tuple[RecordingStore, PostgresStore, ListCache]]:
     """A store with a list cache (reading misses in parts of 2 rooms) and, as another process
     would, a store without one on the same database, which makes the changes and says what
     the list must be."""
     cache = ListCache(1 << 20)
-    cached = CountingStore(pg_url, pool_size=4, list_part=2, list_cache=cache)
+    cached = RecordingStore(pg_url, pool_size=4, list_part=2, list_cache=cache)
     other = PostgresStore(pg_url)
     await cached.open()
     await other.open()
@@ -48,7 +67,7 @@ async def same_lists(cached: PostgresStore, other: PostgresStore, me: str, entit
 
 
 async def test_a_cached_list_answers_what_the_uncached_store_answers_read_after_read(
-    stores: tuple[CountingStore, PostgresStore, ListCache],
+    stores: tuple[RecordingStore, PostgresStore, ListCache],
 ) -> None:
     cached, other, cache = stores
     me, entity = await seeded_user(other)
@@ -58,7 +77,7 @@ async def test_a_cached_list_answers_what_the_uncached_store_answers_read_after_
 
 
 async def test_an_unchanged_page_is_one_statement_and_a_change_rereads_only_its_room(
-    stores: tuple[CountingStore, PostgresStore, ListCache],
+    stores: tuple[RecordingStore, PostgresStore, ListCache],
 ) -> None:
     cached, other, _ = stores
     me, entity = await seeded_user(other)
@@ -75,7 +94,7 @@ async def test_an_unchanged_page_is_one_statement_and_a_change_rereads_only_its_
 
 
 async def test_each_change_made_elsewhere_shows_in_the_next_cached_list(
-    stores: tuple[CountingStore, PostgresStore, ListCache],
+    stores: tuple[RecordingStore, PostgresStore, ListCache],
 ) -> None:
     cached, other, _ = stores
     me, entity = await seeded_user(other)
@@ -108,7 +127,7 @@ async def test_each_change_made_elsewhere_shows_in_the_next_cached_list(
 
 
 async def test_users_of_one_room_each_get_their_own_read_mark_and_unread_count(
-    stores: tuple[CountingStore, PostgresStore, ListCache],
+    stores: tuple[RecordingStore, PostgresStore, ListCache],
 ) -> None:
     cached, other, cache = stores
     entity, me, you = new_id(), new_id(), new_id()
@@ -129,7 +148,7 @@ async def test_users_of_one_room_each_get_their_own_read_mark_and_unread_count(
 
 
 async def test_a_room_changed_between_the_two_steps_is_answered_as_read_then_reread(
-    stores: tuple[CountingStore, PostgresStore, ListCache],
+    stores: tuple[RecordingStore, PostgresStore, ListCache],
 ) -> None:
     cached, other, _ = stores
     me, entity = await seeded_user(other)
@@ -160,7 +179,7 @@ async def test_a_room_changed_between_the_two_steps_is_answered_as_read_then_rer
 
 
 async def test_the_entries_json_of_a_cached_list_is_byte_identical_to_the_uncached_entries(
-    stores: tuple[CountingStore, PostgresStore, ListCache],
+    stores: tuple[RecordingStore, PostgresStore, ListCache],
 ) -> None:
     cached, other, _ = stores
     me, entity = await seeded_user(other)
@@ -173,3 +192,32 @@ async def test_the_entries_json_of_a_cached_list_is_byte_identical_to_the_uncach
             assert written == orjson.dumps([c.to_json() for c in expected])
     kept = await cached.entries_json(me, listed)
     assert all(isinstance(entry, orjson.Fragment) for entry in kept)
+
+
+async def test_a_list_is_checked_against_the_cache_first_only_while_it_mostly_answers_it(
+    stores: tuple[RecordingStore, PostgresStore, ListCache],
+) -> None:
+    cached, other, _ = stores
+    me, entity = await seeded_user(other)
+    rooms = [c.id for c in await other.conversations(me, entity, 0, "id", 100, 0)]
+
+    async def listed() -> list[bool]:
+        found = await cached.conversations(me, entity, 0, "id", 100, 0)
+        assert found == await other.conversations(me, entity, 0, "id", 100, 0)
+        return cached.reads_messages()
+
+    async def change_every_room(at: float) -> None:
+        for room_id in rooms:
+            await send(other, room_id, new_id(), "news", at=at)
+
+    assert await listed() == [True]  # the first list: read as without a cache, and kept
+    assert await listed() == [False]  # answered from the cache
+    await change_every_room(700)
+    assert await listed() == [False, True, True, True, True]  # checked, then 4 parts read
+    await change_every_room(701)
+    assert await listed() == [True]  # the last check missed: read at once
+    assert await listed() == [True]  # the last read could have been answered from the cache
+    assert await listed() == [False]
+    await send(other, rooms[0], new_id(), "one room", at=702)
+    assert await listed() == [False, True]  # 6 of 7 held: still checked first
+    assert await listed() == [False]

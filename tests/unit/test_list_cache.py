@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from nanomsg.models import Conversation
-from nanomsg.store.list_cache import ENTRY_OVERHEAD, USER_OVERHEAD, ListCache
+from nanomsg.store.list_cache import ENTRY_OVERHEAD, NOTED_USERS, USER_OVERHEAD, ListCache
 
 
 def conversation(
@@ -124,3 +124,26 @@ def test_the_bytes_counted_return_to_the_entries_alone_once_their_json_is_droppe
     assert cache.size > alone
     cache.put(7, conversation(1, read_seq=1), "alice")  # rewritten when next asked
     assert cache.size == alone
+
+
+def test_a_users_list_is_checked_first_after_their_first_and_while_half_of_it_was_held() -> None:
+    cache = ListCache(1 << 20)
+    assert not cache.checks_first("alice")  # never seen: read at once
+    cache.note("alice", 0, 10)
+    assert cache.checks_first("alice")  # the first list is now held
+    cache.note("alice", 4, 10)
+    assert not cache.checks_first("alice")
+    cache.note("alice", 5, 10)
+    assert cache.checks_first("alice")
+    cache.note("alice", 0, 0)  # an empty page says nothing
+    assert cache.checks_first("alice")
+    assert not cache.checks_first("bob")
+
+
+def test_the_users_noted_are_bounded_the_least_recent_forgotten_first() -> None:
+    cache = ListCache(1 << 20)
+    cache.note("first", 0, 1)
+    for n in range(NOTED_USERS):
+        cache.note(f"user {n}", 0, 1)
+    assert not cache.checks_first("first")  # forgotten: read at once, as a new user
+    assert cache.checks_first(f"user {NOTED_USERS - 1}")
