@@ -588,9 +588,13 @@ class _Keeper:
         for row in rows:
             conversation = Conversation._make(row[:-1])
             version = row[-1]
-            if cache.get(conversation.id, version, user, conversation.read_seq) is not None:
+            held = cache.get(conversation.id, version, user, conversation.read_seq)
+            if held is None:
+                cache.put(version, conversation, user)
+                kept.append(conversation)
+            else:  # the same entry: the one held keeps its written JSON
                 self.hits += 1
-            kept.append(cache.put(version, conversation, user))
+                kept.append(held)
         self.rooms += len(kept)
         return kept
 
@@ -1346,11 +1350,11 @@ class PostgresStore:
         if cache is not None and cache.checks_first(user):
             return await self._cached_conversations(cache, user, order, params)
         keeper = None if cache is None else _Keeper(cache, user)
-        page = common.conversation_page_sql(
-            _VISIBLE_IDS, order, version=None if keeper is None else _ROOM_VERSION
-        )
         parts = -(-limit // self._list_part)
         if parts == 1 or self._spare_connections() < parts:
+            page = common.conversation_page_sql(
+                _VISIBLE_IDS, order, version=None if keeper is None else _ROOM_VERSION
+            )
             states = common.room_states_sql(
                 page, order, lateral=True, stamp_text=_stamp_text, versioned=keeper is not None
             )
@@ -1359,6 +1363,7 @@ class PostgresStore:
             if keeper is None:
                 return common.conversations_from_rows(rows, None)
             return keeper.done(keeper.keep(rows))
+        page = common.conversation_page_sql(_VISIBLE_IDS, order)
         sql, args = common.numbered(f"SELECT r.id FROM ({page}) r", params)
         ids = [int(row[0]) for row in await self._fetch(sql, *args)]
         read: Callable[[list[int]], Coroutine[Any, Any, list[Conversation]]]
@@ -1389,7 +1394,8 @@ class PostgresStore:
         cache.note(user, len(found), len(rows))
         if missing:
             for conversation in await self._states(list(missing), partial(self._states_part, user)):
-                found[conversation.id] = cache.put(missing[conversation.id], conversation, user)
+                cache.put(missing[conversation.id], conversation, user)
+                found[conversation.id] = conversation
         return [found[row[0]] for row in rows if row[0] in found]
 
     async def _states(
