@@ -121,7 +121,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "list_cache_mb",
         int,
-        16,
+        64,
         "MiB of conversation-list entries kept per process on PostgreSQL (0: none)",
     ),
     Option(
@@ -185,7 +185,7 @@ class Config:
     ping_interval: float = 20.0
     compression: bool = False
     pg_pool_size: int = 10
-    list_cache_mb: int = 16
+    list_cache_mb: int = 64
     write_shards: int = 2
     write_batch: int = 500
     resume_cap: int = 1000
