@@ -6,7 +6,7 @@ all cached costs one statement."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import pytest
@@ -58,6 +58,23 @@ async def stores(pg_url: str) -> AsyncIterator[tuple[RecordingStore, PostgresSto
         await other.close()
 
 
+class Seeded(NamedTuple):
+    """The stores of ``stores`` and a user seeded on them (``seeded_user``)."""
+
+    cached: RecordingStore
+    other: PostgresStore
+    cache: ListCache
+    me: str
+    entity: str
+
+
+@pytest_asyncio.fixture
+async def seeded(stores: tuple[RecordingStore, PostgresStore, ListCache]) -> Seeded:
+    cached, other, cache = stores
+    me, entity = await seeded_user(other)
+    return Seeded(cached, other, cache, me, entity)
+
+
 async def same_lists(cached: PostgresStore, other: PostgresStore, me: str, entity: str) -> None:
     """Every page shape, both orders: the cached store answers what the uncached one does."""
     for order in ("id", "activity"):
@@ -67,20 +84,18 @@ async def same_lists(cached: PostgresStore, other: PostgresStore, me: str, entit
 
 
 async def test_a_cached_list_answers_what_the_uncached_store_answers_read_after_read(
-    stores: tuple[RecordingStore, PostgresStore, ListCache],
+    seeded: Seeded,
 ) -> None:
-    cached, other, cache = stores
-    me, entity = await seeded_user(other)
+    cached, other, cache, me, entity = seeded
     await same_lists(cached, other, me, entity)
     await same_lists(cached, other, me, entity)  # now from the cache
     assert len(cache) == 7
 
 
 async def test_an_unchanged_page_is_one_statement_and_a_change_rereads_only_its_room(
-    stores: tuple[RecordingStore, PostgresStore, ListCache],
+    seeded: Seeded,
 ) -> None:
-    cached, other, _ = stores
-    me, entity = await seeded_user(other)
+    cached, other, _, me, entity = seeded
     first = await cached.conversations(me, entity, 0, "id", 100, 0)
     cached.reads = 0
     assert await cached.conversations(me, entity, 0, "id", 100, 0) == first
@@ -94,10 +109,9 @@ async def test_an_unchanged_page_is_one_statement_and_a_change_rereads_only_its_
 
 
 async def test_each_change_made_elsewhere_shows_in_the_next_cached_list(
-    stores: tuple[RecordingStore, PostgresStore, ListCache],
+    seeded: Seeded,
 ) -> None:
-    cached, other, _ = stores
-    me, entity = await seeded_user(other)
+    cached, other, _, me, entity = seeded
     await same_lists(cached, other, me, entity)
     rooms = [c.id for c in await other.conversations(me, entity, 0, "id", 100, 0)]
     stranger = new_id()
@@ -148,10 +162,9 @@ async def test_users_of_one_room_each_get_their_own_read_mark_and_unread_count(
 
 
 async def test_a_room_changed_between_the_two_steps_is_answered_as_read_then_reread(
-    stores: tuple[RecordingStore, PostgresStore, ListCache],
+    seeded: Seeded,
 ) -> None:
-    cached, other, _ = stores
-    me, entity = await seeded_user(other)
+    cached, other, _, me, entity = seeded
     rooms = [c.id for c in await cached.conversations(me, entity, 0, "id", 100, 0)]
     await send(other, rooms[3], new_id(), "before the list", at=600)  # a miss to read
     original = cached._fetch
@@ -179,10 +192,9 @@ async def test_a_room_changed_between_the_two_steps_is_answered_as_read_then_rer
 
 
 async def test_the_entries_json_of_a_cached_list_is_byte_identical_to_the_uncached_entries(
-    stores: tuple[RecordingStore, PostgresStore, ListCache],
+    seeded: Seeded,
 ) -> None:
-    cached, other, _ = stores
-    me, entity = await seeded_user(other)
+    cached, other, _, me, entity = seeded
     for _ in range(2):  # read, then answered from the cache
         for order in ("id", "activity"):
             listed = await cached.conversations(me, entity, 0, order, 100, 0)
@@ -195,10 +207,9 @@ async def test_the_entries_json_of_a_cached_list_is_byte_identical_to_the_uncach
 
 
 async def test_a_list_is_checked_against_the_cache_first_only_while_it_mostly_answers_it(
-    stores: tuple[RecordingStore, PostgresStore, ListCache],
+    seeded: Seeded,
 ) -> None:
-    cached, other, _ = stores
-    me, entity = await seeded_user(other)
+    cached, other, _, me, entity = seeded
     rooms = [c.id for c in await other.conversations(me, entity, 0, "id", 100, 0)]
 
     async def listed() -> list[bool]:
