@@ -12,8 +12,10 @@ read with.
 Checking costs a statement of its own (the page's versions and read marks), which a list the
 cache cannot answer pays on top of reading every room. So the cache also remembers whether a
 user's last list could have been answered mostly from it (``note``); their next list is
-checked first only then (``checks_first``), and otherwise read as without a cache, its
-entries kept.
+checked first only then (``checks_first``), and otherwise read as without a cache. Such a
+list's entries are kept only every ``KEEP_EVERY``-th time while the user's lists keep
+changing (``keeps``): keeping costs more than it saves when nothing kept is served again,
+and a list kept now and then is enough to see when they stop changing.
 
 Bounded by an estimate of the bytes it holds: past ``max_bytes`` the users who listed least
 recently are dropped with their entries. Dropping costs only a later re-read.
@@ -38,6 +40,8 @@ ENTRY_OVERHEAD = 1600
 USER_OVERHEAD = 400
 # Beyond the written bytes of an entry's JSON: the Fragment holding them and its dict slot.
 WRITTEN_OVERHEAD = 150
+# While a user's lists keep changing, the entries of one list in this many are kept (``keeps``).
+KEEP_EVERY = 4
 
 
 @dataclass(slots=True)
@@ -50,6 +54,7 @@ class _User:
     written: dict[int, tuple[orjson.Fragment, int] | None] = field(default_factory=dict)
     checks_first: bool = True
     lists: int = 0  # lists noted
+    misses: int = 0  # lists noted in a row that the cache mostly could not answer
     size: int = USER_OVERHEAD
 
 
@@ -88,8 +93,16 @@ class ListCache:
         if kept is None or rooms == 0:
             return
         kept.checks_first = kept.lists == 0 or 2 * hits >= rooms
+        kept.misses = 0 if kept.checks_first else kept.misses + 1
         kept.lists += 1
         self._users.move_to_end(user)
+
+    def keeps(self, user: str) -> bool:
+        """Whether the entries of ``user``'s list, read without checking the cache first,
+        should be kept: always for a user it does not hold or whose last list it mostly held;
+        one list in ``KEEP_EVERY`` while their lists keep changing."""
+        kept = self._users.get(user)
+        return kept is None or kept.misses % KEEP_EVERY == 0
 
     def get(self, room_id: int, version: int, user: str, read_seq: int) -> Conversation | None:
         """The entry of ``room_id`` for ``user`` if this process read it for them at

@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from typing import Any, cast
@@ -574,12 +574,17 @@ def _affected(status: Any) -> int:
 @dataclass(slots=True)
 class _Keeper:
     """The entries of a list read without checking the list cache first, kept in it as they
-    are read, counting those it held already; ``done`` tells the cache (``ListCache.note``)."""
+    are read when it ``keeps`` them, counting those it held already; ``done`` tells the cache
+    (``ListCache.note``)."""
 
     cache: ListCache
     user: str
     hits: int = 0
     rooms: int = 0
+    keeping: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.keeping = self.cache.keeps(self.user)
 
     def keep(self, rows: Sequence[Any]) -> list[Conversation]:
         """Rows of ``room_states_sql(versioned=True)`` as the ``Conversation`` tuples kept."""
@@ -590,7 +595,8 @@ class _Keeper:
             version = row[-1]
             held = cache.get(conversation.id, version, user, conversation.read_seq)
             if held is None:
-                cache.put(version, conversation, user)
+                if self.keeping:
+                    cache.put(version, conversation, user)
                 kept.append(conversation)
             else:  # the same entry: the one held keeps its written JSON
                 self.hits += 1

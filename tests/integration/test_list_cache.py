@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from nanomsg.store.base import RoomChanges
-from nanomsg.store.list_cache import ListCache
+from nanomsg.store.list_cache import KEEP_EVERY, ListCache
 from nanomsg.store.postgres import PostgresStore
 from tests.integration.test_conversation_parts import CountingStore, seeded_user
 from tests.integration.test_store import make_room, new_id
@@ -209,7 +209,7 @@ async def test_the_entries_json_of_a_cached_list_is_byte_identical_to_the_uncach
 async def test_a_list_is_checked_against_the_cache_first_only_while_it_mostly_answers_it(
     seeded: Seeded,
 ) -> None:
-    cached, other, _, me, entity = seeded
+    cached, other, cache, me, entity = seeded
     rooms = [c.id for c in await other.conversations(me, entity, 0, "id", 100, 0)]
 
     async def listed() -> list[bool]:
@@ -225,10 +225,19 @@ async def test_a_list_is_checked_against_the_cache_first_only_while_it_mostly_an
     assert await listed() == [False]  # answered from the cache
     await change_every_room(700)
     assert await listed() == [False, True, True, True, True]  # checked, then 4 parts read
-    await change_every_room(701)
-    assert await listed() == [True]  # the last check missed: read at once
-    assert await listed() == [True]  # the last read could have been answered from the cache
-    assert await listed() == [False]
-    await send(other, rooms[0], new_id(), "one room", at=702)
+    for at in range(701, 701 + 2 * KEEP_EVERY):  # every room changes before every list
+        await change_every_room(at)
+        assert await listed() == [True]  # the last list missed: read at once
+    kept = cache.size
+    await change_every_room(800)
+    assert await listed() == [True]
+    assert cache.size == kept  # lists that keep changing are not all kept
+    # Once they stop changing, a list kept sees it within KEEP_EVERY lists, and the next is
+    # checked first and answered from the cache.
+    paths = [await listed() for _ in range(KEEP_EVERY + 2)]
+    assert paths[-1] == [False] and [True] in paths
+    assert paths.index([False]) <= KEEP_EVERY + 1
+    assert all(path == [False] for path in paths[paths.index([False]) :])
+    await send(other, rooms[0], new_id(), "one room", at=900)
     assert await listed() == [False, True]  # 6 of 7 held: still checked first
     assert await listed() == [False]

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from nanomsg.models import Conversation
-from nanomsg.store.list_cache import ENTRY_OVERHEAD, USER_OVERHEAD, ListCache
+from nanomsg.store.list_cache import ENTRY_OVERHEAD, KEEP_EVERY, USER_OVERHEAD, ListCache
 
 
 def conversation(
@@ -131,3 +131,18 @@ def test_a_long_message_counts_for_its_size() -> None:
 def test_a_cache_of_no_bytes_is_refused() -> None:
     with pytest.raises(ValueError, match="max_bytes"):
         ListCache(0)
+
+
+def test_lists_that_keep_changing_are_kept_once_in_keep_every() -> None:
+    cache = ListCache(1 << 20)
+    assert cache.keeps("alice")  # never seen: kept, so that the next list can be answered
+    cache.put(7, conversation(1), "alice")
+    cache.note("alice", 0, 1)  # the first list
+    assert cache.keeps("alice")
+    kept = []
+    for _ in range(3 * KEEP_EVERY):
+        cache.note("alice", 0, 1)  # the cache held none of it
+        kept.append(cache.keeps("alice"))
+    assert kept.count(True) == 3  # one list in KEEP_EVERY
+    cache.note("alice", 1, 1)  # held again: every list kept
+    assert cache.keeps("alice") and cache.checks_first("alice")
