@@ -542,8 +542,10 @@ _STATES_OF_IDS, _STATES_OF_IDS_ARGS = common.numbered(
 assert _STATES_OF_IDS_ARGS == ["user", "ids"], _STATES_OF_IDS_ARGS
 # The room row's version for ``list_cache``: the transaction that wrote the row's current
 # version. Every write of a room row (each batch of room events bumps ``last_seq``, a settings
-# change or deletion sets its columns) makes a new row version with its writer's id, and no
-# two committed versions of one row share it.
+# change or deletion sets its columns) makes a new row version with its writer's id. Two
+# committed versions of one row share it only if the later one's writer falls on exactly the
+# same 32-bit id, 2^32 transactions later (one chance in 2^32 per such write), and the entry
+# must still hold the user's current read mark to be served.
 _ROOM_VERSION = "r.xmin"
 # ``_STATES_OF_IDS`` with each row's room version last: the entries ``list_cache`` keeps from
 # a list read without checking it first.
