@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import random
 import secrets
@@ -224,6 +225,11 @@ async def explain_cases(
     from nanomsg.store.postgres import _VISIBLE_IDS, _stamp_text
 
     results = []
+    older = (
+        {"lateral": True}
+        if "lateral" in inspect.signature(common.room_states_sql).parameters
+        else {}
+    )
     conn = await asyncpg.connect(url)
     try:
         for order in ("id", "activity"):
@@ -231,8 +237,9 @@ async def explain_cases(
                 common.room_states_sql(
                     common.conversation_page_sql(_VISIBLE_IDS, order),
                     order,
-                    lateral=True,
                     stamp_text=_stamp_text,
+                    # older code probed the latest message, with a LATERAL join on PostgreSQL
+                    **older,
                 ),
                 {"user": user, "entity": entity, "level": 0, "limit": args.rooms, "offset": 0},
             )

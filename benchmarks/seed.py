@@ -13,8 +13,9 @@ history reads. So the harness writes the rows directly, the way the server itsel
    with ``executemany`` in one ``BEGIN IMMEDIATE`` transaction; timestamps in each backend's
    own representation (``timestamptz``; integer microseconds since the epoch for SQLite);
 4. in the same transaction ``rooms.last_seq`` is set to the new head (and
-   ``rooms.message_count`` to the new count), so the server hands out
-   the following seq to the next sender and ``select_room`` with ``since`` sees the messages.
+   ``rooms.message_count`` to the new count, and the room row's copy of its latest message
+   to the last one seeded), so the server hands out the following seq to the next sender,
+   ``select_room`` with ``since`` sees the messages and the conversation list shows the last.
 
 The server keeps no cached copy of ``last_seq`` for a room nobody has selected, so this is safe
 while it runs, as long as nobody sends to the room during the seeding.
@@ -28,7 +29,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 from benchmarks.tokens import entity_uuid, user_uuid
+from nanomsg.store.common import LATEST_FIELDS
 
+# The room row's copy of its latest message, from the seeded message ``m`` (schema.sql
+# migration 7; seeded messages are never deleted, so their text is copied).
+LATEST_COPY = ", ".join(f"latest_{field} = m.{field}" for field in LATEST_FIELDS)
 SEED_CONTENT = "seeded history message number {seq} with some ordinary chat text padding"
 
 
@@ -74,7 +79,9 @@ async def seed_postgres(url: str, room_id: int, count: int, nonce: int) -> int:
             )
             new_head = head + count
             await conn.execute(
-                "UPDATE rooms SET last_seq = $2, message_count = message_count + $3 WHERE id = $1",
+                "UPDATE rooms r SET last_seq = $2, message_count = message_count + $3,"
+                f" {LATEST_COPY} FROM messages m WHERE r.id = $1 AND m.room_id = $1"
+                " AND m.seq = $2",
                 room_id,
                 new_head,
                 count,
@@ -114,8 +121,10 @@ def seed_sqlite(path: str, room_id: int, count: int, nonce: int, batch: int = 50
                 db.executemany(sql, chunk)
                 done += len(chunk)
             db.execute(
-                "UPDATE rooms SET last_seq = ?, message_count = message_count + ? WHERE id = ?",
-                (head + count, count, room_id),
+                "UPDATE rooms AS r SET last_seq = ?, message_count = message_count + ?,"
+                f" {LATEST_COPY} FROM messages m WHERE r.id = ? AND m.room_id = r.id"
+                " AND m.seq = ?",
+                (head + count, count, room_id, head + count),
             )
             db.execute("COMMIT")
         except BaseException:

@@ -364,10 +364,10 @@ def page_versions_sql(page: str, order: str) -> str:
     )
 
 
-# The columns of a ``Conversation``, in its field order, over the page ``r``, the read mark
-# ``rd`` and the latest message ``m`` (see ``room_states_sql``). The uuid is cast to text so
-# that the row needs no conversion on PostgreSQL; the stamps at ``_CONVERSATION_STAMPS`` are
-# wrapped by the backend's ``stamp_text``.
+# The columns of a ``Conversation``, in its field order, over the page ``r`` (whose row holds
+# its latest message, ``LATEST_FIELDS``) and the read mark ``rd`` (see ``room_states_sql``).
+# The uuid is cast to text so that the row needs no conversion on PostgreSQL; the stamps at
+# ``_CONVERSATION_STAMPS`` are wrapped by the backend's ``stamp_text``.
 _CONVERSATION_COLS = (
     "r.id",
     "CAST(r.uuid AS TEXT)",
@@ -384,26 +384,58 @@ _CONVERSATION_COLS = (
     "r.activity",
     "coalesce(rd.seq, 0)",
     "{unread}",
-    "m.id",
-    "m.seq",
-    "m.emitter",
-    "m.entity",
-    "m.content",
-    "m.created_at",
-    "m.client_id",
-    "m.system",
-    "m.edited_at",
-    "m.deleted_at",
-    "m.deleted_by",
+    "r.latest_id",
+    "r.latest_seq",
+    "r.latest_emitter",
+    "r.latest_entity",
+    "r.latest_content",
+    "r.latest_created_at",
+    "r.latest_client_id",
+    "r.latest_system",
+    "r.latest_edited_at",
+    "r.latest_deleted_at",
+    "r.latest_deleted_by",
 )
 # Positions of the stamps and booleans among them.
 _CONVERSATION_STAMPS = (8, 9, 10, 12, 20, 23, 24)
 _CONVERSATION_BOOLS = (11, 22)
-# The latest message's columns (``m.`` above), probed in ``room_states_sql``.
-_LATEST_COLS = (
-    "l.id, l.seq, l.emitter, l.entity, l.content, l.created_at, l.client_id, l.system,"
-    " l.edited_at, l.deleted_at, l.deleted_by"
+# The room row's copy of its latest message (kind 'message'), as ``latest_<field>`` columns
+# (schema.sql migration 7): every statement that writes a room's events keeps it, so the list
+# reads it with the room rather than probing the messages for it.
+LATEST_FIELDS = (
+    "id",
+    "seq",
+    "emitter",
+    "entity",
+    "content",
+    "created_at",
+    "client_id",
+    "system",
+    "edited_at",
+    "deleted_at",
+    "deleted_by",
 )
+
+
+def latest_copy_sql(source: str, when: str | None = None) -> str:
+    """The SET assignments of an UPDATE of ``rooms r`` copying the message ``source`` (an
+    alias with the messages table's columns) as the room's latest message; a deleted
+    message's text is not copied (its tombstone shows none). ``when``: an SQL condition under
+    which it is copied, the room's copy left as it is otherwise."""
+
+    def value(field: str) -> str:
+        if field == "content":
+            return f"CASE WHEN {source}.deleted_at IS NULL THEN {source}.content ELSE '' END"
+        return f"{source}.{field}"
+
+    if when is None:
+        return ", ".join(f"latest_{field} = {value(field)}" for field in LATEST_FIELDS)
+    return ", ".join(
+        f"latest_{field} = CASE WHEN {when} THEN {value(field)} ELSE r.latest_{field} END"
+        for field in LATEST_FIELDS
+    )
+
+
 # Messages after the read mark not sent by the reader and not deleted, without scanning them:
 # the room's messages after the mark (its message count less the ordinal the mark holds, see
 # schema.sql migration 5), less the reader's own messages after it, deleted or not
@@ -432,7 +464,6 @@ def room_states_sql(
     page: str,
     order: str,
     *,
-    lateral: bool = False,
     stamp_text: Callable[[str], str] | None = None,
     versioned: bool = False,
 ) -> str:
@@ -440,26 +471,15 @@ def room_states_sql(
     for ``:user``, as ``Conversation`` rows, in the page's order; ``versioned``: each row ends
     with the room's version too (the page is then a SELECT of ``room_page(version)`` rows).
 
-    Per room: one probe of the read mark, one of the latest message (the (room_id, seq) index
-    from the top down; with ``lateral``, which PostgreSQL has and SQLite lacks, that probe
-    returns the row itself instead of its seq for a second probe) and, when messages follow
-    the mark, the unread count from the room's message count and the mark's ordinal less two
-    short index ranges (``_UNREAD``): no part of it grows with the number of unread messages.
-    ``stamp_text`` turns a stamp column into the SQL of its ``Conversation`` text (None: the
-    backend converts the stored value itself, see ``conversations_from_rows``).
+    Per room: one probe of the read mark; the latest message is the room row's copy
+    (``LATEST_FIELDS``); and, when messages follow the mark, the unread count from the room's
+    message count and the mark's ordinal less two short index ranges (``_UNREAD``): no part of
+    it grows with the number of messages. ``stamp_text`` turns a stamp column into the SQL of
+    its ``Conversation`` text (None: the backend converts the stored value itself, see
+    ``conversations_from_rows``).
     """
     check_order(order)
     order_by = "r.activity DESC, r.id DESC" if order == "activity" else "r.id"
-    if lateral:
-        latest = (
-            f" LEFT JOIN LATERAL (SELECT {_LATEST_COLS} FROM messages l WHERE l.room_id = r.id"
-            "  AND l.kind = 'message' ORDER BY l.seq DESC LIMIT 1) m ON TRUE"
-        )
-    else:
-        latest = (
-            " LEFT JOIN messages m ON m.room_id = r.id AND m.seq = (SELECT l.seq FROM messages l"
-            "  WHERE l.room_id = r.id AND l.kind = 'message' ORDER BY l.seq DESC LIMIT 1)"
-        )
     cols = list(_CONVERSATION_COLS)
     cols[cols.index("{unread}")] = _UNREAD
     if stamp_text is not None:
@@ -471,7 +491,6 @@ def room_states_sql(
         f"SELECT {', '.join(cols)}"
         f" FROM ({page}) r"
         " LEFT JOIN room_reads rd ON rd.room_id = r.id AND rd.user_uuid = :user"
-        f"{latest}"
         f" ORDER BY {order_by}"
     )
 

@@ -100,14 +100,16 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 # 1-based position in them. ``existing`` finds messages already stored under an input's
 # client_id; the other inputs are ``fresh`` and numbered per room in batch order. ``locked``
 # takes the row locks of their live rooms in id order, so concurrent batches from several
-# server processes queue instead of deadlocking, and the UPDATE (which can only touch rows
-# ``locked`` has already emitted) hands each room ``n`` consecutive seqs after ``base`` (and
-# ``n`` consecutive message ordinals after ``counted``, see schema.sql migration 5). NO KEY
-# UPDATE is the lock the UPDATE takes anyway; unlike FOR UPDATE it does not block foreign-key
-# checks. ``= ANY (ARRAY (...))`` keeps the lookup on the primary key whatever the estimates.
-# Rooms absent or deleted are missing from ``bumped``: their inputs get no row back.
+# server processes queue instead of deadlocking, and reads each room's last seq and message
+# count as the lock found them (under READ COMMITTED, the latest committed version): the fresh
+# inputs take the next ``n`` seqs and message ordinals (schema.sql migration 5), and
+# ``bumped`` raises both on the row it holds, with the copy of the room's newest message
+# (``newest``, schema.sql migration 7) in the same write of the row. NO KEY UPDATE is the lock
+# the UPDATE takes anyway; unlike FOR UPDATE it does not block foreign-key checks.
+# ``= ANY (ARRAY (...))`` keeps the lookup on the primary key whatever the estimates.
+# Rooms absent or deleted are missing from ``locked``: their inputs get no row back.
 # INSERT ... RETURNING cannot return ``ord``, so rows are matched back by (room_id, seq).
-_APPEND_BATCH_SQL = """
+_APPEND_BATCH_SQL = f"""
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
                          $6::timestamptz[], $7::boolean[]) WITH ORDINALITY
@@ -123,25 +125,27 @@ WITH input AS (
 ), wanted AS (
     SELECT room_id, count(*) AS n, max(created_at) AS at FROM fresh GROUP BY room_id
 ), locked AS MATERIALIZED (
-    SELECT r.id FROM rooms r
+    SELECT r.id, r.last_seq, r.message_count FROM rooms r
     WHERE r.id = ANY (ARRAY (SELECT room_id FROM wanted)) AND r.deleted_at IS NULL
     ORDER BY r.id FOR NO KEY UPDATE
-), bumped AS (
-    UPDATE rooms r SET last_seq = r.last_seq + w.n, message_count = r.message_count + w.n,
-        last_activity_at = greatest(r.last_activity_at, w.at)
-    FROM locked l JOIN wanted w ON w.room_id = l.id
-    WHERE r.id = l.id AND r.deleted_at IS NULL
-    RETURNING r.id, r.last_seq - w.n AS base, r.message_count - w.n AS counted
 ), planned AS (
-    SELECT f.ord, f.room_id, b.base + f.n AS seq, f.emitter, f.entity, f.content,
-           f.client_id, f.created_at, f.system, b.counted + f.n AS ordinal
-    FROM fresh f JOIN bumped b ON b.id = f.room_id
+    SELECT f.ord, f.room_id, l.last_seq + f.n AS seq, f.emitter, f.entity, f.content,
+           f.client_id, f.created_at, f.system, l.message_count + f.n AS ordinal
+    FROM fresh f JOIN locked l ON l.id = f.room_id
 ), inserted AS (
     INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at, system,
                           ordinal)
     SELECT room_id, seq, emitter, entity, content, client_id, created_at, system, ordinal
     FROM planned
-    RETURNING id, room_id, seq
+    RETURNING id, room_id, seq, emitter, entity, content, client_id, created_at, system,
+              edited_at, deleted_at, deleted_by
+), newest AS (
+    SELECT DISTINCT ON (room_id) * FROM inserted ORDER BY room_id, seq DESC
+), bumped AS (
+    UPDATE rooms r SET last_seq = l.last_seq + w.n, message_count = l.message_count + w.n,
+        last_activity_at = greatest(r.last_activity_at, w.at), {common.latest_copy_sql("n")}
+    FROM locked l JOIN wanted w ON w.room_id = l.id JOIN newest n ON n.room_id = l.id
+    WHERE r.id = l.id
 )
 SELECT p.ord, ins.id, p.seq, p.entity, p.content, p.created_at, p.system, TRUE AS created
 FROM planned p JOIN inserted ins ON ins.room_id = p.room_id AND ins.seq = p.seq
@@ -155,6 +159,22 @@ _BATCH_TRIES = 3
 
 
 _NULL_MSG = ", ".join(["NULL"] * common.MSG_WIDTH)
+
+# For a statement that writes room events: each room's newest message among the rows it
+# wrote, the new ones (``inserted``, which also holds edit and delete rows) and the changed
+# ones in their new state (``changed``); and the room row's copy of its latest message set
+# from it when it is that latest message: a new message, or the change of the message the copy
+# is of. A change of an older message leaves the copy as it is (schema.sql migration 7).
+_NEWEST = """newest AS (
+    SELECT DISTINCT ON (room_id) * FROM (
+        SELECT id, room_id, seq, emitter, entity, content, client_id, created_at, system,
+               edited_at, deleted_at, deleted_by FROM inserted WHERE kind = 'message'
+        UNION ALL
+        SELECT id, room_id, seq, emitter, entity, content, client_id, created_at, system,
+               edited_at, deleted_at, deleted_by FROM changed
+    ) w ORDER BY room_id, seq DESC
+)"""
+_NEWEST_COPY = common.latest_copy_sql("n", "n.seq >= coalesce(r.latest_seq, 0)")
 
 # A batch with edits or deletes in ONE statement, when no two of its changes name the same
 # message (the caller checks) and no change names a message of the batch itself (checked
@@ -228,10 +248,6 @@ WITH input AS (
     SELECT room_id, count(*) AS n, count(*) FILTER (WHERE kind = 'message') AS messages,
            max(created_at) AS at
     FROM numbered GROUP BY room_id
-), bumped AS (
-    UPDATE rooms r SET last_seq = r.last_seq + w.n, message_count = r.message_count + w.messages,
-        last_activity_at = greatest(r.last_activity_at, w.at)
-    FROM wanted w WHERE r.id = w.room_id
 ), changed AS (
     UPDATE messages m SET
         first_content = CASE WHEN n.kind = 'edit' THEN coalesce(m.first_content, m.content)
@@ -250,7 +266,12 @@ WITH input AS (
            CASE WHEN kind = 'edit' THEN target_entity ELSE entity END, content, client_id,
            created_at, system, kind, target_seq, ordinal
     FROM numbered
-    RETURNING id, room_id, seq
+    RETURNING id, room_id, seq, kind, emitter, entity, content, client_id, created_at, system,
+              edited_at, deleted_at, deleted_by
+), {_NEWEST}, bumped AS (
+    UPDATE rooms r SET last_seq = r.last_seq + w.n, message_count = r.message_count + w.messages,
+        last_activity_at = greatest(r.last_activity_at, w.at), {_NEWEST_COPY}
+    FROM wanted w LEFT JOIN newest n ON n.room_id = w.room_id WHERE r.id = w.room_id
 )
 SELECT 0 AS part, NULL::int AS ord, NULL::text AS verdict, NULL::bigint AS seq,
        (SELECT ok FROM go) AS ok,
@@ -321,10 +342,6 @@ WITH plan AS (
 ), valid AS MATERIALIZED (
     SELECT count(*) = (SELECT count(*) FROM plan) AS ok
     FROM plan p JOIN locked l ON l.id = p.room_id AND l.last_seq = p.expected
-), bumped AS (
-    UPDATE rooms r SET last_seq = p.last_seq, message_count = p.message_count,
-        last_activity_at = greatest(r.last_activity_at, p.at)
-    FROM plan p WHERE r.id = p.room_id AND (SELECT ok FROM valid)
 ), changed AS (
     UPDATE messages m SET
         first_content = CASE WHEN c.edited THEN coalesce(m.first_content, m.content)
@@ -338,6 +355,8 @@ WITH plan AS (
         FROM jsonb_array_elements($2::jsonb) AS r
     ) c
     WHERE m.room_id = c.room_id AND m.seq = c.seq AND (SELECT ok FROM valid)
+    RETURNING m.id, m.room_id, m.seq, m.emitter, m.entity, m.content, m.client_id,
+              m.created_at, m.system, m.edited_at, m.deleted_at, m.deleted_by
 ), inserted AS (
     INSERT INTO messages ({common.INSERT_COLS})
     SELECT (r->>0)::bigint, (r->>1)::bigint, r->>2, r->>3, r->>4, r->>5,
@@ -345,7 +364,13 @@ WITH plan AS (
            (r->>11)::timestamptz, (r->>12)::timestamptz, r->>13, (r->>14)::bigint
     FROM jsonb_array_elements($3::jsonb) AS r
     WHERE (SELECT ok FROM valid)
-    RETURNING room_id, seq, id
+    RETURNING id, room_id, seq, kind, emitter, entity, content, client_id, created_at, system,
+              edited_at, deleted_at, deleted_by
+), {_NEWEST}, bumped AS (
+    UPDATE rooms r SET last_seq = p.last_seq, message_count = p.message_count,
+        last_activity_at = greatest(r.last_activity_at, p.at), {_NEWEST_COPY}
+    FROM plan p LEFT JOIN newest n ON n.room_id = p.room_id
+    WHERE r.id = p.room_id AND (SELECT ok FROM valid)
 )
 SELECT room_id, seq, id FROM inserted
 """
@@ -534,7 +559,6 @@ _STATES_OF_IDS, _STATES_OF_IDS_ARGS = common.numbered(
     common.room_states_sql(
         f"{common.ROOM_PAGE} WHERE r.id = ANY(:ids::bigint[]) AND r.deleted_at IS NULL",
         "id",
-        lateral=True,
         stamp_text=_stamp_text,
     ),
     {"user": "user", "ids": "ids"},
@@ -554,7 +578,6 @@ _VERSIONED_STATES_OF_IDS, _VERSIONED_ARGS = common.numbered(
         f"{common.room_page(_ROOM_VERSION)} WHERE r.id = ANY(:ids::bigint[])"
         " AND r.deleted_at IS NULL",
         "id",
-        lateral=True,
         stamp_text=_stamp_text,
         versioned=True,
     ),
@@ -1364,7 +1387,7 @@ class PostgresStore:
                 _VISIBLE_IDS, order, version=None if keeper is None else _ROOM_VERSION
             )
             states = common.room_states_sql(
-                page, order, lateral=True, stamp_text=_stamp_text, versioned=keeper is not None
+                page, order, stamp_text=_stamp_text, versioned=keeper is not None
             )
             sql, args = common.numbered(states, params)
             rows = await self._fetch(sql, *args)
@@ -1451,7 +1474,7 @@ class PostgresStore:
             return {}
         page = f"{common.ROOM_PAGE} WHERE r.id = ANY(:ids::bigint[]) AND r.id IN ({_VISIBLE_IDS})"
         sql, args = common.numbered(
-            common.room_states_sql(page, "id", lateral=True, stamp_text=_stamp_text),
+            common.room_states_sql(page, "id", stamp_text=_stamp_text),
             {"user": user, "entity": entity, "level": level, "ids": list(room_ids)},
         )
         found = common.conversations_from_rows(await self._fetch(sql, *args), None)

@@ -178,3 +178,28 @@ CREATE INDEX messages_deleted_idx ON messages (room_id, seq, emitter, kind, dele
     WHERE kind = 'message' AND deleted_at IS NOT NULL;
 DROP INDEX messages_room_created_idx;
 CREATE INDEX messages_room_created_idx ON messages (room_id, created_at) WHERE kind = 'message';
+
+-- migration: 7 the latest message on its room row
+-- Each room row keeps a copy of its latest message, kept by every writer of its events, so
+-- the conversation list reads it with the room instead of probing the messages (schema.sql
+-- explains it). A deleted message's copy keeps no text.
+ALTER TABLE rooms ADD COLUMN latest_id INTEGER NULL;
+ALTER TABLE rooms ADD COLUMN latest_seq INTEGER NULL;
+ALTER TABLE rooms ADD COLUMN latest_emitter TEXT NULL;
+ALTER TABLE rooms ADD COLUMN latest_entity TEXT NULL;
+ALTER TABLE rooms ADD COLUMN latest_content TEXT NULL;
+ALTER TABLE rooms ADD COLUMN latest_created_at INTEGER NULL;
+ALTER TABLE rooms ADD COLUMN latest_client_id TEXT NULL;
+ALTER TABLE rooms ADD COLUMN latest_system INTEGER NULL;
+ALTER TABLE rooms ADD COLUMN latest_edited_at INTEGER NULL;
+ALTER TABLE rooms ADD COLUMN latest_deleted_at INTEGER NULL;
+ALTER TABLE rooms ADD COLUMN latest_deleted_by TEXT NULL;
+UPDATE rooms SET (latest_id, latest_seq, latest_emitter, latest_entity, latest_content,
+    latest_created_at, latest_client_id, latest_system, latest_edited_at, latest_deleted_at,
+    latest_deleted_by) = (
+    SELECT m.id, m.seq, m.emitter, m.entity,
+        CASE WHEN m.deleted_at IS NULL THEN m.content ELSE '' END, m.created_at, m.client_id,
+        m.system, m.edited_at, m.deleted_at, m.deleted_by
+    FROM messages m WHERE m.room_id = rooms.id AND m.kind = 'message'
+    ORDER BY m.seq DESC LIMIT 1
+);

@@ -550,6 +550,7 @@ class SqliteStore:
             ids = await _insert_messages(
                 db, [(batch[i], seq, stamps[i], ordinal) for i, seq, ordinal in planned]
             )
+            await _copy_latest(db, list(bases))
         for index, seq, _ in planned:
             new = batch[index]
             message = Message(
@@ -702,6 +703,7 @@ class SqliteStore:
                     " WHERE messages.room_id = c.column1 AND messages.seq = c.column2",
                     [value for values in edited_chunk for value in values],
                 )
+            await _copy_latest(db, list(plan.rooms))
         return plan.finish(ids)
 
     # -- read marks --------------------------------------------------------------------------
@@ -966,6 +968,27 @@ async def _take_seqs(
             n = wanted[int(row[0])]
             bases[int(row[0])] = (int(row[1]) - n, int(row[2]) - n)
     return bases
+
+
+# The room row's copy of its latest message (schema.sql migration 7), read back from the
+# messages in the write transaction that changed them: one probe of the (room_id, seq) index
+# per room the batch wrote, in the statement after its writes (SQLite writes in place, so the
+# row is not written twice in the file).
+_COPY_LATEST_SQL = (
+    f"UPDATE rooms SET ({', '.join('latest_' + f for f in common.LATEST_FIELDS)}) = ("
+    "SELECT m.id, m.seq, m.emitter, m.entity,"
+    " CASE WHEN m.deleted_at IS NULL THEN m.content ELSE '' END, m.created_at, m.client_id,"
+    " m.system, m.edited_at, m.deleted_at, m.deleted_by"
+    " FROM messages m WHERE m.room_id = rooms.id AND m.kind = 'message'"
+    " ORDER BY m.seq DESC LIMIT 1)"
+    " WHERE id IN ({rooms})"
+)
+
+
+async def _copy_latest(db: aiosqlite.Connection, room_ids: Sequence[int]) -> None:
+    """Set the latest-message copy of the rooms ``room_ids`` from their messages."""
+    for chunk in _chunks(room_ids, 1):
+        await db.execute(_COPY_LATEST_SQL.format(rooms=", ".join("?" * len(chunk))), list(chunk))
 
 
 async def _insert_messages(

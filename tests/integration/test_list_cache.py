@@ -34,9 +34,10 @@ class RecordingStore(CountingStore):
         return await super()._fetch(sql, *args)
 
     def reads_messages(self) -> list[bool]:
-        """For each statement since the last call, whether it read rooms' latest messages
-        (states) rather than only the page's versions and read marks; then forgets them."""
-        read = ["FROM messages l" in sql for sql in self.statements]
+        """For each statement since the last call, whether it read rooms' states (their latest
+        messages, unread counts) rather than only the page's versions and read marks; then
+        forgets them."""
+        read = ["r.latest_content" in sql for sql in self.statements]
         self.statements.clear()
         return read
 

@@ -31,6 +31,7 @@ from tests.integration.test_store import (
     T0,
     make_room,
     message,
+    new_id,
     recorded_sql,
     store,  # noqa: F401  (fixture: the same tests on SQLite and PostgreSQL)
     store_target,  # noqa: F401
@@ -186,8 +187,14 @@ async def test_concurrent_batches_on_the_same_rooms_give_every_room_seqs_one_to_
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs)) if seqs else [])
     for room in rooms:
         sent = sum(n.room_id == room.id for batch in batches for n in batch)
-        assert [m.seq for m in await history(store, room.id)] == list(range(1, sent + 1))
+        stored_history = await history(store, room.id)
+        assert [m.seq for m in stored_history] == list(range(1, sent + 1))
         assert await last_seq(store, room.id) == sent
+        # The room row's copy of its latest message is the last one stored, whichever of the
+        # racing batches wrote it.
+        state = (await store.room_states(new_id(), room.entity_owner, 100, [room.id]))[room.id]
+        assert state.last_message is not None
+        assert state.last_message.to_json() == stored_history[-1].to_json()
 
 
 async def test_batch_is_a_bounded_number_of_statements_whatever_its_size(
@@ -210,8 +217,9 @@ async def test_batch_is_a_bounded_number_of_statements_whatever_its_size(
         sent = [sql for sql in statements if not sql.startswith("SELECT pg_advisory_unlock_all")]
         assert len(sent) == 1, statements  # one round trip, its commit included
     else:
-        # BEGIN IMMEDIATE, stored client_ids, seqs of every room, all inserts, COMMIT.
-        assert len(statements) == 5, statements
+        # BEGIN IMMEDIATE, stored client_ids, seqs of every room, all inserts, the rooms'
+        # copies of their latest message, COMMIT.
+        assert len(statements) == 6, statements
 
 
 async def test_naive_timestamp_in_a_batch_is_rejected_before_anything_is_stored(

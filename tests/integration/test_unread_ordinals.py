@@ -515,21 +515,29 @@ async def test_migration_5_backfills_ordinals_counts_and_marks_so_unread_is_unch
 # -- migration 6 from a database at version 5 ---------------------------------------------------
 
 
-async def version_five(kind: str, target: str) -> None:
-    """The version-4 database above, then migration 5 applied as a version-5 server did."""
+async def version_five(kind: str, target: str, upto: int = 5) -> None:
+    """The version-4 database above, then migrations 5 to ``upto`` applied as a server of that
+    version did."""
     await build_version_four(kind, target)
     if kind == "sqlite":
-        [migration] = [m for m in load_migrations(sqlite_schema_path()) if m.version == 5]
         with sqlite3.connect(target) as db:
-            for statement in split_statements(migration.sql):
-                db.execute(statement)
-            db.execute("INSERT INTO schema_migrations VALUES (5, ?, 0)", (migration.name,))
+            for migration in load_migrations(sqlite_schema_path())[4:upto]:
+                for statement in split_statements(migration.sql):
+                    db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, 0)",
+                    (migration.version, migration.name),
+                )
         return
-    [migration] = [m for m in load_migrations(postgres_schema_path()) if m.version == 5]
     conn = await asyncpg.connect(target)
     try:
-        await conn.execute(migration.sql)
-        await conn.execute("INSERT INTO schema_migrations VALUES (5, $1, now())", migration.name)
+        for migration in load_migrations(postgres_schema_path())[4:upto]:
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations VALUES ($1, $2, now())",
+                migration.version,
+                migration.name,
+            )
     finally:
         await conn.close()
 
@@ -591,5 +599,60 @@ async def test_migration_6_rebuilds_the_indexes_for_fewer_entries_and_unread_is_
         assert (await unread(READER, 4), await unread(WRITER, 8)) == (2, 0)
         await store.set_read_mark(1, WRITER, 0, later(13))  # never backwards: still 8
         assert await unread(WRITER, 8) == 0
+    finally:
+        await store.close()
+
+
+# -- migration 7 from a database at version 6 ---------------------------------------------------
+
+
+async def raw(kind: str, target: str, sql: str) -> list[tuple[Any, ...]]:
+    """``sql`` (no parameters) on the database as it is stored, outside any store."""
+    if kind == "sqlite":
+        with sqlite3.connect(target) as db:
+            return [tuple(row) for row in db.execute(sql).fetchall()]
+    conn = await asyncpg.connect(target)
+    try:
+        return [tuple(row) for row in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+COPIES = "SELECT id, latest_seq, latest_content, latest_deleted_by FROM rooms ORDER BY id"
+
+
+async def test_migration_7_copies_each_rooms_latest_message_onto_its_row_without_deleted_text(
+    version_four: tuple[str, str],
+) -> None:
+    """Upgraded from version 6, room 1's row holds its latest message (seq 8, deleted at
+    version 6: a tombstone, its text not copied) and the empty room none; the list shows what
+    the event stream holds; then a send, an edit of it and a delete of an older message keep
+    the copy as the stream is."""
+    kind, target = version_four
+    await version_five(kind, target, upto=6)
+    stamp = to_micros(later(8.5)) if kind == "sqlite" else f"'{later(8.5).isoformat()}'"
+    await raw(
+        kind,
+        target,
+        f"UPDATE messages SET deleted_at = {stamp}, deleted_by = '{WRITER}'"
+        " WHERE room_id = 1 AND seq = 8",
+    )
+    store: Store = SqliteStore(target) if kind == "sqlite" else PostgresStore(target)
+    await store.open()
+    try:
+        assert await raw(kind, target, COPIES) == [(1, 8, "", WRITER), (2, None, None, None)]
+        assert await raw(kind, target, "SELECT content FROM messages WHERE seq = 8") == [("x",)]
+        entries = {c.id: c for c in await store.conversations(READER, OWNER, 100, "id", 10, 0)}
+        tombstone = entries[1].to_json()["last_message"]
+        assert tombstone == await latest_json(store, 1)
+        assert tombstone["deleted"] is True and tombstone["content"] == ""
+        assert entries[2].to_json()["last_message"] is None
+        sent = await send(store, 1, WRITER, 9)
+        await store.edit_message(1, sent, WRITER, "edited", later(10))
+        await store.delete_message(1, 5, WRITER, False, later(11))  # an older one
+        assert await raw(kind, target, COPIES) == [(1, sent, "edited", None), (2, None, None, None)]
+        entries = {c.id: c for c in await store.conversations(READER, OWNER, 100, "id", 10, 0)}
+        assert entries[1].to_json()["last_message"] == await latest_json(store, 1)
+        assert entries[1].to_json()["last_message"]["edited_at"] is not None
     finally:
         await store.close()
