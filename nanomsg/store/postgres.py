@@ -539,6 +539,17 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + host))
 
 
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset of a connection handed back: nothing to undo.
+
+    asyncpg's default sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL`` on every hand-back, a round trip the caller waits for before it goes on (a batch's
+    acknowledgements, the next part of a list). The store leaves no session state to undo: its
+    statements set no setting, declare no cursor, listen to nothing, and take no advisory lock
+    on a pooled connection (migrations take theirs on a connection of their own); and asyncpg
+    still rolls back a transaction left open before calling this."""
+
+
 def _timestamptz(value: datetime) -> datetime:
     """A timestamptz as read: asyncpg already decodes it as an aware UTC datetime."""
     return value
@@ -689,6 +700,7 @@ class PostgresStore:
                 max_size=self._pool_size,
                 command_timeout=self._command_timeout,
                 timeout=self._connect_timeout,
+                reset=_keep_session,
             )
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL at {where}: {exc!r}") from exc
@@ -775,9 +787,10 @@ class PostgresStore:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
         finally:
-            # Handing the connection back runs a reset query. If the connection dies there,
-            # the work above is already done (committed): reporting it as unavailable would
-            # tell a sender "not stored" about a stored message. asyncpg closes it anyway.
+            # Handing the connection back rolls back a transaction left open (none is: every
+            # transaction here is a context manager). If the connection dies there, the work
+            # above is already done (committed): reporting it as unavailable would tell a
+            # sender "not stored" about a stored message. asyncpg closes it anyway.
             try:
                 await pool.release(conn)
             except _UNAVAILABLE as exc:
