@@ -102,13 +102,14 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 # takes the row locks of their live rooms in id order, so concurrent batches from several
 # server processes queue instead of deadlocking, and reads each room's last seq and message
 # count as the lock found them (under READ COMMITTED, the latest committed version): the fresh
-# inputs take the next ``n`` seqs and message ordinals (schema.sql migration 5), and
-# ``bumped`` raises both on the row it holds, with the copy of the room's newest message
-# (``newest``, schema.sql migration 7) in the same write of the row. NO KEY UPDATE is the lock
-# the UPDATE takes anyway; unlike FOR UPDATE it does not block foreign-key checks.
+# inputs take the next ``n`` seqs and message ordinals (schema.sql migration 5) and their ids
+# from the table's sequence, as the column's default would (so the answer and the room's copy
+# of its newest message need nothing back from the INSERT), and ``bumped`` raises both counts
+# on the row it holds, with the copy of the room's newest message (its input with the room's
+# largest ``n``; schema.sql migration 7) in the same write of the row. NO KEY UPDATE is the
+# lock the UPDATE takes anyway; unlike FOR UPDATE it does not block foreign-key checks.
 # ``= ANY (ARRAY (...))`` keeps the lookup on the primary key whatever the estimates.
 # Rooms absent or deleted are missing from ``locked``: their inputs get no row back.
-# INSERT ... RETURNING cannot return ``ord``, so rows are matched back by (room_id, seq).
 _APPEND_BATCH_SQL = f"""
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -129,26 +130,26 @@ WITH input AS (
     WHERE r.id = ANY (ARRAY (SELECT room_id FROM wanted)) AND r.deleted_at IS NULL
     ORDER BY r.id FOR NO KEY UPDATE
 ), planned AS (
-    SELECT f.ord, f.room_id, l.last_seq + f.n AS seq, f.emitter, f.entity, f.content,
-           f.client_id, f.created_at, f.system, l.message_count + f.n AS ordinal
+    SELECT nextval('messages_id_seq') AS id, f.ord, f.room_id, l.last_seq + f.n AS seq,
+           f.emitter, f.entity, f.content, f.client_id, f.created_at, f.system,
+           l.message_count + f.n AS ordinal, f.n
     FROM fresh f JOIN locked l ON l.id = f.room_id
 ), inserted AS (
-    INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at, system,
-                          ordinal)
-    SELECT room_id, seq, emitter, entity, content, client_id, created_at, system, ordinal
+    INSERT INTO messages (id, room_id, seq, emitter, entity, content, client_id, created_at,
+                          system, ordinal)
+    SELECT id, room_id, seq, emitter, entity, content, client_id, created_at, system, ordinal
     FROM planned
-    RETURNING id, room_id, seq, emitter, entity, content, client_id, created_at, system,
-              edited_at, deleted_at, deleted_by
-), newest AS (
-    SELECT DISTINCT ON (room_id) * FROM inserted ORDER BY room_id, seq DESC
 ), bumped AS (
     UPDATE rooms r SET last_seq = l.last_seq + w.n, message_count = l.message_count + w.n,
         last_activity_at = greatest(r.last_activity_at, w.at), {common.latest_copy_sql("n")}
-    FROM locked l JOIN wanted w ON w.room_id = l.id JOIN newest n ON n.room_id = l.id
+    FROM locked l JOIN wanted w ON w.room_id = l.id JOIN (
+        SELECT p.*, NULL::timestamptz AS edited_at, NULL::timestamptz AS deleted_at,
+               NULL::text AS deleted_by
+        FROM planned p
+    ) n ON n.room_id = l.id AND n.n = w.n
     WHERE r.id = l.id
 )
-SELECT p.ord, ins.id, p.seq, p.entity, p.content, p.created_at, p.system, TRUE AS created
-FROM planned p JOIN inserted ins ON ins.room_id = p.room_id AND ins.seq = p.seq
+SELECT ord, id, seq, entity, content, created_at, system, TRUE AS created FROM planned
 UNION ALL
 SELECT ord, id, seq, entity, content, created_at, system, FALSE AS created FROM existing
 """
@@ -160,20 +161,31 @@ _BATCH_TRIES = 3
 
 _NULL_MSG = ", ".join(["NULL"] * common.MSG_WIDTH)
 
+
 # For a statement that writes room events: each room's newest message among the rows it
-# wrote, the new ones (``inserted``, which also holds edit and delete rows) and the changed
-# ones in their new state (``changed``); and the room row's copy of its latest message set
-# from it when it is that latest message: a new message, or the change of the message the copy
-# is of. A change of an older message leaves the copy as it is (schema.sql migration 7).
-_NEWEST = """newest AS (
+# wrote, the new ones (``new_rows``: ``inserted``, or ``numbered`` whose new messages are
+# never changed in their own batch; both also hold edit and delete rows) and the changed ones
+# in their new state (``changed``); and the room row's copy of its latest message set from it
+# when it is that latest message: a new message, or the change of the message the copy is
+# of. A change of an older message leaves the copy as it is (schema.sql migration 7).
+def _newest(new_rows: str) -> str:
+    if new_rows == "inserted":  # its rows in their final state, a new one maybe changed too
+        changes = "edited_at, deleted_at, deleted_by"
+    else:  # the inputs of a batch whose changes never name its own new messages
+        changes = "NULL::timestamptz AS edited_at, NULL::timestamptz AS deleted_at, NULL::text"
+        changes += " AS deleted_by"
+    return f"""newest AS (
     SELECT DISTINCT ON (room_id) * FROM (
         SELECT id, room_id, seq, emitter, entity, content, client_id, created_at, system,
-               edited_at, deleted_at, deleted_by FROM inserted WHERE kind = 'message'
+               {changes}
+        FROM {new_rows} WHERE kind = 'message'
         UNION ALL
         SELECT id, room_id, seq, emitter, entity, content, client_id, created_at, system,
                edited_at, deleted_at, deleted_by FROM changed
     ) w ORDER BY room_id, seq DESC
 )"""
+
+
 _NEWEST_COPY = common.latest_copy_sql("n", "n.seq >= coalesce(r.latest_seq, 0)")
 
 # A batch with edits or deletes in ONE statement, when no two of its changes name the same
@@ -239,7 +251,8 @@ WITH input AS (
         AND (SELECT array_agg(last_seq ORDER BY id) FROM locked) = (SELECT seqs FROM seen)
         AS ok
 ), numbered AS MATERIALIZED (
-    SELECT j.*, j.base + row_number() OVER (PARTITION BY j.room_id ORDER BY j.ord) AS seq,
+    SELECT nextval('messages_id_seq') AS id, j.*,
+           j.base + row_number() OVER (PARTITION BY j.room_id ORDER BY j.ord) AS seq,
            CASE WHEN j.kind = 'message' THEN j.counted + count(*) FILTER (
                WHERE j.kind = 'message') OVER (PARTITION BY j.room_id ORDER BY j.ord) END
                AS ordinal
@@ -260,15 +273,13 @@ WITH input AS (
     WHERE n.kind <> 'message' AND m.room_id = n.room_id AND m.seq = n.target_seq
     RETURNING n.ord, {common.MSG_COLS}
 ), inserted AS (
-    INSERT INTO messages (room_id, seq, emitter, entity, content, client_id, created_at,
+    INSERT INTO messages (id, room_id, seq, emitter, entity, content, client_id, created_at,
                           system, kind, target_seq, ordinal)
-    SELECT room_id, seq, emitter,
+    SELECT id, room_id, seq, emitter,
            CASE WHEN kind = 'edit' THEN target_entity ELSE entity END, content, client_id,
            created_at, system, kind, target_seq, ordinal
     FROM numbered
-    RETURNING id, room_id, seq, kind, emitter, entity, content, client_id, created_at, system,
-              edited_at, deleted_at, deleted_by
-), {_NEWEST}, bumped AS (
+), {_newest("numbered")}, bumped AS (
     UPDATE rooms r SET last_seq = r.last_seq + w.n, message_count = r.message_count + w.messages,
         last_activity_at = greatest(r.last_activity_at, w.at), {_NEWEST_COPY}
     FROM wanted w LEFT JOIN newest n ON n.room_id = w.room_id WHERE r.id = w.room_id
@@ -287,7 +298,7 @@ SELECT 2, m.ord, NULL, NULL, NULL, {common.MSG_COLS} FROM changed m
 UNION ALL
 SELECT 2, m.ord, NULL, NULL, NULL, {common.MSG_COLS} FROM existing m
 UNION ALL
-SELECT 3, NULL, NULL, seq, NULL, id, room_id, {_NULL_MSG.split(", ", 2)[2]} FROM inserted
+SELECT 3, NULL, NULL, seq, NULL, id, room_id, {_NULL_MSG.split(", ", 2)[2]} FROM numbered
 """
 
 # What a batch with edits or deletes depends on, in one read: the live rooms' last seqs and
@@ -366,7 +377,7 @@ WITH plan AS (
     WHERE (SELECT ok FROM valid)
     RETURNING id, room_id, seq, kind, emitter, entity, content, client_id, created_at, system,
               edited_at, deleted_at, deleted_by
-), {_NEWEST}, bumped AS (
+), {_newest("inserted")}, bumped AS (
     UPDATE rooms r SET last_seq = p.last_seq, message_count = p.message_count,
         last_activity_at = greatest(r.last_activity_at, p.at), {_NEWEST_COPY}
     FROM plan p LEFT JOIN newest n ON n.room_id = p.room_id
