@@ -417,15 +417,18 @@ LATEST_FIELDS = (
 )
 
 
-def latest_copy_sql(source: str, when: str | None = None) -> str:
+def latest_copy_sql(source: str, when: str | None = None, *, seq: str | None = None) -> str:
     """The SET assignments of an UPDATE of ``rooms r`` copying the message ``source`` (an
     alias with the messages table's columns) as the room's latest message; a deleted
     message's text is not copied (its tombstone shows none). ``when``: an SQL condition under
-    which it is copied, the room's copy left as it is otherwise."""
+    which it is copied, the room's copy left as it is otherwise; ``seq``: the SQL of the
+    message's seq where ``source`` has none."""
 
     def value(field: str) -> str:
         if field == "content":
             return f"CASE WHEN {source}.deleted_at IS NULL THEN {source}.content ELSE '' END"
+        if field == "seq" and seq is not None:
+            return seq
         return f"{source}.{field}"
 
     if when is None:
