@@ -253,7 +253,11 @@ UPDATE rooms r SET latest_id = l.id, latest_seq = l.seq, latest_emitter = l.emit
     latest_edited_at = l.edited_at, latest_deleted_at = l.deleted_at,
     latest_deleted_by = l.deleted_by
 FROM (
-    SELECT DISTINCT ON (room_id) * FROM messages WHERE kind = 'message'
-    ORDER BY room_id, seq DESC
+    -- Each room's latest message from the top of its (room_id, seq) index: one probe per
+    -- room, not a sort of the whole table.
+    SELECT m.* FROM rooms x CROSS JOIN LATERAL (
+        SELECT * FROM messages m WHERE m.room_id = x.id AND m.kind = 'message'
+        ORDER BY m.seq DESC LIMIT 1
+    ) m
 ) l
 WHERE r.id = l.room_id;
