@@ -81,7 +81,7 @@ async def seed_postgres(url: str, room_id: int, count: int, nonce: int) -> int:
             await conn.execute(
                 "UPDATE rooms r SET last_seq = $2, message_count = message_count + $3,"
                 f" {LATEST_COPY} FROM messages m WHERE r.id = $1 AND m.room_id = $1"
-                " AND m.seq = $2",
+                " AND m.seq = $2 AND m.kind = 'message'",
                 room_id,
                 new_head,
                 count,
@@ -123,7 +123,7 @@ def seed_sqlite(path: str, room_id: int, count: int, nonce: int, batch: int = 50
             db.execute(
                 "UPDATE rooms AS r SET last_seq = ?, message_count = message_count + ?,"
                 f" {LATEST_COPY} FROM messages m WHERE r.id = ? AND m.room_id = r.id"
-                " AND m.seq = ?",
+                " AND m.seq = ? AND m.kind = 'message'",
                 (head + count, count, room_id, head + count),
             )
             db.execute("COMMIT")

@@ -417,12 +417,10 @@ LATEST_FIELDS = (
 )
 
 
-def latest_copy_sql(source: str, when: str | None = None, *, seq: str | None = None) -> str:
-    """The SET assignments of an UPDATE of ``rooms r`` copying the message ``source`` (an
-    alias with the messages table's columns) as the room's latest message; a deleted
-    message's text is not copied (its tombstone shows none). ``when``: an SQL condition under
-    which it is copied, the room's copy left as it is otherwise; ``seq``: the SQL of the
-    message's seq where ``source`` has none."""
+def latest_values_sql(source: str, *, seq: str | None = None) -> list[str]:
+    """The SQL of each ``LATEST_FIELDS`` value of the message ``source`` (an alias with the
+    messages table's columns) as a room row's copy holds it: a deleted message's text is not
+    copied (its tombstone shows none). ``seq``: the SQL of its seq where ``source`` has none."""
 
     def value(field: str) -> str:
         if field == "content":
@@ -431,11 +429,19 @@ def latest_copy_sql(source: str, when: str | None = None, *, seq: str | None = N
             return seq
         return f"{source}.{field}"
 
+    return [value(field) for field in LATEST_FIELDS]
+
+
+def latest_copy_sql(source: str, when: str | None = None, *, seq: str | None = None) -> str:
+    """The SET assignments of an UPDATE of ``rooms r`` copying the message ``source`` as the
+    room's latest message (``latest_values_sql``). ``when``: an SQL condition under which it
+    is copied, the room's copy left as it is otherwise."""
+    values = latest_values_sql(source, seq=seq)
     if when is None:
-        return ", ".join(f"latest_{field} = {value(field)}" for field in LATEST_FIELDS)
+        return ", ".join(f"latest_{f} = {v}" for f, v in zip(LATEST_FIELDS, values, strict=True))
     return ", ".join(
-        f"latest_{field} = CASE WHEN {when} THEN {value(field)} ELSE r.latest_{field} END"
-        for field in LATEST_FIELDS
+        f"latest_{f} = CASE WHEN {when} THEN {v} ELSE r.latest_{f} END"
+        for f, v in zip(LATEST_FIELDS, values, strict=True)
     )
 
 

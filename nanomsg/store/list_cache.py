@@ -4,10 +4,11 @@ message and unread count.
 
 An entry is valid for one version of its room, which the backend reads with each page: on
 PostgreSQL the room row's ``xmin``, which every room event (message, edit, deletion), every
-change of the room's settings and its deletion write anew, so an entry is never served for a
-room that changed since, whichever process changed it. A user's entry also depends on their
-read mark (the unread count does), so it is served only while the page reads the mark it was
-read with.
+change of the room's settings and its deletion write anew, so an entry is not served for a
+room that changed since, whichever process changed it (a 32-bit transaction id: two versions
+of a row share one only if the later write lands on the same id 2^32 transactions later). A
+user's entry also depends on their read mark (the unread count does), so it is served only
+while the page reads the mark it was read with.
 
 Checking costs a statement of its own (the page's versions and read marks), which a list the
 cache cannot answer pays on top of reading every room. So the cache also remembers whether a

@@ -176,15 +176,16 @@ _NULL_MSG = ", ".join(["NULL"] * common.MSG_WIDTH)
 
 
 # For a statement that writes room events: each room's newest message among the rows it
-# wrote, the new ones (``new_rows``: ``inserted``, or ``numbered`` whose new messages are
-# never changed in their own batch; both also hold edit and delete rows) and the changed ones
-# in their new state (``changed``); and the room row's copy of its latest message set from it
-# when it is that latest message: a new message, or the change of the message the copy is
-# of. A change of an older message leaves the copy as it is (schema.sql migration 7).
-def _newest(new_rows: str) -> str:
-    if new_rows == "inserted":  # its rows in their final state, a new one maybe changed too
+# wrote, the new ones (``new_rows``: ``inserted``, in their ``final_state``, or ``numbered``,
+# whose new messages are never changed in their own batch; both also hold edit and delete
+# rows) and the changed ones in their new state (``changed``); and the room row's copy of
+# its latest message set from it when it is that latest message: a new message, or the
+# change of the message the copy is of. A change of an older message leaves the copy as it
+# is (schema.sql migration 7).
+def _newest(new_rows: str, *, final_state: bool) -> str:
+    if final_state:  # rows in their final state: a new message may be changed in its batch
         changes = "edited_at, deleted_at, deleted_by"
-    else:  # the inputs of a batch whose changes never name its own new messages
+    else:  # inputs: the batch's changes never name its own new messages
         changes = "NULL::timestamptz AS edited_at, NULL::timestamptz AS deleted_at, NULL::text"
         changes += " AS deleted_by"
     return f"""newest AS (
@@ -292,7 +293,7 @@ WITH input AS (
            CASE WHEN kind = 'edit' THEN target_entity ELSE entity END, content, client_id,
            created_at, system, kind, target_seq, ordinal
     FROM numbered
-), {_newest("numbered")}, bumped AS (
+), {_newest("numbered", final_state=False)}, bumped AS (
     UPDATE rooms r SET last_seq = r.last_seq + w.n, message_count = r.message_count + w.messages,
         last_activity_at = greatest(r.last_activity_at, w.at), {_NEWEST_COPY}
     FROM wanted w LEFT JOIN newest n ON n.room_id = w.room_id WHERE r.id = w.room_id
@@ -390,7 +391,7 @@ WITH plan AS (
     WHERE (SELECT ok FROM valid)
     RETURNING id, room_id, seq, kind, emitter, entity, content, client_id, created_at, system,
               edited_at, deleted_at, deleted_by
-), {_newest("inserted")}, bumped AS (
+), {_newest("inserted", final_state=True)}, bumped AS (
     UPDATE rooms r SET last_seq = p.last_seq, message_count = p.message_count,
         last_activity_at = greatest(r.last_activity_at, p.at), {_NEWEST_COPY}
     FROM plan p LEFT JOIN newest n ON n.room_id = p.room_id

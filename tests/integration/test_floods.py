@@ -283,30 +283,20 @@ async def test_resume_since_0_over_1_mib_delivers_all_then_resumed_then_live(
     await resumer.send({"type": "select_room", "room_id": room, "since": 0})
     frames = [await resumer.recv(timeout=10) for _ in range(2)]
     assert frames[0] == {"type": "status", "data": "CONNECTED"}, frames[0]
-    # A live message sent while the reply is being written (its first frame is out) comes
-    # once, in seq order: after RESUMED, or as the replay's last message if the replay's
-    # read of the room came after it was stored.
+    # The replay is read in one go before its first frame is written: a live message sent
+    # once that frame is out is held behind the reply and comes after RESUMED.
     await sender.send({"type": "message", "content": "live"})
-
-    def seen_all() -> bool:
-        resumed = any(f.get("data") == "RESUMED" for f in frames)
-        return resumed and any(f["type"] == "message" and f["data"]["seq"] == 71 for f in frames)
-
-    while not seen_all():
-        frames.append(await resumer.recv(timeout=10))
-    resumed = next(i for i, f in enumerate(frames) if f.get("data") == "RESUMED")
-    replay = frames[1:resumed]
-    assert [m["data"]["seq"] for m in replay] == list(range(1, len(replay) + 1))
-    assert len(replay) in (70, 71), len(replay)
-    assert frames[resumed] == {
+    frames += [await resumer.recv(timeout=10) for _ in range(71)]
+    replay = frames[1:71]
+    assert [m["data"]["seq"] for m in replay] == list(range(1, 71))
+    assert frames[71] == {
         "type": "status",
         "data": "RESUMED",
         "room_id": room,
-        "count": len(replay),
+        "count": 70,
         "complete": True,
     }
-    live = [f["data"] for f in frames if f["type"] == "message" and f["data"]["seq"] == 71]
-    assert [m["content"] for m in live] == ["live"]
+    assert frames[72]["data"]["content"] == "live" and frames[72]["data"]["seq"] == 71
     assert server.app.ws.closes[4000] == 0
 
 

@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from nanomsg.models import Message
+from nanomsg.store import common
 from nanomsg.store.base import (
     AlreadyDeleted,
     Changed,
@@ -32,8 +33,11 @@ from nanomsg.store.base import (
 from nanomsg.store.postgres import (
     _APPEND_BATCH_SQL,
     _EVENTS_BATCH_SQL,
+    _WRITE_EVENTS_SQL,
     PostgresStore,
     _event_row,
+    _plan,
+    _write_params,
 )
 from nanomsg.store.sqlite import SqliteStore
 from tests.integration.test_store import (
@@ -544,8 +548,8 @@ def cte_rescans(node: dict[str, Any]) -> list[tuple[str, int]]:
 async def test_postgres_batch_statements_generic_plans_scan_each_cte_once(pg_url: str) -> None:
     """PostgreSQL plans a prepared statement generically after five runs, without looking at
     its arrays: a join of two CTEs then became a nested loop, and a batch over 1 000 rooms
-    cost 160 ms instead of 28. Under a generic plan (forced), the append and the batch with
-    changes, each over 300 rooms, rescan no CTE."""
+    cost 160 ms instead of 28. Under a generic plan (forced), the append, the batch with
+    changes and the general path's write, each over 300 rooms, rescan no CTE."""
     pg = PostgresStore(pg_url)
     await pg.open()
     try:
@@ -578,6 +582,14 @@ async def test_postgres_batch_statements_generic_plans_scan_each_cte_once(pg_url
     ]
     conn = await asyncpg.connect(pg_url)
     try:
+        # The general path's write, planned from the store's own read: a new message per room
+        # and an edit of it in the same batch.
+        heads = {room_id: 1 for room_id in rooms}
+        general: list[RoomEvent] = [NewMessage(r, "alice", "e", "new", None, now) for r in rooms]
+        general += [MessageChange(r, heads[r] + 1, "alice", now, "edited") for r in rooms]
+        plan = await _plan(conn, general, rooms, common.change_targets(general), [])
+        quoted = ", ".join("'" + p.replace("'", "''") + "'" for p in _write_params(plan))
+        cases.append(("jsonb, jsonb, jsonb", _WRITE_EVENTS_SQL, f"EXECUTE b({quoted})"))
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         for types, sql, execute in cases:
             transaction = conn.transaction()
@@ -588,6 +600,7 @@ async def test_postgres_batch_statements_generic_plans_scan_each_cte_once(pg_url
             finally:
                 await transaction.rollback()
                 await conn.execute("DEALLOCATE b")
+            assert plan[0]["Plan"]["Actual Rows"] >= len(rooms), plan  # it wrote the batch
             assert cte_rescans(plan[0]["Plan"]) == [], plan
     finally:
         await conn.close()

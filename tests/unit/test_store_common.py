@@ -52,3 +52,21 @@ def test_a_batch_of_changes_only_leaves_the_count_as_it_was() -> None:
     )
     assert plan.ordinals == {}
     assert plan.rooms[1][1:] == (11, T0, 7)
+
+
+def test_latest_copy_takes_every_field_and_never_a_deleted_messages_text() -> None:
+    values = common.latest_values_sql("n")
+    assert len(values) == len(common.LATEST_FIELDS)
+    content = values[common.LATEST_FIELDS.index("content")]
+    assert content == "CASE WHEN n.deleted_at IS NULL THEN n.content ELSE '' END"
+    assert common.latest_values_sql("n", seq="l.s + 1")[1] == "l.s + 1"
+    plain = common.latest_copy_sql("n")
+    assert plain.count("latest_") == len(common.LATEST_FIELDS)
+    assert f"latest_content = {content}" in plain
+
+
+def test_latest_copy_with_a_condition_keeps_the_rooms_copy_otherwise() -> None:
+    guarded = common.latest_copy_sql("n", "n.seq >= r.latest_seq")
+    for field in common.LATEST_FIELDS:
+        assert f"latest_{field} = CASE WHEN n.seq >= r.latest_seq THEN" in guarded
+        assert f"ELSE r.latest_{field} END" in guarded
