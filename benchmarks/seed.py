@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 from benchmarks.tokens import entity_uuid, user_uuid
-from nanomsg.store.common import LATEST_FIELDS
+from nanomsg.store.common import LATEST_FIELDS, OWN_COUNT_UPSERT
 
 # The room row's copy of its latest message, from the seeded message ``m`` (schema.sql
 # migration 7; seeded messages are never deleted, so their text is copied).
@@ -86,6 +86,12 @@ async def seed_postgres(url: str, room_id: int, count: int, nonce: int) -> int:
                 new_head,
                 count,
             )
+            await conn.execute(
+                OWN_COUNT_UPSERT.format(rows="VALUES ($1::bigint, $2, 0, 0, $3::bigint)"),
+                room_id,
+                user_uuid(nonce, 0),
+                count,
+            )
         await conn.execute("ANALYZE messages")
     finally:
         await conn.close()
@@ -126,6 +132,7 @@ def seed_sqlite(path: str, room_id: int, count: int, nonce: int, batch: int = 50
                 " AND m.seq = ? AND m.kind = 'message'",
                 (head + count, count, room_id, head + count),
             )
+            # the own count: schema_sqlite.sql's trigger on messages
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

@@ -445,21 +445,55 @@ def latest_copy_sql(source: str, when: str | None = None, *, seq: str | None = N
     )
 
 
+# Each member's count of their own messages in a room lives on their ``room_reads`` row
+# (schema.sql migration 8), with how many of them are at or before their mark; the unread
+# count takes out the difference. On PostgreSQL every statement that stores messages adds
+# each (room, author) pair's number of new messages with this upsert (a row without a mark
+# yet: seq 0, no ``updated_at``); on SQLite a trigger on messages does it per message, in
+# the engine (schema_sqlite.sql migration 8): a statement of its own in each batch would
+# cost one more hop to aiosqlite's thread.
+OWN_COUNT_UPSERT = (
+    "INSERT INTO room_reads (room_id, user_uuid, seq, ordinal, own_count) {rows}"
+    " ON CONFLICT (room_id, user_uuid)"
+    " DO UPDATE SET own_count = room_reads.own_count + excluded.own_count"
+)
+# The SET of a read mark's upsert that moves it forward (``excluded`` the new mark): the
+# seq, the ordinal of the latest message at or before it, the stamp (also set on a row that
+# had none: a row a post made), and the own messages at or before the mark raised by those
+# the move passes, a short range of ``messages_own_idx`` (whatever else was sent
+# meanwhile, every message up to the new mark is in the statement's snapshot, which read it
+# below the room's last seq). ``greatest`` is the backend's two-argument maximum.
+READ_MARK_MOVED = (
+    " SET seq = {greatest}(room_reads.seq, excluded.seq),"
+    " ordinal = CASE WHEN excluded.seq > room_reads.seq"
+    "  THEN excluded.ordinal ELSE room_reads.ordinal END,"
+    " updated_at = CASE WHEN excluded.seq > room_reads.seq OR room_reads.updated_at IS NULL"
+    "  THEN excluded.updated_at ELSE room_reads.updated_at END,"
+    " own_at_mark = CASE WHEN excluded.seq > room_reads.seq"
+    "  THEN room_reads.own_at_mark + (SELECT count(*) FROM messages o"
+    "  WHERE o.room_id = room_reads.room_id AND o.emitter = room_reads.user_uuid"
+    "  AND o.kind = 'message' AND o.seq > room_reads.seq AND o.seq <= excluded.seq)"
+    "  ELSE room_reads.own_at_mark END"
+)
+
+
 # Messages after the read mark not sent by the reader and not deleted, without scanning them:
 # the room's messages after the mark (its message count less the ordinal the mark holds, see
-# schema.sql migration 5), less the reader's own messages after it, deleted or not
-# (``messages_own_idx``, usually an empty range), and the others' deleted messages after it
+# schema.sql migration 5), less the reader's own messages after it, deleted or not (their
+# message count in the room less those at or before the mark, both on their read row:
+# schema.sql migration 8), and the others' deleted messages after it
 # (``messages_deleted_idx``, which only deleted messages enter, carrying their emitter):
 # disjoint sets, so nothing is taken out twice (schema.sql migration 6: a delete then writes
 # one index entry, not two). Nothing after the mark: no probe at all. Every event after the
 # mark a message (as many seqs as ordinals after it): no deletion after the mark, so none of
-# those messages is deleted, and the second probe is skipped (measured: ~1 ms of the 1 000
-# rooms' list, where a room in ten has edits or deletions).
+# those messages is deleted, and the probe is skipped (measured: ~1 ms of the 1 000 rooms'
+# list, where a room in ten has edits or deletions). The own messages were a probe of
+# ``messages_own_idx`` per room until migration 8: ~3.5 us each, half of the list's
+# PostgreSQL time for 1 000 rooms.
 _UNREAD = (
     "CASE WHEN r.message_count <= coalesce(rd.ordinal, 0) THEN 0"
     " ELSE r.message_count - coalesce(rd.ordinal, 0)"
-    " - (SELECT count(*) FROM messages o WHERE o.room_id = r.id AND o.emitter = :user"
-    "  AND o.seq > coalesce(rd.seq, 0) AND o.kind = 'message')"
+    " - coalesce(rd.own_count - rd.own_at_mark, 0)"
     " - CASE WHEN r.last_seq - coalesce(rd.seq, 0) = r.message_count - coalesce(rd.ordinal, 0)"
     "  THEN 0 ELSE (SELECT count(*) FROM messages d WHERE d.room_id = r.id"
     "  AND d.seq > coalesce(rd.seq, 0) AND d.kind = 'message' AND d.deleted_at IS NOT NULL"
@@ -482,7 +516,9 @@ def room_states_sql(
 
     Per room: one probe of the read mark; the latest message is the room row's copy
     (``LATEST_FIELDS``); and, when messages follow the mark, the unread count from the room's
-    message count and the mark's ordinal less two short index ranges (``_UNREAD``): no part of
+    message count and the mark's ordinal less the reader's own messages after the mark (their
+    read row) and, when events other than messages follow the mark, one short index range of
+    the deleted ones (``_UNREAD``): no part of
     it grows with the number of messages. ``stamp_text`` turns a stamp column into the SQL of
     its ``Conversation`` text (None: the backend converts the stored value itself, see
     ``conversations_from_rows``).

@@ -95,6 +95,7 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InternalClientError,
 )
 
+
 # One statement, so one round trip with its commit (an implicit transaction): either the
 # whole batch is stored or nothing is. Inputs arrive as parallel arrays; ``ord`` is the
 # 1-based position in them. ``existing`` finds messages already stored under an input's
@@ -115,6 +116,17 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 # ``unnest`` of an unknown array at 10 rows, so the CTEs' joins became nested loops that
 # rescan one CTE per row of another (a batch over 1 000 rooms: 160 ms instead of 28); a
 # series of unknown length is sized at 1 000 rows, and those joins are hashed.
+def _counted(new_rows: str, where: str = "TRUE") -> str:
+    """For a statement that stores messages: each (room, author) pair's new messages among
+    ``new_rows`` (those matching ``where``) added to the author's own count on their read
+    row (``common.OWN_COUNT_UPSERT``); the rows are written in key order."""
+    rows = (
+        f"SELECT room_id, emitter, 0, 0, count(*) FROM {new_rows} WHERE {where}"
+        " GROUP BY room_id, emitter ORDER BY room_id, emitter"
+    )
+    return f"counted AS ({common.OWN_COUNT_UPSERT.format(rows=rows)})"
+
+
 _APPEND_BATCH_SQL = f"""
 WITH input AS (
     SELECT t.*, g.ord
@@ -150,7 +162,7 @@ WITH input AS (
                           system, ordinal)
     SELECT id, room_id, seq, emitter, entity, content, client_id, created_at, system, ordinal
     FROM planned
-), bumped AS (
+), {_counted("planned")}, bumped AS (
     UPDATE rooms r SET last_seq = l.last_seq + n.total,
         message_count = l.message_count + n.total,
         last_activity_at = greatest(r.last_activity_at, n.at),
@@ -293,7 +305,8 @@ WITH input AS (
            CASE WHEN kind = 'edit' THEN target_entity ELSE entity END, content, client_id,
            created_at, system, kind, target_seq, ordinal
     FROM numbered
-), {_newest("numbered", final_state=False)}, bumped AS (
+), {_counted("numbered", "kind = 'message'")}, {_newest("numbered", final_state=False)},
+bumped AS (
     UPDATE rooms r SET last_seq = r.last_seq + w.n, message_count = r.message_count + w.messages,
         last_activity_at = greatest(r.last_activity_at, w.at), {_NEWEST_COPY}
     FROM wanted w LEFT JOIN newest n ON n.room_id = w.room_id WHERE r.id = w.room_id
@@ -391,7 +404,8 @@ WITH plan AS (
     WHERE (SELECT ok FROM valid)
     RETURNING id, room_id, seq, kind, emitter, entity, content, client_id, created_at, system,
               edited_at, deleted_at, deleted_by
-), {_newest("inserted", final_state=True)}, bumped AS (
+), {_counted("inserted", "kind = 'message'")}, {_newest("inserted", final_state=True)},
+bumped AS (
     UPDATE rooms r SET last_seq = p.last_seq, message_count = p.message_count,
         last_activity_at = greatest(r.last_activity_at, p.at), {_NEWEST_COPY}
     FROM plan p LEFT JOIN newest n ON n.room_id = p.room_id
@@ -1291,7 +1305,9 @@ class PostgresStore:
     async def set_read_mark(self, room_id: int, user: str, seq: int, now: datetime) -> int:
         """One upsert: max(held, least(seq, last_seq)) for a live room, with the ordinal of
         the latest message at or before the mark (a backward probe of the (room_id, seq)
-        index), which the conversation list subtracts from the room's message count."""
+        index), which the conversation list subtracts from the room's message count, and the
+        user's own messages at or before it (``common.READ_MARK_MOVED``). A user without a
+        row has no message in the room (a post makes the row), so a new row counts none."""
         common.check_seq(seq)
         async with self._connection() as conn:
             held = await conn.fetchval(
@@ -1302,11 +1318,7 @@ class PostgresStore:
                 " FROM rooms r CROSS JOIN LATERAL (SELECT least($3::bigint, r.last_seq) AS seq) c"
                 " WHERE r.id = $1 AND r.deleted_at IS NULL"
                 " ON CONFLICT (room_id, user_uuid) DO UPDATE"
-                " SET seq = greatest(room_reads.seq, excluded.seq),"
-                " ordinal = CASE WHEN excluded.seq > room_reads.seq"
-                "  THEN excluded.ordinal ELSE room_reads.ordinal END,"
-                " updated_at = CASE WHEN excluded.seq > room_reads.seq"
-                "  THEN excluded.updated_at ELSE room_reads.updated_at END"
+                f"{common.READ_MARK_MOVED.format(greatest='greatest')}"
                 " RETURNING seq",
                 room_id,
                 user,
@@ -1320,7 +1332,8 @@ class PostgresStore:
     async def read_marks(self, room_id: int) -> list[ReadMark]:
         rows = await self._fetch(
             "SELECT room_id, user_uuid, seq, updated_at FROM room_reads"
-            ' WHERE room_id = $1 ORDER BY user_uuid COLLATE "C"',
+            " WHERE room_id = $1 AND updated_at IS NOT NULL"  # not a row a post made
+            ' ORDER BY user_uuid COLLATE "C"',
             room_id,
         )
         return [ReadMark(int(r[0]), str(r[1]), int(r[2]), r[3]) for r in rows]

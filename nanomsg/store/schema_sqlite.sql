@@ -203,3 +203,41 @@ UPDATE rooms SET (latest_id, latest_seq, latest_emitter, latest_entity, latest_c
     FROM messages m WHERE m.room_id = rooms.id AND m.kind = 'message'
     ORDER BY m.seq DESC LIMIT 1
 );
+
+-- migration: 8 each member's own message count on their read row
+-- A user's row of room_reads also counts their messages in the room and how many of those
+-- are at or before their mark, so the unread count takes out their own messages after the
+-- mark without a probe (schema.sql explains it). A user who posts before reading gets a row
+-- with seq 0 and no updated_at, which the list of read marks leaves out; SQLite cannot drop
+-- NOT NULL from a column, so the table is rebuilt.
+CREATE TABLE room_reads_new (
+    room_id     INTEGER NOT NULL REFERENCES rooms (id),
+    user_uuid   TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    updated_at  INTEGER NULL,
+    ordinal     INTEGER NOT NULL DEFAULT 0,
+    own_count   INTEGER NOT NULL DEFAULT 0,
+    own_at_mark INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (room_id, user_uuid)
+);
+INSERT INTO room_reads_new (room_id, user_uuid, seq, updated_at, ordinal)
+SELECT room_id, user_uuid, seq, updated_at, ordinal FROM room_reads;
+DROP TABLE room_reads;
+ALTER TABLE room_reads_new RENAME TO room_reads;
+INSERT INTO room_reads (room_id, user_uuid, seq, ordinal, own_count)
+SELECT room_id, emitter, 0, 0, count(*) FROM messages WHERE kind = 'message'
+GROUP BY room_id, emitter
+ON CONFLICT (room_id, user_uuid) DO UPDATE SET own_count = excluded.own_count;
+UPDATE room_reads SET own_at_mark = (
+    SELECT count(*) FROM messages m
+    WHERE m.room_id = room_reads.room_id AND m.emitter = room_reads.user_uuid
+        AND m.kind = 'message' AND m.seq <= room_reads.seq
+) WHERE seq > 0 AND own_count > 0;
+-- Every new message (kind 'message') adds one to its author's own count, whichever writer
+-- stored it (PostgreSQL's statements do it themselves: nanomsg/store/postgres.py).
+CREATE TRIGGER messages_own_count AFTER INSERT ON messages WHEN new.kind = 'message'
+BEGIN
+    INSERT INTO room_reads (room_id, user_uuid, seq, ordinal, own_count)
+    VALUES (new.room_id, new.emitter, 0, 0, 1)
+    ON CONFLICT (room_id, user_uuid) DO UPDATE SET own_count = room_reads.own_count + 1;
+END;

@@ -717,7 +717,8 @@ class SqliteStore:
     async def set_read_mark(self, room_id: int, user: str, seq: int, now: datetime) -> int:
         """Upsert the mark to max(held, min(seq, last_seq)) in one write transaction, with
         the ordinal of the latest message at or before it (the conversation list subtracts it
-        from the room's message count)."""
+        from the room's message count) and the user's own messages at or before it
+        (``common.READ_MARK_MOVED``; a new row counts none: a post makes the row)."""
         common.check_seq(seq)
         stamp = to_micros(now)
         async with self._write() as db:
@@ -731,11 +732,7 @@ class SqliteStore:
                     "  WHERE id = :room AND deleted_at IS NULL) c"
                     " WHERE true"  # without it SQLite would read ON CONFLICT as a join constraint
                     " ON CONFLICT (room_id, user_uuid) DO UPDATE"
-                    " SET seq = max(room_reads.seq, excluded.seq),"
-                    " ordinal = CASE WHEN excluded.seq > room_reads.seq"
-                    "  THEN excluded.ordinal ELSE room_reads.ordinal END,"
-                    " updated_at = CASE WHEN excluded.seq > room_reads.seq"
-                    "  THEN excluded.updated_at ELSE room_reads.updated_at END"
+                    f"{common.READ_MARK_MOVED.format(greatest='max')}"
                     " RETURNING seq",
                     {"user": user, "seq": seq, "now": stamp, "room": room_id},
                 )
@@ -748,7 +745,8 @@ class SqliteStore:
         async with self._read() as db:
             rows = await db.execute_fetchall(
                 "SELECT room_id, user_uuid, seq, updated_at FROM room_reads"
-                " WHERE room_id = ? ORDER BY user_uuid",
+                " WHERE room_id = ? AND updated_at IS NOT NULL"  # not a row a post made
+                " ORDER BY user_uuid",
                 (room_id,),
             )
         return [ReadMark(int(r[0]), str(r[1]), int(r[2]), from_micros(int(r[3]))) for r in rows]

@@ -138,17 +138,31 @@ async def recorded_sql(store: SqliteStore | PostgresStore) -> AsyncIterator[list
     """Every SQL statement the store sends while the block runs.
 
     White-box (private handles) on purpose: "one query" is the property under test. The
-    PostgreSQL pool starts with one connection and sequential calls reuse it.
+    PostgreSQL pool starts with one connection and sequential calls reuse it. On SQLite the
+    calls on its connection are counted (each a hop to aiosqlite's thread), not the trace
+    callback's lines: that one also reports each statement a trigger runs inside the engine,
+    and names it as the statement that fired it.
     """
     seen: list[str] = []
     if isinstance(store, SqliteStore):
         db = store._db
         assert db is not None
-        await db.set_trace_callback(seen.append)
+        names = ("execute", "execute_fetchall", "executemany", "execute_insert")
+
+        def recording(method: Any) -> Any:
+            def call(sql: str, *args: Any, **kwargs: Any) -> Any:
+                seen.append(sql)
+                return method(sql, *args, **kwargs)
+
+            return call
+
+        for name in names:
+            setattr(db, name, recording(getattr(db, name)))
         try:
             yield seen
         finally:
-            await db.set_trace_callback(None)
+            for name in names:
+                delattr(db, name)
         return
     async with store._pool.acquire() as conn:
         conn.add_query_logger(lambda record: seen.append(record.query))

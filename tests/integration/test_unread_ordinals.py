@@ -200,6 +200,12 @@ async def test_unread_matches_the_event_stream_after_random_sends_batches_edits_
             room_id, user = rng.choice(rooms), rng.choice(users)
             mark = await store.set_read_mark(room_id, user, rng.randint(0, 80), later(at))
             marks[room_id, user] = mark
+        if at % 5 == 0:  # as the marks move over own messages and others', not only at the end
+            for user in users:
+                entries = {c.id: c for c in await store.conversations(user, entity, 0, "id", 9, 0)}
+                for room_id in rooms:
+                    expected = await counted(store, room_id, user, marks[room_id, user])
+                    assert entries[room_id].unread == expected, (at, room_id, user)
     for user in users:
         entries = {c.id: c for c in await store.conversations(user, entity, 0, "id", 10, 0)}
         for room_id in rooms:
@@ -656,3 +662,117 @@ async def test_migration_7_copies_each_rooms_latest_message_onto_its_row_without
         assert entries[1].to_json()["last_message"]["edited_at"] is not None
     finally:
         await store.close()
+
+
+# -- migration 8 from a database at version 7 ---------------------------------------------------
+
+POSTER = str(uuid.UUID(int=4))
+READ_ROWS = (
+    "SELECT room_id, user_uuid, seq, own_count, own_at_mark, updated_at IS NOT NULL"
+    " FROM room_reads ORDER BY room_id, user_uuid"
+)
+
+
+async def test_migration_8_counts_each_members_own_messages_on_their_read_row(
+    version_four: tuple[str, str],
+) -> None:
+    """Upgraded from version 7, each (room, author) pair has a read row counting the author's
+    messages, and each mark how many of them are at or before it; a row made for an author
+    without a mark is no read mark. The unread counts stay those of the event stream, then
+    after a send by that author (a count raised by the writer, on SQLite by the trigger the
+    migration made) and marks moved over own messages."""
+    kind, target = version_four
+    await version_five(kind, target, upto=7)
+    # The writer's message at seq 5 becomes a third user's, who never read the room.
+    await raw(
+        kind, target, f"UPDATE messages SET emitter = '{POSTER}' WHERE room_id = 1 AND seq = 5"
+    )
+    store: Store = SqliteStore(target) if kind == "sqlite" else PostgresStore(target)
+    await store.open()
+    try:
+        # READER wrote 2 and 7 (mark at 4: one of them before it); WRITER 1, 3 and 8 (mark at
+        # 8: all); POSTER 5, no mark.
+        assert await raw(kind, target, READ_ROWS) == [
+            (1, READER, 4, 2, 1, True),
+            (1, WRITER, 8, 3, 3, True),
+            (1, POSTER, 0, 1, 0, False),
+            (2, READER, 0, 0, 0, True),
+        ]
+        assert [m.user for m in await store.read_marks(1)] == sorted([READER, WRITER])
+
+        async def unread(user: str, mark: int) -> int:
+            entries = {c.id: c for c in await store.conversations(user, OWNER, 100, "id", 10, 0)}
+            assert entries[1].unread == await counted(store, 1, user, mark), user
+            return entries[1].unread
+
+        assert [await unread(READER, 4), await unread(WRITER, 8), await unread(POSTER, 0)] == [
+            2,
+            0,
+            4,
+        ]
+        assert await send(store, 1, POSTER, 9) == 9
+        assert await unread(POSTER, 0) == 4  # their own second message is not unread
+        assert await store.set_read_mark(1, READER, 9, later(10)) == 9  # over their own 7
+        assert await store.set_read_mark(1, POSTER, 9, later(10)) == 9
+        assert await raw(kind, target, READ_ROWS) == [
+            (1, READER, 9, 2, 2, True),
+            (1, WRITER, 8, 3, 3, True),
+            (1, POSTER, 9, 2, 2, True),
+            (2, READER, 0, 0, 0, True),
+        ]
+        assert [m.user for m in await store.read_marks(1)] == sorted([READER, WRITER, POSTER])
+        assert [await unread(READER, 9), await unread(WRITER, 8), await unread(POSTER, 9)] == [
+            0,
+            1,
+            0,
+        ]
+        if kind == "postgres":
+            options = await raw(
+                kind,
+                target,
+                "SELECT relname, reloptions FROM pg_class"
+                " WHERE relname IN ('rooms', 'room_reads') ORDER BY relname",
+            )
+            assert options == [("room_reads", ["fillfactor=80"]), ("rooms", ["fillfactor=50"])]
+    finally:
+        await store.close()
+
+
+async def test_a_post_makes_a_read_row_that_is_no_read_mark_until_the_author_reads(
+    store: Store,
+) -> None:
+    """Posting before reading gives the author a row counting their messages, which the read
+    marks ("seen by") leave out; reading at 0 makes it a mark with its stamp, as a mark made
+    without a post would be."""
+    me, other, entity = new_id(), new_id(), new_id()
+    room = await make_room(store, creator=me, owner=entity)
+    await send(store, room.id, other)
+    await send(store, room.id, other)
+    assert await store.read_marks(room.id) == []
+    assert (await listed(store, me, entity, room.id)).unread == 2
+    assert await store.set_read_mark(room.id, other, 0, later(5)) == 0
+    [mark] = await store.read_marks(room.id)
+    assert (mark.user, mark.seq, mark.updated_at) == (other, 0, later(5))
+    assert (await listed(store, other, entity, room.id)).unread == 0
+
+
+async def test_own_sends_racing_own_marks_keep_the_unread_count_exact(store: Store) -> None:
+    """One user's sends and mark moves race (two devices), with another user's sends: after
+    every round the list's unread count for each user equals the count from the events, so
+    no own message is counted twice or lost between the send's count and the mark's."""
+    me, other, entity = new_id(), new_id(), new_id()
+    room = await make_room(store, creator=me, owner=entity)
+    await store.put_rule(room.id, other, "user", "rw", 0, True, T0)
+    marks = {me: 0, other: 0}
+    for at in range(1, 16):
+        sends = [send(store, room.id, me, at), send(store, room.id, other, at)]
+        reads = [
+            store.set_read_mark(room.id, me, 10**6, later(at)),
+            store.set_read_mark(room.id, other, at, later(at)),
+        ]
+        results = await asyncio.gather(*sends, *reads, send(store, room.id, me, at))
+        marks = {me: max(marks[me], results[2]), other: max(marks[other], results[3])}
+        for user in (me, other):
+            entry = await listed(store, user, entity, room.id)
+            assert entry.read_seq == marks[user]
+            assert entry.unread == await counted(store, room.id, user, marks[user]), (at, user)
