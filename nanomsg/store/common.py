@@ -509,10 +509,12 @@ def room_states_sql(
     *,
     stamp_text: Callable[[str], str] | None = None,
     versioned: bool = False,
+    extra: Sequence[str] = (),
 ) -> str:
     """ONE SELECT of the rooms ``page`` (a SELECT of ``ROOM_PAGE`` rows) holds with their state
     for ``:user``, as ``Conversation`` rows, in the page's order; ``versioned``: each row ends
-    with the room's version too (the page is then a SELECT of ``room_page(version)`` rows).
+    with the room's version too (the page is then a SELECT of ``room_page(version)`` rows),
+    and then with the ``extra`` columns of ``r``.
 
     Per room: one probe of the read mark; the latest message is the room row's copy
     (``LATEST_FIELDS``); and, when messages follow the mark, the unread count from the room's
@@ -532,6 +534,7 @@ def room_states_sql(
             cols[index] = stamp_text(cols[index])
     if versioned:
         cols.append("r.version")
+    cols.extend(extra)
     return (
         f"SELECT {', '.join(cols)}"
         f" FROM ({page}) r"

@@ -56,6 +56,7 @@ class _User:
     checks_first: bool = True
     lists: int = 0  # lists noted
     misses: int = 0  # lists noted in a row that the cache mostly could not answer
+    whole: int | None = None  # rooms of their last list, if it held all their rooms
     size: int = USER_OVERHEAD
 
 
@@ -84,19 +85,31 @@ class ListCache:
         kept = self._users.get(user)
         return kept is not None and kept.checks_first
 
-    def note(self, user: str, hits: int, rooms: int) -> None:
+    def note(self, user: str, hits: int, rooms: int, *, whole: bool = False) -> None:
         """``user`` listed ``rooms`` rooms, of which the cache held ``hits`` as they were read
-        (whichever way they were read). Their next list is checked first if that was at least
-        half of them, or if this was the first list the cache holds of theirs (it now holds
-        that list's entries); a list of no room changes nothing. The user becomes the most
-        recent to go when the cache is full."""
+        (whichever way they were read); ``whole``: that list held every room they may read
+        (``whole`` answers it until their next list). Their next list is checked first if
+        that was at least half of them, or if this was the first list the cache holds of
+        theirs (it now holds that list's entries); a list of no room changes nothing else.
+        The user becomes the most recent to go when the cache is full."""
         kept = self._users.get(user)
-        if kept is None or rooms == 0:
+        if kept is None:
+            return
+        kept.whole = rooms if whole else None
+        if rooms == 0:
             return
         kept.checks_first = kept.lists == 0 or 2 * hits >= rooms
         kept.misses = 0 if kept.checks_first else kept.misses + 1
         kept.lists += 1
         self._users.move_to_end(user)
+
+    def whole(self, user: str) -> int | None:
+        """How many rooms ``user``'s last list held, if it held every room they may read (a
+        first page with room to spare); None if it did not, or the cache does not know. A
+        hint for how to read their next list (they may have gained rooms since), never an
+        answer."""
+        kept = self._users.get(user)
+        return None if kept is None else kept.whole
 
     def keeps(self, user: str) -> bool:
         """Whether the entries of ``user``'s list, read without checking the cache first,

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from nanomsg.store.list_cache import ListCache
 from nanomsg.store.postgres import PostgresStore
 from tests.integration.test_store import make_room, new_id
 from tests.integration.test_store_events import later, send
@@ -151,3 +152,74 @@ async def test_a_room_deleted_after_the_ids_were_read_is_left_out(
 async def test_a_store_refuses_parts_of_no_room(pg_url: str) -> None:
     with pytest.raises(ValueError, match="list_part"):
         PostgresStore(pg_url, list_part=0)
+
+
+@pytest_asyncio.fixture
+async def cached_parts(pg_url: str) -> AsyncIterator[CountingStore]:
+    """A store reading in parts of 2 rooms, with a list cache."""
+    store = CountingStore(pg_url, pool_size=4, list_part=2, list_cache=ListCache(1 << 20))
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def change_all(store: PostgresStore, user: str, entity: str, at: float) -> None:
+    """A message from another user in every room of ``user``'s list, in random order, so
+    that no kept entry holds and the order by activity changes."""
+    rooms = [c.id for c in await store.conversations(user, entity, 0, "id", 100, 0)]
+    random.Random(at).shuffle(rooms)
+    for n, room_id in enumerate(rooms):
+        await send(store, room_id, new_id(), "churn", at=at + n / 100)
+
+
+@pytest.mark.parametrize("order", ["id", "activity"])
+async def test_a_whole_list_known_to_fit_is_one_step_of_parts_equal_to_one_statement(
+    cached_parts: CountingStore, stores: tuple[CountingStore, PostgresStore], order: str
+) -> None:
+    """Once the cache knows the user's last list held all their rooms within the page, the
+    next first page whose rooms all changed is its parts side by side with no statement of
+    ids first, and answers what one statement answers."""
+    _, whole = stores
+    me, entity = await seeded_user(whole)
+    for at in range(300, 306):
+        await change_all(whole, me, entity, at)
+        cached_parts.reads = cached_parts.most_running = 0
+        listed = await cached_parts.conversations(me, entity, 0, order, 8, 0)
+        assert listed == await whole.conversations(me, entity, 0, order, 8, 0), at
+        if at >= 302:  # read at once (no check first) with the whole list known: no ids
+            assert (cached_parts.reads, cached_parts.most_running) == (4, 4), at
+    # A page at an offset, or one the cache knows less than the whole list of, is two steps.
+    await change_all(whole, me, entity, 306)
+    cached_parts.reads = 0
+    listed = await cached_parts.conversations(me, entity, 0, order, 4, 2)
+    assert listed == await whole.conversations(me, entity, 0, order, 4, 2)
+    assert cached_parts.reads == 1 + 2
+
+
+@pytest.mark.parametrize("order", ["id", "activity"])
+async def test_a_user_who_gained_more_rooms_than_the_page_gets_the_page_then_two_steps(
+    cached_parts: CountingStore, stores: tuple[CountingStore, PostgresStore], order: str
+) -> None:
+    """The cache's knowledge is a hint: a user whose seven rooms fitted a page of eight and
+    who gained four more gets the right first eight from the parts (each part reads at most
+    eight), and, their list no longer whole, their next list in two steps."""
+    _, whole = stores
+    me, entity = await seeded_user(whole)
+    for at in (400, 401, 402):
+        await change_all(whole, me, entity, at)
+        await cached_parts.conversations(me, entity, 0, order, 8, 0)
+    for _ in range(4):
+        room = await make_room(whole, creator=me, owner=entity)
+        await send(whole, room.id, new_id(), "new", at=403)
+    await change_all(whole, me, entity, 404)
+    cached_parts.reads = 0
+    listed = await cached_parts.conversations(me, entity, 0, order, 8, 0)
+    assert listed == await whole.conversations(me, entity, 0, order, 8, 0)
+    assert cached_parts.reads == 4  # the parts alone, each of up to 8 rooms
+    await change_all(whole, me, entity, 405)
+    cached_parts.reads = 0
+    listed = await cached_parts.conversations(me, entity, 0, order, 8, 0)
+    assert listed == await whole.conversations(me, entity, 0, order, 8, 0)
+    assert cached_parts.reads == 1 + 4  # the ids first again

@@ -146,3 +146,17 @@ def test_lists_that_keep_changing_are_kept_once_in_keep_every() -> None:
     assert kept.count(True) == 3  # one list in KEEP_EVERY
     cache.note("alice", 1, 1)  # held again: every list kept
     assert cache.keeps("alice") and cache.checks_first("alice")
+
+
+def test_the_cache_knows_whether_a_users_last_list_held_all_their_rooms_until_the_next() -> None:
+    cache = ListCache(1 << 20)
+    assert cache.whole("u") is None  # a user it does not hold
+    cache.put(1, conversation(1), "u")
+    cache.note("u", 0, 7, whole=True)
+    assert cache.whole("u") == 7
+    cache.note("u", 7, 8)  # a page that may not hold them all
+    assert cache.whole("u") is None
+    cache.note("u", 0, 0, whole=True)  # a whole list of no room
+    assert cache.whole("u") == 0
+    cache.note("nobody", 0, 3, whole=True)
+    assert cache.whole("nobody") is None
