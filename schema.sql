@@ -293,3 +293,10 @@ UPDATE room_reads rd SET own_at_mark = (
 ) WHERE rd.seq > 0 AND rd.own_count > 0;
 ALTER TABLE rooms SET (fillfactor = 50);
 ALTER TABLE room_reads SET (fillfactor = 80);
+-- The rooms a user may read through their entity's level (every list, a rule check) are
+-- the entity's rooms at or below the level, DMs aside: the index now holds exactly those keys,
+-- so a user below every room's level reads no room row for it (the index on entity_owner
+-- alone led to every room of the entity, each then read to check its level and DM key).
+DROP INDEX rooms_entity_owner_idx;
+CREATE INDEX rooms_entity_level_idx ON rooms (entity_owner, level_admin)
+    WHERE deleted_at IS NULL AND dm_key IS NULL;

@@ -233,6 +233,11 @@ UPDATE room_reads SET own_at_mark = (
     WHERE m.room_id = room_reads.room_id AND m.emitter = room_reads.user_uuid
         AND m.kind = 'message' AND m.seq <= room_reads.seq
 ) WHERE seq > 0 AND own_count > 0;
+-- The rooms a user may read through their entity's level: the index holds exactly those keys
+-- (schema.sql explains it).
+DROP INDEX rooms_entity_owner_idx;
+CREATE INDEX rooms_entity_level_idx ON rooms (entity_owner, level_admin)
+    WHERE deleted_at IS NULL AND dm_key IS NULL;
 -- Every new message (kind 'message') adds one to its author's own count, whichever writer
 -- stored it (PostgreSQL's statements do it themselves: nanomsg/store/postgres.py).
 CREATE TRIGGER messages_own_count AFTER INSERT ON messages WHEN new.kind = 'message'

@@ -22,6 +22,7 @@ from nanomsg.store.base import (
     HistoryQuery,
     MessageChange,
     NewMessage,
+    NewRoom,
     NotAuthor,
     RoomGone,
     Store,
@@ -467,6 +468,34 @@ async def test_unread_count_probes_only_the_deleted_index_and_reads_own_messages
         assert "messages_unread_idx" not in plan, plan
     [listed] = await store.conversations(me, entity, 0, "id", 10, 0)
     assert listed.state.unread == 196  # not my 4
+
+
+async def test_the_rooms_visible_through_the_entitys_level_are_an_index_range_alone(
+    store: Store, store_target: tuple[str, str]
+) -> None:
+    """Migration 8: the entity's rooms a user may read by level come from one range of
+    ``rooms_entity_level_idx`` (entity and level both index conditions, DMs and deleted rooms
+    outside the index), so the rooms above the user's level are never read; the list still
+    holds the rooms at or below it and not the others."""
+    kind, target = store_target
+    me, entity = new_id(), new_id()
+    low, high = [
+        await store.create_room(NewRoom("r", level, "group", entity, 10, new_id(), 0, T0))
+        for level in (0, 50)
+    ]
+    params = {"user": me, "entity": entity, "level": 10, "limit": 10, "offset": 0}
+    if kind == "postgres":
+        sql, args = common.numbered(pg_visible_ids, params)
+        plan = await pg_index_plan(target, sql, args)
+        assert "rooms_entity_level_idx" in plan, plan
+        assert "level_admin <=" in plan[plan.index("rooms_entity_level_idx") :].split("\n")[1]
+    else:
+        with sqlite3.connect(target) as db:
+            rows = db.execute("EXPLAIN QUERY PLAN " + sqlite_visible_ids, params).fetchall()
+        plan = "\n".join(str(row[-1]) for row in rows)
+        assert "rooms_entity_level_idx (entity_owner=? AND level_admin<?)" in plan, plan
+    listed = {c.id for c in await store.conversations(me, entity, 10, "id", 10, 0)}
+    assert low.id in listed and high.id not in listed
 
 
 async def test_a_history_page_with_a_date_window_reads_the_date_index_of_messages_only(

@@ -734,6 +734,16 @@ async def test_migration_8_counts_each_members_own_messages_on_their_read_row(
                 " WHERE relname IN ('rooms', 'room_reads') ORDER BY relname",
             )
             assert options == [("room_reads", ["fillfactor=80"]), ("rooms", ["fillfactor=50"])]
+        indexes = await raw(
+            kind,
+            target,
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'rooms' ORDER BY indexname"
+            if kind == "postgres"
+            else "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'rooms'"
+            " AND sql IS NOT NULL ORDER BY name",
+        )
+        assert ("rooms_entity_level_idx",) in indexes
+        assert ("rooms_entity_owner_idx",) not in indexes
     finally:
         await store.close()
 
