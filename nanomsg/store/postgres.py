@@ -97,6 +97,17 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 )
 
 
+def _counted(new_rows: str, where: str = "TRUE") -> str:
+    """For a statement that stores messages: each (room, author) pair's new messages among
+    ``new_rows`` (those matching ``where``) added to the author's own count on their read
+    row (``common.OWN_COUNT_UPSERT``); the rows are written in key order."""
+    rows = (
+        f"SELECT room_id, emitter, 0, 0, count(*) FROM {new_rows} WHERE {where}"
+        " GROUP BY room_id, emitter ORDER BY room_id, emitter"
+    )
+    return f"counted AS ({common.OWN_COUNT_UPSERT.format(rows=rows)})"
+
+
 # One statement, so one round trip with its commit (an implicit transaction): either the
 # whole batch is stored or nothing is. Inputs arrive as parallel arrays; ``ord`` is the
 # 1-based position in them. ``existing`` finds messages already stored under an input's
@@ -110,6 +121,8 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 # on the row it holds, with the copy of the room's newest message (its input with the room's
 # largest ``n``; schema.sql migration 7) in the same write of the row. NO KEY UPDATE is the
 # lock the UPDATE takes anyway; unlike FOR UPDATE it does not block foreign-key checks.
+# ``counted`` raises each author's count of their own messages on their read row (schema.sql
+# migration 8), after the rooms' locks, so concurrent batches take those rows in one order.
 # ``= ANY (ARRAY (...))`` keeps the lookup on the primary key whatever the estimates.
 # Rooms absent or deleted are missing from ``locked``: their inputs get no row back.
 # The inputs are numbered by ``generate_series`` rather than read by ``unnest``: PostgreSQL
@@ -117,17 +130,6 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 # ``unnest`` of an unknown array at 10 rows, so the CTEs' joins became nested loops that
 # rescan one CTE per row of another (a batch over 1 000 rooms: 160 ms instead of 28); a
 # series of unknown length is sized at 1 000 rows, and those joins are hashed.
-def _counted(new_rows: str, where: str = "TRUE") -> str:
-    """For a statement that stores messages: each (room, author) pair's new messages among
-    ``new_rows`` (those matching ``where``) added to the author's own count on their read
-    row (``common.OWN_COUNT_UPSERT``); the rows are written in key order."""
-    rows = (
-        f"SELECT room_id, emitter, 0, 0, count(*) FROM {new_rows} WHERE {where}"
-        " GROUP BY room_id, emitter ORDER BY room_id, emitter"
-    )
-    return f"counted AS ({common.OWN_COUNT_UPSERT.format(rows=rows)})"
-
-
 _APPEND_BATCH_SQL = f"""
 WITH input AS (
     SELECT t.*, g.ord
