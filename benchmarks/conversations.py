@@ -18,7 +18,9 @@ for a list changed throughout. ``--server-arg`` passes an argument to the server
 ``--list-cache-mb=0`` to measure without its conversation-list cache). The ``queries`` of an
 HTTP line count the statements without that cache; with it, a page whose rooms are all cached
 is its one statement of versions and the settle, and the rooms it cannot answer add one
-statement (or one per part of ``LIST_PART`` rooms, side by side).
+statement (or one per part of ``LIST_PART`` rooms, side by side); and a first page the cache
+knows to hold the user's whole list, read without checking it first, is its parts alone and
+the settle (no statement of ids).
 With ``--explain N`` it also runs the whole list's query N times under
 ``EXPLAIN (ANALYZE, TIMING OFF)`` (``part`` explain), by id and by activity: PostgreSQL's own
 execution time, which another process's load on the machine disturbs less than the
